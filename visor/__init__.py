@@ -1,0 +1,12 @@
+"""VISOR (VISion On Request): sparse vision-language inference over Hugging Face LVLMs."""
+
+from .api import Generation, VisorModel, convert, load
+from .errors import CheckpointError, ConfigError, InputError, VisorError
+from .flops import FlopReport, count_flops as flops
+from .schedule import Schedule
+
+__version__ = "0.1.0"
+__all__ = [
+    "CheckpointError", "ConfigError", "FlopReport", "Generation", "InputError", "Schedule",
+    "VisorError", "VisorModel", "convert", "flops", "load",
+]  # fmt: skip

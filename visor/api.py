@@ -1,0 +1,125 @@
+"""The Python API: ``visor.load(path)`` -> ``VisorModel`` with ``generate``, ``flops``, ``save``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .backbone import Backbone, Sample, read_config
+from .checkpoint import load_visor_weights, read_visor_json, write_checkpoint
+from .errors import ConfigError, InputError
+from .flops import FlopReport, count_flops, decode_flops
+from .generate import GenerationConfig, collate, generate
+from .model import VisorLM
+from .schedule import Budget, Schedule
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]  # the new tokens only
+    budget: Budget
+    n_visual: int
+    n_text: int
+    flops: dict  # {"prefill", "decode", "total"} for this sample
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class VisorModel:
+    def __init__(self, backbone: Backbone, schedule: Schedule):
+        self.backbone, self.schedule = backbone, schedule
+        self.lm = VisorLM(backbone.hf, schedule)
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    # ---- inference ----------------------------------------------------------------------
+    def encode(self, prompts: list[str], images: list[list]) -> list[Sample]:
+        return [self.backbone.encode(p, ims) for p, ims in zip(prompts, images)]
+
+    def generate(
+        self,
+        images,
+        prompts: str | list[str],
+        budget: Budget | str = "full",
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> Generation | list[Generation]:
+        """Answer one prompt (str; images = a path/PIL image or a list of them) or a batch of
+        prompts (list; images = one entry per prompt, each an image or a list of images)."""
+        single = isinstance(prompts, str)
+        prompts_list = [prompts] if single else list(prompts)
+        images_list = [images] if single else list(images)
+        if len(images_list) != len(prompts_list):
+            raise InputError(f"{len(prompts_list)} prompt(s) but {len(images_list)} image entries")
+        images_list = [ims if isinstance(ims, (list, tuple)) else [ims] for ims in images_list]
+        budget = self.schedule.parse_budget(budget)
+        cfg = GenerationConfig(max_new_tokens, temperature, top_p, seed)
+        samples = self.encode(prompts_list, images_list)
+        tokens = collate(samples, self.backbone.image_token_id, self.backbone.device)
+        new_ids = generate(self.lm, tokens, budget, cfg, self.backbone.eos_token_ids)
+        results = []
+        for sample, ids in zip(samples, new_ids):
+            n_visual = sample.visual.shape[0]
+            n_text = len(sample.ids) - n_visual
+            prefill = self.flops(n_visual, n_text, budget, sample.n_crops).prefill
+            decode = decode_flops(self.config, self.schedule, budget, n_visual, n_text, len(ids))
+            text = self.backbone.tokenizer.decode(ids, skip_special_tokens=True)
+            flops = {"prefill": prefill, "decode": decode, "total": prefill + decode}
+            results.append(Generation(text, ids, budget, n_visual, n_text, flops))
+        return results[0] if single else results
+
+    def flops(self, n_visual: int, n_text: int, budget: Budget | str = "full", n_crops: int | None = None) -> FlopReport:
+        return count_flops(self.config, self.schedule, budget, n_visual, n_text, n_crops)
+
+    # ---- persistence --------------------------------------------------------------------
+    def save(self, out: str | Path) -> Path:
+        meta = {"base_architecture": self.config.model_type, "schedule": self.schedule.to_dict()}
+        return write_checkpoint(Path(out), self.backbone.path, self.backbone.hf, meta, self.lm.visor_state_dict())
+
+
+def load(
+    path: str | Path,
+    schedule: Schedule | str | dict | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    attn_implementation: str = "sdpa",
+) -> VisorModel:
+    """Load a VISOR checkpoint, or a base LLaVA / LLaVA-OneVision checkpoint (default schedule)."""
+    path = Path(path)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    config = read_config(path)  # fail fast on unsupported architectures, before loading weights
+    n_layers = config.text_config.num_hidden_layers
+    meta = read_visor_json(path) if path.is_dir() else None
+    if meta is not None and schedule is not None:
+        raise ConfigError(f"{path} is a VISOR checkpoint with its own schedule; don't pass another one")
+    if meta is not None:
+        schedule = Schedule.from_spec(meta["schedule"], n_layers)
+    elif not isinstance(schedule, Schedule):
+        schedule = Schedule.from_spec(schedule, n_layers)
+    schedule.check_depth(n_layers)
+    model = VisorModel(Backbone(path, dtype, device, attn_implementation), schedule)
+    if meta is not None:
+        load_visor_weights(path, model.lm, model.lm.visor_state_dict())
+    return model
+
+
+def convert(base: str | Path, out: str | Path, schedule=None, position_encoding: str | None = None) -> Path:
+    """Make a VISOR checkpoint from a base checkpoint (CA modules initialised, gates at zero)."""
+    config = read_config(base)
+    sched = schedule if isinstance(schedule, Schedule) else Schedule.from_spec(schedule, config.text_config.num_hidden_layers)
+    if position_encoding is not None:
+        sched = Schedule(sched.roles, position_encoding)
+    return load(base, sched).save(out)

@@ -1,0 +1,194 @@
+"""A Hugging Face LVLM checkpoint: its weights, vision path, tokenizer, image processor, template.
+
+Everything visual (vision tower, projector, AnyRes tiling, image-newline tokens) is the
+checkpoint's own code, called through the model's public ``get_image_features``. The prompt is
+built the way HF's processor builds it: the chat template renders one user turn with the images
+first, and each image placeholder is expanded to as many tokens as the vision path yields.
+(We don't build HF's processor itself: LLaVA-OneVision's needs torchvision for its video part.)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .errors import CheckpointError, InputError
+
+# model_type of the checkpoint -> transformers class; and the language models we can run.
+ARCHITECTURES = {
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "llava": "LlavaForConditionalGeneration",
+}
+TEXT_MODELS = ("qwen2", "llama")
+
+
+def read_config(path: str | Path):
+    """The HF config of a checkpoint directory or a config.json file; unsupported -> error."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise CheckpointError(f"no config.json at {path}: point --model at a checkpoint directory")
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    model_type = raw.pop("model_type", None)
+    if model_type not in ARCHITECTURES:
+        supported = ", ".join(f"{k} ({v})" for k, v in ARCHITECTURES.items())
+        raise CheckpointError(f"unsupported architecture {model_type!r}; supported: {supported}")
+    try:
+        config = AutoConfig.for_model(model_type, **raw)
+    except Exception as e:  # noqa: BLE001 - any config error is the user's file
+        raise CheckpointError(f"cannot read {file}: {e}") from None
+    text_type = config.text_config.model_type
+    if text_type not in TEXT_MODELS:
+        raise CheckpointError(f"unsupported language model {text_type!r}; supported: {', '.join(TEXT_MODELS)}")
+    return config
+
+
+def find_chat_template(path: Path, tokenizer) -> str:
+    """The processor's chat template (chat_template.jinja/.json), else the tokenizer's."""
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    for name in ("chat_template.json", "processor_config.json"):
+        if (path / name).is_file():
+            template = json.loads((path / name).read_text()).get("chat_template")
+            if template:
+                return template
+    if tokenizer.chat_template:
+        return tokenizer.chat_template
+    raise CheckpointError(f"{path} has no chat template (chat_template.jinja or in the tokenizer config)")
+
+
+def load_image(image: str | Path | Image.Image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image)
+    if not path.is_file():
+        raise InputError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"cannot read image {path}: {e.__class__.__name__}: {e}") from None
+
+
+@dataclass
+class Sample:
+    """One prompt with its images, ready for the language model."""
+
+    ids: list[int]  # token ids, each image placeholder expanded to its feature count
+    visual: torch.Tensor  # (Nv, D) projector outputs of all images, in order
+    n_crops: int  # images/tiles the vision tower encoded (for FLOP accounting)
+
+
+class Backbone:
+    def __init__(self, path: str | Path, dtype=torch.float32, device="cpu", attn_implementation="sdpa"):
+        import transformers
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        self.path = path = Path(path)
+        self.config = read_config(path)
+        cls = getattr(transformers, ARCHITECTURES[self.config.model_type])
+        try:
+            hf, info = cls.from_pretrained(
+                path, dtype=dtype, output_loading_info=True, attn_implementation=attn_implementation
+            )
+        except Exception as e:  # noqa: BLE001 - corrupt/truncated weights surface as many types
+            raise CheckpointError(f"cannot load the weights in {path}: {e.__class__.__name__}: {e}") from None
+        problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+        if problems:
+            detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(map(str, v))[:5]}" for k, v in problems.items())
+            raise CheckpointError(f"the weights in {path} do not match its config.json ({detail})")
+        self.hf = hf.to(device).eval()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.image_processor = AutoImageProcessor.from_pretrained(path)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"cannot load the tokenizer/image processor in {path}: {e}") from None
+        self.chat_template = find_chat_template(path, self.tokenizer)
+        self.image_token_id = self.config.image_token_id
+        if self.tokenizer.convert_ids_to_tokens(self.image_token_id) is None:
+            raise CheckpointError(f"the tokenizer has no token for image_token_id={self.image_token_id}")
+        self._crops = 0
+        self.hf.model.vision_tower.register_forward_pre_hook(self._count_crops)
+
+    def _count_crops(self, module, args):
+        self._crops += args[0].shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf.lm_head.weight.device
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        eos = self.hf.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def prompt_text(self, prompt: str, n_images: int) -> str:
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}],
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+
+    @torch.no_grad()
+    def image_features(self, images: list[Image.Image]) -> tuple[list[torch.Tensor], int]:
+        """Projector outputs per image [(n_i, D)] and the number of crops the tower encoded."""
+        if not images:
+            return [], 0
+        self._crops = 0
+        dtype = self.hf.lm_head.weight.dtype
+        if self.config.model_type == "llava_onevision":
+            inputs = self.image_processor([images], return_tensors="pt")  # one sample, n images
+            out = self.hf.model.get_image_features(
+                pixel_values=inputs["pixel_values"].to(self.device, dtype),
+                image_sizes=inputs["image_sizes"].to(self.device),
+                batch_num_images=inputs["batch_num_images"],
+                return_dict=True,
+            )
+        else:
+            inputs = self.image_processor(images, return_tensors="pt")
+            out = self.hf.model.get_image_features(
+                pixel_values=inputs["pixel_values"].to(self.device, dtype), return_dict=True
+            )
+        return list(out.pooler_output), self._crops
+
+    def encode(self, prompt: str, images: list) -> Sample:
+        """Template + tokenise one prompt, run the vision path, expand the placeholders."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("the prompt is empty")
+        features, n_crops = self.image_features([load_image(im) for im in images])
+        ids = self.tokenizer(self.prompt_text(prompt, len(images)))["input_ids"]
+        slots = [i for i, tok in enumerate(ids) if tok == self.image_token_id]
+        if len(slots) != len(images):
+            raise InputError(
+                f"the prompt holds {len(slots)} image placeholder(s) for {len(images)} image(s); "
+                "don't write image tokens into the prompt, pass the images instead"
+            )
+        expanded: list[int] = []
+        start = 0
+        for slot, feats in zip(slots, features):
+            expanded += ids[start:slot] + [self.image_token_id] * feats.shape[0]
+            start = slot + 1
+        expanded += ids[start:]
+        limit = self.config.text_config.max_position_embeddings
+        if len(expanded) >= limit:
+            raise InputError(
+                f"prompt + image tokens = {len(expanded)} tokens, over the model's context of {limit}; "
+                "use a shorter prompt or smaller/fewer images"
+            )
+        hidden = self.config.text_config.hidden_size
+        visual = torch.cat(features) if features else torch.zeros(0, hidden, device=self.device)
+        return Sample(expanded, visual, n_crops)

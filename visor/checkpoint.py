@@ -1,0 +1,88 @@
+"""VISOR checkpoints: a base HF checkpoint + ``visor.json`` + ``visor.safetensors``.
+
+``visor.json`` holds the format version and the schedule; ``visor.safetensors`` the parameters
+VISOR adds (cross-attention modules, the optional conv positional code). Everything else is the
+base checkpoint, byte for byte where we did not change it (tokenizer, processor, template).
+A directory without ``visor.json`` is a base checkpoint and loads with a default schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError, ConfigError
+
+FORMAT_VERSION = 1
+VISOR_JSON, VISOR_WEIGHTS = "visor.json", "visor.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def read_visor_json(path: Path) -> dict | None:
+    file = path / VISOR_JSON
+    if not file.is_file():
+        return None
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{file} has format version {meta['format_version']}; upgrade visor-lvlm to read it")
+    return meta
+
+
+def load_visor_weights(path: Path, module: torch.nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    """Load visor.safetensors into ``module``, checking names and shapes against ``expected``."""
+    file = path / VISOR_WEIGHTS
+    if not expected and not file.exists():
+        return
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing: the checkpoint's visor.json needs its cross-attention weights")
+    try:
+        tensors = load_file(file, device=str(next(iter(expected.values())).device) if expected else "cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {file} (truncated or corrupt?): {e}") from None
+    missing, extra = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
+    wrong = [k for k in expected.keys() & tensors.keys() if tensors[k].shape != expected[k].shape]
+    if missing or extra or wrong:
+        raise CheckpointError(
+            f"{file} does not match visor.json and the model config: "
+            f"missing {sorted(missing)[:4]}, unexpected {sorted(extra)[:4]}, wrong shape {sorted(wrong)[:4]}"
+        )
+    module.load_state_dict(tensors, strict=False)
+
+
+def write_checkpoint(out: Path, source: Path, hf_model, visor_meta: dict, visor_tensors: dict) -> Path:
+    """Write a complete VISOR checkpoint to a temporary directory, then move it into place."""
+    out = Path(out)
+    if out.resolve() == Path(source).resolve():
+        raise ConfigError(f"refusing to overwrite the checkpoint being read ({out}); choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for f in Path(source).iterdir():  # tokenizer, processor, chat template, ...
+            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and "index.json" not in f.name:
+                shutil.copy2(f, tmp / f.name)
+        (tmp / VISOR_JSON).unlink(missing_ok=True)
+        hf_model.save_pretrained(tmp)
+        if visor_tensors:
+            save_file({k: v.detach().contiguous().cpu() for k, v in visor_tensors.items()}, tmp / VISOR_WEIGHTS)
+        (tmp / VISOR_JSON).write_text(json.dumps({"format_version": FORMAT_VERSION, **visor_meta}, indent=2) + "\n")
+        if out.exists():  # swap: nothing complete is ever lost
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

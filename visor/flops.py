@@ -1,0 +1,145 @@
+"""Exact FLOP accounting of a VISOR forward, per component, for prefill and per decode token.
+
+Units: FLOPs of the matrix multiplications our forward performs (projections, attention scores
+and values, MLPs, convolutions, lm_head), a multiply-add counting 2, for one sample (batch 1).
+Element-wise work (norms, RoPE, softmax, activations) is not counted: it is well under 1% and
+``torch.utils.flop_counter`` does not count it either. Attention is counted over every
+(query, key) pair the kernel sees, masked or not, as an explicit-matmul forward computes it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from .model import LMConfig
+from .schedule import Budget, Schedule
+
+
+def _linear(n_tokens: int, d_in: int, d_out: int) -> int:
+    return 2 * n_tokens * d_in * d_out
+
+
+def _attention(n_queries: int, n_keys: int, n_heads: int, head_dim: int) -> int:
+    return 2 * 2 * n_queries * n_keys * n_heads * head_dim  # scores (QK^T) and values (AV)
+
+
+@dataclass
+class LMCost:
+    cfg: LMConfig
+
+    def projections(self, n: int) -> int:  # q, k, v, o of one layer over n tokens
+        c = self.cfg
+        q_out, kv_out = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        return _linear(n, c.hidden, q_out) * 2 + _linear(n, c.hidden, kv_out) * 2
+
+    def mlp(self, n: int) -> int:
+        return 3 * _linear(n, self.cfg.hidden, self.cfg.intermediate)
+
+    def layer(self, n_queries: int, n_keys: int) -> int:
+        """A decoder layer on n_queries new tokens attending over n_keys keys."""
+        c = self.cfg
+        return self.projections(n_queries) + self.mlp(n_queries) + _attention(n_queries, n_keys, c.n_heads, c.head_dim)
+
+    def cross(self, n_text: int, n_visual: int, with_kv: bool) -> int:
+        c = self.cfg
+        q_out, kv_out = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        flops = 2 * _linear(n_text, c.hidden, q_out) + _attention(n_text, n_visual, c.n_heads, c.head_dim)
+        return flops + (2 * _linear(n_visual, c.hidden, kv_out) if with_kv else 0)
+
+    def lm_head(self, n: int = 1) -> int:
+        return _linear(n, self.cfg.hidden, self.cfg.vocab)
+
+
+def vision_flops_per_crop(vision_config) -> tuple[int, int]:
+    """(FLOPs of the vision tower on one crop, tokens per crop handed to the projector)."""
+    v = vision_config
+    n_patches = (v.image_size // v.patch_size) ** 2
+    has_cls = v.model_type.startswith("clip")
+    n = n_patches + has_cls
+    d, i = v.hidden_size, v.intermediate_size
+    flops = _linear(n_patches, v.num_channels * v.patch_size**2, d)  # patch embedding (a strided conv)
+    per_layer = _linear(n, d, d) * 4 + _attention(n, n, 1, d) + _linear(n, d, i) * 2
+    flops += v.num_hidden_layers * per_layer
+    if getattr(v, "vision_use_head", False):  # SigLIP attention-pooling head: one probe query
+        flops += _linear(1, d, d) * 2 + _linear(n, d, d) * 2 + _attention(1, n, 1, d) + _linear(1, d, i) * 2
+    return flops, n
+
+
+@dataclass
+class FlopReport:
+    budget: Budget
+    n_visual: int
+    n_text: int
+    n_crops: int
+    prefill: int = 0
+    decode_per_token: int = 0  # the first new token, attending over the whole prompt
+    breakdown: dict = field(default_factory=dict)  # {"prefill": {...}, "decode_per_token": {...}}
+    layers: list = field(default_factory=list)  # [{"index", "role", "prefill", "decode_per_token"}]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_flops(
+    hf_config, schedule: Schedule, budget: Budget, n_visual: int, n_text: int, n_crops: int | None = None
+) -> FlopReport:
+    """FLOPs of one sample with n_visual image tokens and n_text text tokens at this budget."""
+    cfg = LMConfig.from_hf(hf_config.text_config)
+    schedule.check_depth(cfg.n_layers)
+    budget = schedule.parse_budget(budget)
+    lm = LMCost(cfg)
+    crop_flops, tokens_per_crop = vision_flops_per_crop(hf_config.vision_config)
+    if hf_config.vision_feature_select_strategy == "default":
+        tokens_per_crop -= 1  # the CLS token is dropped before the projector
+    if n_crops is None:
+        n_crops = math.ceil(n_visual / tokens_per_crop) if n_visual else 0
+    feature_layers = hf_config.vision_feature_layer
+    d_vision = hf_config.vision_config.hidden_size * (len(feature_layers) if isinstance(feature_layers, list) else 1)
+    projected = n_crops * tokens_per_crop
+
+    report = FlopReport(budget, n_visual, n_text, n_crops)
+    pre = {
+        "vision_tower": n_crops * crop_flops,
+        "projector": _linear(projected, d_vision, cfg.hidden) + _linear(projected, cfg.hidden, cfg.hidden),
+        "position_conv": 0,
+        "lm_layers": 0,
+        "cross_attention": 0,
+        "lm_head": lm.lm_head(),
+    }
+    dec = {"lm_layers": 0, "cross_attention": 0, "lm_head": lm.lm_head()}
+    if schedule.position_encoding == "conv" and budget != "full":
+        pre["position_conv"] = 2 * n_visual * cfg.hidden * 7 + _linear(n_visual, cfg.hidden, cfg.hidden)
+    n_all, n_ctx = n_visual + n_text, n_text + 1  # decode: the new token sees the prompt's text + itself
+    for i, role in enumerate(schedule.plan(budget)):
+        if role == "sa":
+            layer_pre, layer_dec = lm.layer(n_all, n_all), lm.layer(1, n_visual + n_ctx)
+            ca_pre = ca_dec = 0
+        else:
+            layer_pre, layer_dec = lm.layer(n_text, n_text), lm.layer(1, n_ctx)
+            ca_pre = lm.cross(n_text, n_visual, with_kv=True) if role == "ca" else 0
+            ca_dec = lm.cross(1, n_visual, with_kv=False) if role == "ca" else 0
+        pre["lm_layers"] += layer_pre
+        pre["cross_attention"] += ca_pre
+        dec["lm_layers"] += layer_dec
+        dec["cross_attention"] += ca_dec
+        report.layers.append(
+            {"index": i, "role": role, "prefill": layer_pre + ca_pre, "decode_per_token": layer_dec + ca_dec}
+        )
+    report.breakdown = {"prefill": pre, "decode_per_token": dec}
+    report.prefill, report.decode_per_token = sum(pre.values()), sum(dec.values())
+    return report
+
+
+def decode_flops(hf_config, schedule: Schedule, budget: Budget, n_visual: int, n_text: int, n_new: int) -> int:
+    """Total FLOPs of n_new decode steps after a prompt (step s attends over n_text + s + 1 text keys).
+
+    The first new token comes out of prefill; each later one costs one decode step.
+    """
+    if n_new <= 1:
+        return 0
+    first = count_flops(hf_config, schedule, budget, n_visual, n_text, 0).decode_per_token
+    cfg = LMConfig.from_hf(hf_config.text_config)
+    per_key = _attention(1, 1, cfg.n_heads, cfg.head_dim) * cfg.n_layers  # each extra text key, every layer
+    steps = n_new - 1
+    return steps * first + per_key * steps * (steps - 1) // 2

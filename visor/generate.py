@@ -1,0 +1,87 @@
+"""Batched, KV-cached generation: collate prompts, prefill once, decode token by token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .backbone import Sample
+from .model import Tokens, VisorLM
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    stop_on_eos: bool = True
+
+
+def collate(samples: list[Sample], image_token_id: int, device) -> Tokens:
+    """Split every sample into visual and text tokens with original positions; right-pad both."""
+    batch = len(samples)
+    n_visual = max(s.visual.shape[0] for s in samples)
+    n_text = max(len(s.ids) - s.visual.shape[0] for s in samples)
+    hidden = samples[0].visual.shape[1]
+    tok = Tokens(
+        visual=torch.zeros(batch, n_visual, hidden, dtype=samples[0].visual.dtype, device=device),
+        visual_pos=torch.zeros(batch, n_visual, dtype=torch.long, device=device),
+        visual_valid=torch.zeros(batch, n_visual, dtype=torch.bool, device=device),
+        text_ids=torch.zeros(batch, n_text, dtype=torch.long, device=device),
+        text_pos=torch.zeros(batch, n_text, dtype=torch.long, device=device),
+        text_valid=torch.zeros(batch, n_text, dtype=torch.bool, device=device),
+    )
+    for b, s in enumerate(samples):
+        ids = torch.tensor(s.ids, device=device)
+        pos = torch.arange(len(s.ids), device=device)
+        is_image = ids == image_token_id
+        nv, nt = int(is_image.sum()), int((~is_image).sum())
+        tok.visual[b, :nv] = s.visual.to(device)
+        tok.visual_pos[b, :nv] = pos[is_image]
+        tok.visual_valid[b, :nv] = True
+        tok.text_ids[b, :nt] = ids[~is_image]
+        tok.text_pos[b, :nt] = pos[~is_image]
+        tok.text_valid[b, :nt] = True
+    return tok
+
+
+def pick_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy at temperature 0, else nucleus (top-p) sampling. logits (B, V) -> (B,)."""
+    if cfg.temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / cfg.temperature, -1)
+    if cfg.top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > cfg.top_p  # keep the smallest set reaching top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(lm: VisorLM, tok: Tokens, budget, cfg: GenerationConfig, eos_ids: set[int]) -> list[list[int]]:
+    """New token ids per sample (EOS included when reached, as Hugging Face does)."""
+    longest = int((tok.visual_valid.sum(1) + tok.text_valid.sum(1)).max())
+    max_new = max(0, min(cfg.max_new_tokens, lm.cfg.max_positions - longest))  # stop at the context end
+    batch, device = tok.text_ids.shape[0], tok.text_ids.device
+    generator = None
+    if cfg.temperature > 0:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    if max_new == 0:
+        return [[] for _ in range(batch)]
+    logits, cache = lm.prefill(tok, budget, capacity=tok.text_ids.shape[1] + max_new)
+    eos = torch.tensor(sorted(eos_ids), device=device, dtype=torch.long)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    for step in range(max_new):
+        next_ids = pick_next(logits, cfg, generator)
+        for b in (~finished).nonzero()[:, 0].tolist():
+            out[b].append(int(next_ids[b]))
+        if cfg.stop_on_eos:
+            finished |= torch.isin(next_ids, eos)
+        if bool(finished.all()) or step == max_new - 1:
+            break
+        logits = lm.decode_one_token(next_ids, cache)
+    return out

@@ -1,0 +1,330 @@
+"""The VISOR language model: our forward over the weights of a Hugging Face decoder.
+
+The decoder layers (q/k/v/o projections, SwiGLU MLP, RMSNorms), embeddings, final norm and
+lm_head are the checkpoint's own modules, shared, not copied; only the math is ours. Cross-
+attention (CA) modules are new parameters. Visual and text states are kept apart:
+
+    v: (B, Nv, D) visual states,  t: (B, Nt, D) text states,
+
+each right-padded, with its original sequence positions and a validity mask. Causality and RoPE
+use the original positions, so an SA layer can attend over cat([v, t]) in any order and still be
+exactly the original layer on the original interleaved sequence.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .errors import CheckpointError
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class LMConfig:
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    max_positions: int
+    rms_eps: float
+
+    @classmethod
+    def from_hf(cls, text_config) -> LMConfig:
+        c = text_config
+        if getattr(c, "hidden_act", "silu") != "silu":
+            raise CheckpointError(f"only SwiGLU (silu) MLPs are supported, the checkpoint uses {c.hidden_act!r}")
+        if getattr(c, "use_sliding_window", False):
+            raise CheckpointError("sliding-window attention is not supported; set use_sliding_window=false")
+        return cls(
+            n_layers=c.num_hidden_layers,
+            hidden=c.hidden_size,
+            n_heads=c.num_attention_heads,
+            n_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+            intermediate=c.intermediate_size,
+            vocab=c.vocab_size,
+            max_positions=c.max_position_embeddings,
+            rms_eps=c.rms_norm_eps,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: nn.Parameter, eps: float):
+        super().__init__()
+        self.weight, self.eps = weight, eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for arbitrary (B, S) position ids, any RoPE type transformers knows."""
+
+    def __init__(self, text_config):
+        super().__init__()
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        rope = getattr(text_config, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", "default")
+        if rope_type == "dynamic":
+            raise CheckpointError("dynamic-NTK RoPE is not supported (its frequencies change with length)")
+        if rope_type == "default":
+            dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+            theta = rope.get("rope_theta", getattr(text_config, "rope_theta", 10000.0))
+            inv_freq, self.scaling = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+        else:
+            inv_freq, self.scaling = ROPE_INIT_FUNCTIONS[rope_type](text_config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        freqs = positions[..., None].float() * self.inv_freq  # (B, S, hd/2)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, S, hd)
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+
+def apply_rope(x, rope):
+    if rope is None:
+        return x
+    cos, sin = rope
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def attend(q, k, v, mask, explicit: bool = False):
+    """Masked attention. q (B, Hq, Sq, hd), k/v (B, Hkv, Sk, hd), mask (B, Sq, Sk) True = may attend.
+
+    Query rows with no key to attend to (e.g. text before the first image, in a CA layer)
+    return zeros. ``explicit`` runs plain matmuls so that FLOP counters see the attention.
+    """
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    has_key = mask.any(-1, keepdim=True)  # (B, Sq, 1)
+    mask = (mask | ~has_key)[:, None]  # (B, 1, Sq, Sk)
+    if explicit:
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out * has_key[:, None].to(out.dtype)
+
+
+def split_heads(x, n_heads):  # (B, S, H*hd) -> (B, H, S, hd)
+    b, s, _ = x.shape
+    return x.view(b, s, n_heads, -1).transpose(1, 2)
+
+
+def merge_heads(x):  # (B, H, S, hd) -> (B, S, H*hd)
+    b, h, s, d = x.shape
+    return x.transpose(1, 2).reshape(b, s, h * d)
+
+
+class DecoderLayer(nn.Module):
+    """One original decoder layer (pre-norm attention + SwiGLU MLP) over HF's modules."""
+
+    def __init__(self, hf_layer, cfg: LMConfig):
+        super().__init__()
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.input_norm = RMSNorm(hf_layer.input_layernorm.weight, cfg.rms_eps)
+        self.post_norm = RMSNorm(hf_layer.post_attention_layernorm.weight, cfg.rms_eps)
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+
+    def qkv(self, x, rope):
+        h = self.input_norm(x)
+        q = apply_rope(split_heads(self.q_proj(h), self.n_heads), rope)
+        k = apply_rope(split_heads(self.k_proj(h), self.n_kv_heads), rope)
+        return q, k, split_heads(self.v_proj(h), self.n_kv_heads)
+
+    def finish(self, x, attn_out):
+        x = x + self.o_proj(merge_heads(attn_out))
+        h = self.post_norm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class CrossAttention(nn.Module):
+    """text <- text + tanh(gate) * o(Attn(q(norm(text)), k(visual), v(visual))).
+
+    Pre-norm on both sides (queries and visual keys/values), GQA-shaped like the base layer.
+    Initialised as a copy of its layer's own attention and input norm, with gate = 0: a freshly converted model's CA layers are exact no-ops, and
+    training starts from projections that already speak the layer's language.
+    """
+
+    def __init__(self, layer: DecoderLayer, cfg: LMConfig):
+        super().__init__()
+        self.q_proj, self.k_proj = copy.deepcopy(layer.q_proj), copy.deepcopy(layer.k_proj)
+        self.v_proj, self.o_proj = copy.deepcopy(layer.v_proj), copy.deepcopy(layer.o_proj)
+        norm = layer.input_norm.weight.detach()
+        self.norm = RMSNorm(nn.Parameter(norm.clone()), cfg.rms_eps)  # for the text queries
+        self.kv_norm = RMSNorm(nn.Parameter(norm.clone()), cfg.rms_eps)  # for the visual keys/values
+        self.gate = nn.Parameter(torch.zeros((), dtype=norm.dtype, device=norm.device))
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+
+    def visual_kv(self, v, rope):  # v (B, Nv, D) -> k, v (B, Hkv, Nv, hd)
+        h = self.kv_norm(v)
+        k = apply_rope(split_heads(self.k_proj(h), self.n_kv_heads), rope)
+        return k, split_heads(self.v_proj(h), self.n_kv_heads)
+
+    def forward(self, t, kv, rope, mask, explicit=False):  # t (B, Nt, D), mask (B, Nt, Nv)
+        q = apply_rope(split_heads(self.q_proj(self.norm(t)), self.n_heads), rope)
+        out = attend(q, *kv, mask, explicit)
+        return t + torch.tanh(self.gate) * self.o_proj(merge_heads(out))
+
+
+class VisualPosConv(nn.Module):
+    """The paper's conditional positional encoding: v + pointwise(depthwise_conv_k7(v)).
+
+    The pointwise projection starts at zero, so enabling it leaves a model's outputs unchanged.
+    """
+
+    def __init__(self, hidden: int, like: torch.Tensor, kernel: int = 7):
+        super().__init__()
+        self.depthwise = nn.Conv1d(hidden, hidden, kernel, padding=kernel // 2, groups=hidden).to(like)
+        self.pointwise = nn.Linear(hidden, hidden).to(like)
+        nn.init.zeros_(self.pointwise.weight)
+        nn.init.zeros_(self.pointwise.bias)
+
+    def forward(self, v, valid):  # v (B, Nv, D), valid (B, Nv)
+        v = v * valid[..., None].to(v.dtype)
+        return v + self.pointwise(self.depthwise(v.transpose(1, 2)).transpose(1, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# the language model
+
+
+@dataclass
+class Tokens:
+    """One batch split into visual and text tokens, each right-padded."""
+
+    visual: torch.Tensor  # (B, Nv, D) projector outputs
+    visual_pos: torch.Tensor  # (B, Nv) original positions
+    visual_valid: torch.Tensor  # (B, Nv) bool
+    text_ids: torch.Tensor  # (B, Nt)
+    text_pos: torch.Tensor  # (B, Nt)
+    text_valid: torch.Tensor  # (B, Nt) bool
+
+
+class VisorLM(nn.Module):
+    def __init__(self, hf_model, schedule):
+        super().__init__()
+        text_config = hf_model.config.text_config
+        self.cfg = cfg = LMConfig.from_hf(text_config)
+        schedule.check_depth(cfg.n_layers)
+        self.schedule = schedule
+        lm = hf_model.model.language_model
+        self.embed_tokens = hf_model.get_input_embeddings()
+        self.lm_head = hf_model.get_output_embeddings()
+        self.norm = RMSNorm(lm.norm.weight, cfg.rms_eps)
+        self.layers = nn.ModuleList(DecoderLayer(layer, cfg) for layer in lm.layers)
+        self.rotary = Rotary(text_config).to(self.lm_head.weight.device)
+        self.cross = nn.ModuleDict({str(i): CrossAttention(self.layers[i], cfg) for i in schedule.ca_layers})
+        like = self.lm_head.weight
+        self.pos_conv = VisualPosConv(cfg.hidden, like) if schedule.position_encoding == "conv" else None
+        self.explicit_attention = False  # True: matmul attention, visible to FLOP counters
+
+    def visor_state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters VISOR adds to the base checkpoint (CA modules, conv positional code)."""
+        own = {f"cross.{k}": v for k, v in self.cross.state_dict().items()}
+        if self.pos_conv is not None:
+            own.update({f"pos_conv.{k}": v for k, v in self.pos_conv.state_dict().items()})
+        return own
+
+    # ---- prefill ------------------------------------------------------------------------
+    def prefill(self, tok: Tokens, budget, capacity: int) -> tuple[torch.Tensor, KVCache]:
+        """Run the prompt; return the last text token's logits (B, V) and the filled cache."""
+        plan = self.schedule.plan(budget)
+        dtype, explicit = self.lm_head.weight.dtype, self.explicit_attention
+        v = tok.visual.to(dtype)
+        t = self.embed_tokens(tok.text_ids)
+        n_visual = v.shape[1]
+        cache = KVCache(self.cfg.n_layers, tok.text_valid, tok.visual_valid, capacity)
+        if self.pos_conv is not None and budget != "full":
+            v = self.pos_conv(v, tok.visual_valid)
+
+        rope_t = self.rotary(tok.text_pos, dtype)
+        rope_v = self.rotary(tok.visual_pos, dtype)
+        ca_rope_t, ca_rope_v = (None, None) if self.pos_conv is not None else (rope_t, rope_v)
+        # mask[b, q, k]: key k precedes (or is) query q in the original sequence and is real
+        mask_tt = (tok.text_pos[:, None, :] <= tok.text_pos[:, :, None]) & tok.text_valid[:, None, :]
+        mask_tv = (tok.visual_pos[:, None, :] < tok.text_pos[:, :, None]) & tok.visual_valid[:, None, :]
+        if "sa" in plan:
+            pos_x = torch.cat([tok.visual_pos, tok.text_pos], 1)
+            valid_x = torch.cat([tok.visual_valid, tok.text_valid], 1)
+            mask_xx = (pos_x[:, None, :] <= pos_x[:, :, None]) & valid_x[:, None, :]
+            rope_x = self.rotary(pos_x, dtype)
+
+        for i, (role, layer) in enumerate(zip(plan, self.layers)):
+            if role == "sa":
+                x = torch.cat([v, t], 1)  # (B, Nv+Nt, D)
+                q, k, val = layer.qkv(x, rope_x)
+                cache.visual_kv[i] = (k[:, :, :n_visual], val[:, :, :n_visual])
+                cache.write_text(i, k[:, :, n_visual:], val[:, :, n_visual:])
+                x = layer.finish(x, attend(q, k, val, mask_xx, explicit))
+                v, t = x[:, :n_visual], x[:, n_visual:]
+                continue
+            if role == "ca":
+                ca = self.cross[str(i)]
+                cache.visual_kv[i] = ca.visual_kv(v, ca_rope_v)
+                t = ca(t, cache.visual_kv[i], ca_rope_t, mask_tv, explicit)
+            q, k, val = layer.qkv(t, rope_t)
+            cache.write_text(i, k, val)
+            t = layer.finish(t, attend(q, k, val, mask_tt, explicit))
+
+        cache.advance(t.shape[1])
+        last = tok.text_valid.sum(1) - 1  # (B,) index of each sample's last text token
+        cache.next_pos = tok.text_pos.gather(1, last[:, None])[:, 0] + 1
+        h_last = t[torch.arange(t.shape[0], device=t.device), last]  # (B, D)
+        cache.plan = plan
+        return self.lm_head(self.norm(h_last)), cache
+
+    # ---- decode -------------------------------------------------------------------------
+    def decode_one_token(self, token_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per sample (B,) -> logits (B, V). Touches only cached K/V."""
+        plan, explicit = cache.plan, self.explicit_attention
+        dtype = self.lm_head.weight.dtype
+        t = self.embed_tokens(token_ids[:, None])  # (B, 1, D)
+        positions = cache.next_pos[:, None]  # (B, 1)
+        rope = self.rotary(positions, dtype)
+        ca_rope = None if self.pos_conv is not None else rope
+        cache.text_valid[:, cache.length] = True
+        text_mask = cache.text_mask(1)[:, None, :]  # (B, 1, length+1)
+        visual_mask = cache.visual_valid[:, None, :]  # (B, 1, Nv)
+
+        for i, (role, layer) in enumerate(zip(plan, self.layers)):
+            if role == "ca":
+                t = self.cross[str(i)](t, cache.visual_kv[i], ca_rope, visual_mask, explicit)
+            q, k, val = layer.qkv(t, rope)
+            k, val = cache.write_text(i, k, val)
+            mask = text_mask
+            if role == "sa":
+                vk, vv = cache.visual_kv[i]
+                k, val = torch.cat([vk, k], 2), torch.cat([vv, val], 2)
+                mask = torch.cat([visual_mask, text_mask], 2)
+            t = layer.finish(t, attend(q, k, val, mask, explicit))
+
+        cache.advance(1)
+        cache.next_pos = cache.next_pos + 1
+        return self.lm_head(self.norm(t[:, 0]))
