@@ -73,6 +73,7 @@ class FlopReport:
     n_text: int
     n_crops: int
     prefill: int = 0
+    lm_prefill: int = 0  # prefill without the vision tower and projector: the language model's share
     decode_per_token: int = 0  # the first new token, attending over the whole prompt
     breakdown: dict = field(default_factory=dict)  # {"prefill": {...}, "decode_per_token": {...}}
     layers: list = field(default_factory=list)  # [{"index", "role", "prefill", "decode_per_token"}]
@@ -128,6 +129,7 @@ def count_flops(
         )
     report.breakdown = {"prefill": pre, "decode_per_token": dec}
     report.prefill, report.decode_per_token = sum(pre.values()), sum(dec.values())
+    report.lm_prefill = report.prefill - pre["vision_tower"] - pre["projector"]
     return report
 
 

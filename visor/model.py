@@ -132,7 +132,7 @@ def attend(q, k, v, mask, explicit: bool = False):
 
 def split_heads(x, n_heads):  # (B, S, H*hd) -> (B, H, S, hd)
     b, s, _ = x.shape
-    return x.view(b, s, n_heads, -1).transpose(1, 2)
+    return x.view(b, s, n_heads, x.shape[-1] // n_heads).transpose(1, 2)
 
 
 def merge_heads(x):  # (B, H, S, hd) -> (B, S, H*hd)

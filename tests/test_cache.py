@@ -1,0 +1,103 @@
+"""KV-cached decoding, batching and budgets on a converted model with non-zero CA gates."""
+
+import pytest
+import torch
+
+from visor.backbone import Sample
+from visor.generate import collate
+
+BUDGETS = [0, 1, 2, "full"]  # 2 = every SA candidate of the 6-layer default schedule
+
+
+def greedy(model, samples, n_new, budget):
+    """Greedy tokens and per-step logits through prefill + cached decode."""
+    tok = collate(samples, model.backbone.image_token_id, "cpu")
+    with torch.no_grad():
+        logits, cache = model.lm.prefill(tok, budget, capacity=tok.text_ids.shape[1] + n_new)
+        steps, tokens = [logits], []
+        for _ in range(n_new - 1):
+            tokens.append(logits.argmax(-1))
+            logits = model.lm.decode_one_token(tokens[-1], cache)
+            steps.append(logits)
+    tokens.append(logits.argmax(-1))
+    return torch.stack(tokens, 1), torch.stack(steps, 1)
+
+
+def prefill_logits(model, sample, budget):
+    tok = collate([sample], model.backbone.image_token_id, "cpu")
+    with torch.no_grad():
+        return model.lm.prefill(tok, budget, capacity=tok.text_ids.shape[1])[0][0]
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_cached_decode_equals_prefill_from_scratch(visor_model, images, budget):
+    sample = visor_model.backbone.encode("Describe the picture.", [images[1]])
+    tokens, logits = greedy(visor_model, [sample], 6, budget)
+    for step in range(1, 6):
+        longer = Sample(sample.ids + tokens[0, :step].tolist(), sample.visual, sample.n_crops)
+        assert (prefill_logits(visor_model, longer, budget) - logits[0, step]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_batched_equals_one_by_one(visor_model, images, budget):
+    bb = visor_model.backbone
+    samples = [
+        bb.encode("What is shown?", [images[0]]),
+        bb.encode("Which colour dominates in the top left quadrant of this picture?", [images[3]]),
+        bb.encode("Compare the two.", [images[1], images[2]]),  # two images in one prompt
+        bb.encode("Is there a table?", []),  # no image at all
+    ]
+    assert len({s.visual.shape[0] for s in samples}) >= 3 and len({len(s.ids) for s in samples}) == 4
+    tokens, logits = greedy(visor_model, samples, 8, budget)
+    for b, sample in enumerate(samples):
+        one_tokens, one_logits = greedy(visor_model, [sample], 8, budget)
+        assert torch.equal(one_tokens[0], tokens[b])
+        assert (one_logits[0] - logits[b]).abs().max() <= 1e-4
+
+
+def test_budgets_change_the_computation(visor_model, images):
+    sample = visor_model.backbone.encode("What is shown?", [images[1]])
+    logits = {b: prefill_logits(visor_model, sample, b) for b in BUDGETS}
+    for a in BUDGETS:
+        for b in BUDGETS:
+            if a != b:
+                assert (logits[a] - logits[b]).abs().max() > 1e-3, (a, b)
+
+
+def test_zero_gates_make_ca_a_no_op(checkpoints, arch, images):
+    """A freshly converted model: each CA layer equals a text-only layer."""
+    import visor
+
+    model = visor.load(checkpoints[arch])
+    text_only = visor.load(checkpoints[arch], schedule="sa,text,text,sa,text,text")
+    sample = model.backbone.encode("What is shown?", [images[0]])
+    for budget in [0, 1, 2]:
+        assert torch.allclose(prefill_logits(model, sample, budget), prefill_logits(text_only, sample, budget), atol=1e-5)
+
+
+def test_sampling_is_seeded_and_respects_top_p(visor_model, images):
+    kwargs = dict(budget=1, max_new_tokens=12, temperature=1.0)
+    a = visor_model.generate(images[0], "What is shown?", seed=1, **kwargs)
+    b = visor_model.generate(images[0], "What is shown?", seed=1, **kwargs)
+    c = visor_model.generate(images[0], "What is shown?", seed=2, **kwargs)
+    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+    greedy_ids = visor_model.generate(images[0], "What is shown?", budget=1, max_new_tokens=12).token_ids
+    nucleus = visor_model.generate(images[0], "What is shown?", seed=3, top_p=1e-6, **kwargs).token_ids
+    assert nucleus == greedy_ids  # a tiny nucleus holds only the most likely token
+
+
+def test_generation_stops_on_eos_and_max_new_tokens(visor_model, images):
+    g = visor_model.generate(images[0], "What is shown?", budget=0, max_new_tokens=5)
+    assert 1 <= len(g.token_ids) <= 5
+    eos = visor_model.backbone.eos_token_ids
+    assert all(t not in eos for t in g.token_ids[:-1])
+    if len(g.token_ids) < 5:
+        assert g.token_ids[-1] in eos
+    # force EOS: make it the most likely token everywhere
+    with torch.no_grad():
+        head = visor_model.lm.lm_head
+        bias = torch.zeros(head.weight.shape[0])
+        bias[min(eos)] = 1e4
+        head.bias = torch.nn.Parameter(bias)
+    g = visor_model.generate(images[0], "What is shown?", budget=0, max_new_tokens=5)
+    assert g.token_ids == [min(eos)]

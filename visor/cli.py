@@ -1,0 +1,153 @@
+"""The ``visor`` command line. Every user mistake ends as one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import ConfigError, VisorError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="VISOR: sparse vision-language inference over Hugging Face LVLM checkpoints.")  # fmt: skip
+console = Console()
+
+ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="checkpoint directory (base LLaVA/LLaVA-OV or VISOR)")]
+ScheduleOpt = Annotated[
+    Optional[str], typer.Option(help="layer roles for a base checkpoint: JSON/YAML file or 'sa,ca,text,...'")
+]
+BudgetOpt = Annotated[str, typer.Option(help="active SA layers: 0..n, or 'full' (the base model)")]
+
+
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+@app.command("tiny-model")
+def tiny_model(
+    out: Annotated[Path, typer.Option(help="directory to write the checkpoint to")],
+    arch: Annotated[str, typer.Option(help="llava-onevision (SigLIP + Qwen2) or llava (CLIP + Llama)")] = "llava-onevision",
+    layers: int = 6,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    image_size: Annotated[int, typer.Option(help="vision tower input size (AnyRes tiles)")] = 32,
+    patch_size: int = 8,
+    seed: int = 0,
+):
+    """Write a tiny random checkpoint (config, safetensors, tokenizer, processor, chat template), offline."""
+    from .tiny import TinySpec, build_tiny
+
+    _quiet_transformers()
+    spec = TinySpec(arch=arch, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
+                    intermediate=intermediate, image_size=image_size, patch_size=patch_size, seed=seed)  # fmt: skip
+    path = build_tiny(out, spec)
+    console.print(f"wrote a tiny {arch} checkpoint to [bold]{path}[/]")
+
+
+@app.command()
+def generate(
+    model: ModelOpt,
+    prompt: Annotated[str, typer.Option(help="the question; it is wrapped in the checkpoint's chat template")],
+    image: Annotated[list[Path], typer.Option(help="an image file; repeat for several images")] = [],  # noqa: B006
+    budget: BudgetOpt = "full",
+    max_new_tokens: int = 32,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    schedule: ScheduleOpt = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+):
+    """Answer a prompt about one or more images."""
+    from .api import load
+
+    _quiet_transformers()
+    m = load(model, schedule=schedule, dtype=dtype, device=device)
+    g = m.generate([str(p) for p in image], prompt, budget=budget, max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_p=top_p, seed=seed)  # fmt: skip
+    if as_json:
+        print(json.dumps(g.to_dict()))
+    else:
+        console.print(g.text, markup=False, highlight=False)
+        console.print(f"[dim]budget {g.budget} · {g.n_visual} visual + {g.n_text} text tokens · "
+                      f"{g.flops['total'] / 1e9:.3f} GFLOPs[/]")  # fmt: skip
+
+
+@app.command()
+def flops(
+    visual_tokens: Annotated[int, typer.Option(help="image tokens in the prompt")],
+    text_tokens: Annotated[int, typer.Option(help="text tokens in the prompt")],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="checkpoint directory")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="config.json only: no weights needed")] = None,
+    budget: BudgetOpt = "full",
+    crops: Annotated[Optional[int], typer.Option(help="crops the vision tower encodes (default: from tokens)")] = None,
+    schedule: ScheduleOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+):
+    """Count the FLOPs of one sample, per component, for prefill and per decode token."""
+    from .backbone import read_config
+    from .checkpoint import read_visor_json
+    from .flops import count_flops
+    from .schedule import Schedule
+
+    if (model is None) == (config is None):
+        raise ConfigError("give exactly one of --model DIR or --config config.json")
+    hf_config = read_config(model or config)
+    n_layers = hf_config.text_config.num_hidden_layers
+    meta = read_visor_json(model) if model is not None else None
+    sched = Schedule.from_spec(meta["schedule"] if meta else schedule, n_layers)
+    report = count_flops(hf_config, sched, budget, visual_tokens, text_tokens, crops)
+    full = count_flops(hf_config, sched, "full", visual_tokens, text_tokens, crops)
+    if as_json:
+        print(json.dumps(report.to_dict() | {"full_prefill": full.prefill, "schedule": sched.to_dict()}))
+        return
+    table = Table(title=f"FLOPs, budget {report.budget}: {visual_tokens} visual + {text_tokens} text tokens")
+    table.add_column("component")
+    table.add_column("prefill (GFLOPs)", justify="right")
+    table.add_column("decode / token (GFLOPs)", justify="right")
+    decode = report.breakdown["decode_per_token"]
+    for name, value in report.breakdown["prefill"].items():
+        table.add_row(name, f"{value / 1e9:,.3f}", f"{decode[name] / 1e9:,.4f}" if name in decode else "")
+    table.add_row("[bold]total", f"[bold]{report.prefill / 1e9:,.3f}", f"[bold]{report.decode_per_token / 1e9:,.4f}")
+    console.print(table)
+    console.print(f"vs. full: prefill {full.prefill / report.prefill:.2f}x fewer FLOPs "
+                  f"(language model alone {full.lm_prefill / report.lm_prefill:.2f}x), "
+                  f"decode {full.decode_per_token / report.decode_per_token:.2f}x")  # fmt: skip
+
+
+@app.command()
+def convert(
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option(help="directory for the VISOR checkpoint")],
+    schedule: ScheduleOpt = None,
+    position_encoding: Annotated[str, typer.Option(help="rope (original positions) or conv (paper's PEG)")] = "rope",
+):
+    """Make a VISOR checkpoint from a base checkpoint (new CA layers, gates at zero)."""
+    from .api import convert as convert_checkpoint
+
+    _quiet_transformers()
+    path = convert_checkpoint(model, out, schedule, position_encoding)
+    console.print(f"wrote a VISOR checkpoint to [bold]{path}[/]")
+
+
+def main() -> None:
+    try:
+        app()
+    except VisorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
