@@ -98,14 +98,19 @@ class Backbone:
         cls = getattr(transformers, ARCHITECTURES[self.config.model_type])
         try:
             hf, info = cls.from_pretrained(
-                path, dtype=dtype, output_loading_info=True, attn_implementation=attn_implementation
+                path,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below, as our error
             )
         except Exception as e:  # noqa: BLE001 - corrupt/truncated weights surface as many types
             raise CheckpointError(f"cannot load the weights in {path}: {e.__class__.__name__}: {e}") from None
-        problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+        problems = [f"{k} (missing from the file)" for k in info["missing_keys"]]
+        problems += [f"{k}: {tuple(a)} in the file, {tuple(b)} by the config" for k, a, b in info["mismatched_keys"]]
         if problems:
-            detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(map(str, v))[:5]}" for k, v in problems.items())
-            raise CheckpointError(f"the weights in {path} do not match its config.json ({detail})")
+            more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+            raise CheckpointError(f"the weights in {path} do not match its config.json: {'; '.join(problems[:3])}{more}")
         self.hf = hf.to(device).eval()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)

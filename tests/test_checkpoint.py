@@ -1,0 +1,58 @@
+"""Save / load / convert: bit-exact round trips, and a base checkpoint stays a base checkpoint."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import visor
+from conftest import set_visor_weights
+
+
+def all_tensors(model):
+    return {**{f"hf.{k}": v for k, v in model.backbone.hf.state_dict().items()}, **model.lm.visor_state_dict()}
+
+
+@pytest.mark.parametrize("position_encoding", ["rope", "conv"])
+def test_convert_save_load_round_trip_is_bit_exact(checkpoints, arch, images, tmp_path, position_encoding):
+    out = visor.convert(checkpoints[arch], tmp_path / "v", position_encoding=position_encoding)
+    meta = json.loads((out / "visor.json").read_text())
+    assert meta["schedule"]["position_encoding"] == position_encoding
+    for name in ["tokenizer.json", "chat_template.jinja", "preprocessor_config.json", "processor_config.json"]:
+        assert (out / name).read_bytes() == (checkpoints[arch] / name).read_bytes()
+    model = visor.load(out)
+    gates = [v for k, v in model.lm.visor_state_dict().items() if k.endswith("gate")]
+    assert gates and all(g.item() == 0.0 for g in gates)  # freshly converted: CA layers start as no-ops
+
+    set_visor_weights(model, seed=3, scale=0.7)
+    model.save(tmp_path / "trained")
+    again = visor.load(tmp_path / "trained")
+    before, after = all_tensors(model), all_tensors(again)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    kwargs = dict(budget=1, max_new_tokens=6)
+    assert model.generate(images[0], "What?", **kwargs).token_ids == again.generate(images[0], "What?", **kwargs).token_ids
+
+
+def test_save_replaces_an_existing_checkpoint_atomically(checkpoints, tmp_path):
+    out = visor.convert(checkpoints["llava-onevision"], tmp_path / "v")
+    model = visor.load(out)
+    set_visor_weights(model, scale=0.3)
+    model.save(tmp_path / "v2")
+    visor.load(tmp_path / "v2").save(out)  # overwrite the first one
+    gates = {k: v for k, v in load_file(out / "visor.safetensors").items() if k.endswith("gate")}
+    assert all(v.item() == pytest.approx(0.3) for v in gates.values())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+def test_a_visor_checkpoint_keeps_its_schedule(checkpoints, tmp_path):
+    out = visor.convert(checkpoints["llava"], tmp_path / "v", schedule="sa,sa,ca,ca,text,text")
+    assert visor.load(out).schedule.roles == ["sa", "sa", "ca", "ca", "text", "text"]
+    with pytest.raises(visor.ConfigError, match="its own schedule"):
+        visor.load(out, schedule="sa,ca,text,sa,ca,text")
+
+
+def test_convert_refuses_to_overwrite_its_source(checkpoints):
+    with pytest.raises(visor.ConfigError, match="refusing to overwrite"):
+        visor.convert(checkpoints["llava"], checkpoints["llava"])
