@@ -72,7 +72,9 @@ def test_zero_gates_make_ca_a_no_op(checkpoints, arch, images):
     text_only = visor.load(checkpoints[arch], schedule="sa,text,text,sa,text,text")
     sample = model.backbone.encode("What is shown?", [images[0]])
     for budget in [0, 1, 2]:
-        assert torch.allclose(prefill_logits(model, sample, budget), prefill_logits(text_only, sample, budget), atol=1e-5)
+        assert torch.allclose(
+            prefill_logits(model, sample, budget), prefill_logits(text_only, sample, budget), atol=1e-5
+        )
 
 
 def test_sampling_is_seeded_and_respects_top_p(visor_model, images):

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from conftest import set_visor_weights
 from safetensors.torch import load_file
 
 import visor
-from conftest import set_visor_weights
 
 
 def all_tensors(model):
@@ -32,7 +32,9 @@ def test_convert_save_load_round_trip_is_bit_exact(checkpoints, arch, images, tm
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     kwargs = dict(budget=1, max_new_tokens=6)
-    assert model.generate(images[0], "What?", **kwargs).token_ids == again.generate(images[0], "What?", **kwargs).token_ids
+    assert (
+        model.generate(images[0], "What?", **kwargs).token_ids == again.generate(images[0], "What?", **kwargs).token_ids
+    )
 
 
 def test_save_replaces_an_existing_checkpoint_atomically(checkpoints, tmp_path):

@@ -22,24 +22,61 @@ def visor_cli(*args):
 def test_tiny_model_generate_convert_flops(tmp_path, arch, images):
     base, converted = tmp_path / "base", tmp_path / "visor"
     visor_cli("tiny-model", "--arch", arch, "--out", base)
-    for name in ["config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json",
-                 "processor_config.json", "chat_template.jinja"]:  # fmt: skip
+    for name in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "chat_template.jinja",
+    ]:
         assert (base / name).is_file(), name
 
-    out = json.loads(visor_cli("generate", "--model", base, "--image", images[0], "--prompt", "What is shown?",
-                               "--budget", "2", "--max-new-tokens", "5", "--json"))  # fmt: skip
+    out = json.loads(
+        visor_cli(
+            "generate",
+            "--model",
+            base,
+            "--image",
+            images[0],
+            "--prompt",
+            "What is shown?",
+            "--budget",
+            "2",
+            "--max-new-tokens",
+            "5",
+            "--json",
+        )
+    )
     assert {"text", "token_ids", "budget", "flops"} <= out.keys()
     assert out["budget"] == 2 and 1 <= len(out["token_ids"]) <= 5 and isinstance(out["text"], str)
     assert out["flops"]["total"] == out["flops"]["prefill"] + out["flops"]["decode"] > 0
 
     visor_cli("convert", "--model", base, "--out", converted, "--schedule", "sa,ca,text,sa,ca,sa")
     assert json.loads((converted / "visor.json").read_text())["schedule"]["roles"][-1] == "sa"
-    out = json.loads(visor_cli("generate", "--model", converted, "--image", images[1], "--image", images[2],
-                               "--prompt", "Compare them.", "--budget", "0", "--json", "--max-new-tokens", "3"))  # fmt: skip
+    out = json.loads(
+        visor_cli(
+            "generate",
+            "--model",
+            converted,
+            "--image",
+            images[1],
+            "--image",
+            images[2],
+            "--prompt",
+            "Compare them.",
+            "--budget",
+            "0",
+            "--json",
+            "--max-new-tokens",
+            "3",
+        )
+    )
     assert out["budget"] == 0
 
-    report = json.loads(visor_cli("flops", "--model", converted, "--visual-tokens", 500, "--text-tokens", 20,
-                                  "--budget", "1", "--json"))  # fmt: skip
+    report = json.loads(
+        visor_cli("flops", "--model", converted, "--visual-tokens", 500, "--text-tokens", 20, "--budget", "1", "--json")
+    )
     assert {"prefill", "decode_per_token", "breakdown"} <= report.keys()
     assert report["breakdown"]["prefill"]["cross_attention"] > 0
     assert report["prefill"] == sum(report["breakdown"]["prefill"].values())

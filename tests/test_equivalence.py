@@ -21,10 +21,20 @@ def hf_reference(model, prompts, image_lists, n_new):
     if bb.config.model_type == "llava_onevision":
         extra = dict(bb.image_processor(pil, return_tensors="pt"))
     else:
-        extra = {"pixel_values": bb.image_processor([im for ims in pil for im in ims], return_tensors="pt")["pixel_values"]}
+        extra = {
+            "pixel_values": bb.image_processor([im for ims in pil for im in ims], return_tensors="pt")["pixel_values"]
+        }
     with torch.no_grad():
-        out = bb.hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
-                             do_sample=False, output_logits=True, return_dict_in_generate=True, **extra)  # fmt: skip
+        out = bb.hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **extra,
+        )
     return out.sequences[:, width:], torch.stack(out.logits, 1), samples  # (B, n_new), (B, n_new, V)
 
 

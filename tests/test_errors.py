@@ -69,7 +69,9 @@ def test_unreadable_image(monkeypatch, capsys, checkpoints, broken, which):
 
 
 def test_empty_prompt(monkeypatch, capsys, checkpoints, images):
-    assert_user_error(run_cli(monkeypatch, capsys, *generate_args(checkpoints["llava"], images[0], "  ")), "prompt is empty")
+    assert_user_error(
+        run_cli(monkeypatch, capsys, *generate_args(checkpoints["llava"], images[0], "  ")), "prompt is empty"
+    )
 
 
 def test_prompt_longer_than_the_context(monkeypatch, capsys, broken, images):

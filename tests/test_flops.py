@@ -2,14 +2,18 @@
 
 import pytest
 import torch
+from conftest import set_visor_weights
 from torch.utils.flop_counter import FlopCounterMode
 
 import visor
 from visor.flops import count_flops, decode_flops
 from visor.generate import collate
-from conftest import set_visor_weights
 
-SCHEDULES = [None, "sa,sa,ca,text,ca,sa", {"roles": ["sa", "ca", "text", "sa", "ca", "text"], "position_encoding": "conv"}]
+SCHEDULES = [
+    None,
+    "sa,sa,ca,text,ca,sa",
+    {"roles": ["sa", "ca", "text", "sa", "ca", "text"], "position_encoding": "conv"},
+]
 
 
 def measured(fn):
@@ -33,7 +37,9 @@ def test_prefill_and_decode_flops_match_the_counter(eager_model, images, budget,
     with torch.no_grad():
         vision_flops, sample = measured(lambda: eager_model.backbone.encode(prompt, [images[i] for i in which]))
         tok = collate([sample], eager_model.backbone.image_token_id, "cpu")
-        lm_flops, (logits, cache) = measured(lambda: eager_model.lm.prefill(tok, budget, capacity=tok.text_ids.shape[1] + 4))
+        lm_flops, (logits, cache) = measured(
+            lambda: eager_model.lm.prefill(tok, budget, capacity=tok.text_ids.shape[1] + 4)
+        )
         step_flops, _ = measured(lambda: eager_model.lm.decode_one_token(logits.argmax(-1), cache))
     n_visual = sample.visual.shape[0]
     report = eager_model.flops(n_visual, len(sample.ids) - n_visual, budget, sample.n_crops)

@@ -2,11 +2,21 @@
 
 from .api import Generation, VisorModel, convert, load
 from .errors import CheckpointError, ConfigError, InputError, VisorError
-from .flops import FlopReport, count_flops as flops
+from .flops import FlopReport
+from .flops import count_flops as flops
 from .schedule import Schedule
 
 __version__ = "0.1.0"
 __all__ = [
-    "CheckpointError", "ConfigError", "FlopReport", "Generation", "InputError", "Schedule",
-    "VisorError", "VisorModel", "convert", "flops", "load",
-]  # fmt: skip
+    "CheckpointError",
+    "ConfigError",
+    "FlopReport",
+    "Generation",
+    "InputError",
+    "Schedule",
+    "VisorError",
+    "VisorModel",
+    "convert",
+    "flops",
+    "load",
+]

@@ -78,7 +78,9 @@ class VisorModel:
             results.append(Generation(text, ids, budget, n_visual, n_text, flops))
         return results[0] if single else results
 
-    def flops(self, n_visual: int, n_text: int, budget: Budget | str = "full", n_crops: int | None = None) -> FlopReport:
+    def flops(
+        self, n_visual: int, n_text: int, budget: Budget | str = "full", n_crops: int | None = None
+    ) -> FlopReport:
         return count_flops(self.config, self.schedule, budget, n_visual, n_text, n_crops)
 
     # ---- persistence --------------------------------------------------------------------
@@ -119,7 +121,11 @@ def load(
 def convert(base: str | Path, out: str | Path, schedule=None, position_encoding: str | None = None) -> Path:
     """Make a VISOR checkpoint from a base checkpoint (CA modules initialised, gates at zero)."""
     config = read_config(base)
-    sched = schedule if isinstance(schedule, Schedule) else Schedule.from_spec(schedule, config.text_config.num_hidden_layers)
+    sched = (
+        schedule
+        if isinstance(schedule, Schedule)
+        else Schedule.from_spec(schedule, config.text_config.num_hidden_layers)
+    )
     if position_encoding is not None:
         sched = Schedule(sched.roles, position_encoding)
     return load(base, sched).save(out)

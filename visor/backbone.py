@@ -110,7 +110,9 @@ class Backbone:
         problems += [f"{k}: {tuple(a)} in the file, {tuple(b)} by the config" for k, a, b in info["mismatched_keys"]]
         if problems:
             more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
-            raise CheckpointError(f"the weights in {path} do not match its config.json: {'; '.join(problems[:3])}{more}")
+            raise CheckpointError(
+                f"the weights in {path} do not match its config.json: {'; '.join(problems[:3])}{more}"
+            )
         self.hf = hf.to(device).eval()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)

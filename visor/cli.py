@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -13,13 +13,17 @@ from rich.table import Table
 
 from .errors import ConfigError, VisorError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="VISOR: sparse vision-language inference over Hugging Face LVLM checkpoints.")  # fmt: skip
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="VISOR: sparse vision-language inference over Hugging Face LVLM checkpoints.",
+)
 console = Console()
 
 ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="checkpoint directory (base LLaVA/LLaVA-OV or VISOR)")]
 ScheduleOpt = Annotated[
-    Optional[str], typer.Option(help="layer roles for a base checkpoint: JSON/YAML file or 'sa,ca,text,...'")
+    str | None, typer.Option(help="layer roles for a base checkpoint: JSON/YAML file or 'sa,ca,text,...'")
 ]
 BudgetOpt = Annotated[str, typer.Option(help="active SA layers: 0..n, or 'full' (the base model)")]
 
@@ -34,7 +38,9 @@ def _quiet_transformers():
 @app.command("tiny-model")
 def tiny_model(
     out: Annotated[Path, typer.Option(help="directory to write the checkpoint to")],
-    arch: Annotated[str, typer.Option(help="llava-onevision (SigLIP + Qwen2) or llava (CLIP + Llama)")] = "llava-onevision",
+    arch: Annotated[
+        str, typer.Option(help="llava-onevision (SigLIP + Qwen2) or llava (CLIP + Llama)")
+    ] = "llava-onevision",
     layers: int = 6,
     hidden: int = 64,
     heads: int = 4,
@@ -48,8 +54,17 @@ def tiny_model(
     from .tiny import TinySpec, build_tiny
 
     _quiet_transformers()
-    spec = TinySpec(arch=arch, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
-                    intermediate=intermediate, image_size=image_size, patch_size=patch_size, seed=seed)  # fmt: skip
+    spec = TinySpec(
+        arch=arch,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        intermediate=intermediate,
+        image_size=image_size,
+        patch_size=patch_size,
+        seed=seed,
+    )
     path = build_tiny(out, spec)
     console.print(f"wrote a tiny {arch} checkpoint to [bold]{path}[/]")
 
@@ -74,24 +89,33 @@ def generate(
 
     _quiet_transformers()
     m = load(model, schedule=schedule, dtype=dtype, device=device)
-    g = m.generate([str(p) for p in image], prompt, budget=budget, max_new_tokens=max_new_tokens,
-                   temperature=temperature, top_p=top_p, seed=seed)  # fmt: skip
+    g = m.generate(
+        [str(p) for p in image],
+        prompt,
+        budget=budget,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
     if as_json:
         print(json.dumps(g.to_dict()))
     else:
         console.print(g.text, markup=False, highlight=False)
-        console.print(f"[dim]budget {g.budget} · {g.n_visual} visual + {g.n_text} text tokens · "
-                      f"{g.flops['total'] / 1e9:.3f} GFLOPs[/]")  # fmt: skip
+        console.print(
+            f"[dim]budget {g.budget} · {g.n_visual} visual + {g.n_text} text tokens · "
+            f"{g.flops['total'] / 1e9:.3f} GFLOPs[/]"
+        )
 
 
 @app.command()
 def flops(
     visual_tokens: Annotated[int, typer.Option(help="image tokens in the prompt")],
     text_tokens: Annotated[int, typer.Option(help="text tokens in the prompt")],
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="checkpoint directory")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="config.json only: no weights needed")] = None,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="checkpoint directory")] = None,
+    config: Annotated[Path | None, typer.Option(help="config.json only: no weights needed")] = None,
     budget: BudgetOpt = "full",
-    crops: Annotated[Optional[int], typer.Option(help="crops the vision tower encodes (default: from tokens)")] = None,
+    crops: Annotated[int | None, typer.Option(help="crops the vision tower encodes (default: from tokens)")] = None,
     schedule: ScheduleOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ):
@@ -121,9 +145,11 @@ def flops(
         table.add_row(name, f"{value / 1e9:,.3f}", f"{decode[name] / 1e9:,.4f}" if name in decode else "")
     table.add_row("[bold]total", f"[bold]{report.prefill / 1e9:,.3f}", f"[bold]{report.decode_per_token / 1e9:,.4f}")
     console.print(table)
-    console.print(f"vs. full: prefill {full.prefill / report.prefill:.2f}x fewer FLOPs "
-                  f"(language model alone {full.lm_prefill / report.lm_prefill:.2f}x), "
-                  f"decode {full.decode_per_token / report.decode_per_token:.2f}x")  # fmt: skip
+    console.print(
+        f"vs. full: prefill {full.prefill / report.prefill:.2f}x fewer FLOPs "
+        f"(language model alone {full.lm_prefill / report.lm_prefill:.2f}x), "
+        f"decode {full.decode_per_token / report.decode_per_token:.2f}x"
+    )
 
 
 @app.command()

@@ -6,9 +6,9 @@ attention (CA) modules are new parameters. Visual and text states are kept apart
 
     v: (B, Nv, D) visual states,  t: (B, Nt, D) text states,
 
-each right-padded, with its original sequence positions and a validity mask. Causality and RoPE
-use the original positions, so an SA layer can attend over cat([v, t]) in any order and still be
-exactly the original layer on the original interleaved sequence.
+each right-padded, with its original sequence positions and a validity mask. RoPE and causality
+use the original positions: an SA layer scatters both back into the original sequence order and
+is exactly the original layer there; text-only layers attend causally over the text alone.
 """
 
 from __future__ import annotations
@@ -110,15 +110,20 @@ def apply_rope(x, rope):
     return x * cos + rotated * sin
 
 
-def attend(q, k, v, mask, explicit: bool = False):
-    """Masked attention. q (B, Hq, Sq, hd), k/v (B, Hkv, Sk, hd), mask (B, Sq, Sk) True = may attend.
+def attend(q, k, v, mask=None, explicit: bool = False):
+    """Attention. q (B, Hq, Sq, hd), k/v (B, Hkv, Sk, hd).
 
-    Query rows with no key to attend to (e.g. text before the first image, in a CA layer)
-    return zeros. ``explicit`` runs plain matmuls so that FLOP counters see the attention.
+    ``mask`` (B, Sq, Sk), True = may attend; None = causal over a square, which lets SDPA skip
+    the masked half. Query rows with no key to attend to (e.g. text before the first image, in a
+    CA layer) return zeros. ``explicit`` runs plain matmuls so that FLOP counters see them.
     """
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    if mask is None and not explicit:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if mask is None:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()[None]
     has_key = mask.any(-1, keepdim=True)  # (B, Sq, 1)
     mask = (mask | ~has_key)[:, None]  # (B, 1, Sq, Sk)
     if explicit:
@@ -128,6 +133,16 @@ def attend(q, k, v, mask, explicit: bool = False):
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out * has_key[:, None].to(out.dtype)
+
+
+def take(x, index, dim):
+    """x gathered at ``index`` (B, N) along the token dimension ``dim`` (1 for states, 2 for K/V)."""
+    shape = list(x.shape)
+    shape[dim] = index.shape[1]
+    index = index.clamp(max=x.shape[dim] - 1).view(
+        index.shape[0], *([1] * (dim - 1)), index.shape[1], *([1] * (x.dim() - dim - 1))
+    )
+    return x.gather(dim, index.expand(shape))
 
 
 def split_heads(x, n_heads):  # (B, S, H*hd) -> (B, H, S, hd)
@@ -168,8 +183,9 @@ class CrossAttention(nn.Module):
     """text <- text + tanh(gate) * o(Attn(q(norm(text)), k(visual), v(visual))).
 
     Pre-norm on both sides (queries and visual keys/values), GQA-shaped like the base layer.
-    Initialised as a copy of its layer's own attention and input norm, with gate = 0: a freshly converted model's CA layers are exact no-ops, and
-    training starts from projections that already speak the layer's language.
+    Initialised as a copy of its layer's own attention and input norm, with gate = 0: a freshly
+    converted model's CA layers are exact no-ops, and training starts from projections that
+    already speak the layer's language.
     """
 
     def __init__(self, layer: DecoderLayer, cfg: LMConfig):
@@ -259,7 +275,6 @@ class VisorLM(nn.Module):
         dtype, explicit = self.lm_head.weight.dtype, self.explicit_attention
         v = tok.visual.to(dtype)
         t = self.embed_tokens(tok.text_ids)
-        n_visual = v.shape[1]
         cache = KVCache(self.cfg.n_layers, tok.text_valid, tok.visual_valid, capacity)
         if self.pos_conv is not None and budget != "full":
             v = self.pos_conv(v, tok.visual_valid)
@@ -267,23 +282,27 @@ class VisorLM(nn.Module):
         rope_t = self.rotary(tok.text_pos, dtype)
         rope_v = self.rotary(tok.visual_pos, dtype)
         ca_rope_t, ca_rope_v = (None, None) if self.pos_conv is not None else (rope_t, rope_v)
-        # mask[b, q, k]: key k precedes (or is) query q in the original sequence and is real
-        mask_tt = (tok.text_pos[:, None, :] <= tok.text_pos[:, :, None]) & tok.text_valid[:, None, :]
+        # mask_tv[b, q, k]: visual token k precedes text token q in the original sequence
         mask_tv = (tok.visual_pos[:, None, :] < tok.text_pos[:, :, None]) & tok.visual_valid[:, None, :]
+        # SA layers run on the original sequence order (right-padded): plain causal attention.
+        # Index of every visual / text token in it; padding goes to a dump slot past the end.
+        seq = int((tok.visual_valid.sum(1) + tok.text_valid.sum(1)).max())
+        v_index = torch.where(tok.visual_valid, tok.visual_pos, seq)  # (B, Nv)
+        t_index = torch.where(tok.text_valid, tok.text_pos, seq)  # (B, Nt)
         if "sa" in plan:
-            pos_x = torch.cat([tok.visual_pos, tok.text_pos], 1)
-            valid_x = torch.cat([tok.visual_valid, tok.text_valid], 1)
-            mask_xx = (pos_x[:, None, :] <= pos_x[:, :, None]) & valid_x[:, None, :]
-            rope_x = self.rotary(pos_x, dtype)
+            rope_x = self.rotary(torch.arange(seq, device=v.device).expand(v.shape[0], -1), dtype)
 
         for i, (role, layer) in enumerate(zip(plan, self.layers)):
             if role == "sa":
-                x = torch.cat([v, t], 1)  # (B, Nv+Nt, D)
+                x = v.new_zeros(v.shape[0], seq + 1, v.shape[2])  # (B, S+1, D)
+                x.scatter_(1, v_index[..., None].expand_as(v), v)
+                x.scatter_(1, t_index[..., None].expand_as(t), t)
+                x = x[:, :seq]
                 q, k, val = layer.qkv(x, rope_x)
-                cache.visual_kv[i] = (k[:, :, :n_visual], val[:, :, :n_visual])
-                cache.write_text(i, k[:, :, n_visual:], val[:, :, n_visual:])
-                x = layer.finish(x, attend(q, k, val, mask_xx, explicit))
-                v, t = x[:, :n_visual], x[:, n_visual:]
+                cache.visual_kv[i] = (take(k, v_index, 2), take(val, v_index, 2))
+                cache.write_text(i, take(k, t_index, 2), take(val, t_index, 2))
+                x = layer.finish(x, attend(q, k, val, None, explicit))
+                v, t = take(x, v_index, 1), take(x, t_index, 1)
                 continue
             if role == "ca":
                 ca = self.cross[str(i)]
@@ -291,7 +310,7 @@ class VisorLM(nn.Module):
                 t = ca(t, cache.visual_kv[i], ca_rope_t, mask_tv, explicit)
             q, k, val = layer.qkv(t, rope_t)
             cache.write_text(i, k, val)
-            t = layer.finish(t, attend(q, k, val, mask_tt, explicit))
+            t = layer.finish(t, attend(q, k, val, None, explicit))  # text in order, right-padded: causal
 
         cache.advance(t.shape[1])
         last = tok.text_valid.sum(1) - 1  # (B,) index of each sample's last text token

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import yaml
 
@@ -34,7 +34,7 @@ from .errors import ConfigError
 
 ROLES = ("sa", "ca", "text")
 POSITION_ENCODINGS = ("rope", "conv")
-Budget = Union[int, Literal["full"]]
+Budget = int | Literal["full"]
 
 
 @dataclass
@@ -89,9 +89,7 @@ class Schedule:
 
     def check_depth(self, n_layers: int) -> None:
         if len(self.roles) != n_layers:
-            raise ConfigError(
-                f"the schedule has {len(self.roles)} roles but the language model has {n_layers} layers"
-            )
+            raise ConfigError(f"the schedule has {len(self.roles)} roles but the language model has {n_layers} layers")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -143,11 +143,16 @@ def build_tiny(out: str | Path, spec: TinySpec | None = None) -> Path:
         )
         model_cls = LlavaOnevisionForConditionalGeneration
         image_processor = LlavaOnevisionImageProcessorPil(
-            size={"height": s, "width": s}, crop_size={"height": s, "width": s},
+            size={"height": s, "width": s},
+            crop_size={"height": s, "width": s},
             image_grid_pinpoints=config.image_grid_pinpoints,
-        )  # fmt: skip
-        processor = {"processor_class": "LlavaOnevisionProcessor", "num_image_tokens": n_side**2,
-                     "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9"}  # fmt: skip
+        )
+        processor = {
+            "processor_class": "LlavaOnevisionProcessor",
+            "num_image_tokens": n_side**2,
+            "vision_feature_select_strategy": "full",
+            "vision_aspect_ratio": "anyres_max_9",
+        }
         template = OV_TEMPLATE
     else:
         config = LlavaConfig(
@@ -159,8 +164,13 @@ def build_tiny(out: str | Path, spec: TinySpec | None = None) -> Path:
         )
         model_cls = LlavaForConditionalGeneration
         image_processor = CLIPImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
-        processor = {"processor_class": "LlavaProcessor", "patch_size": spec.patch_size, "image_token": "<image>",
-                     "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}  # fmt: skip
+        processor = {
+            "processor_class": "LlavaProcessor",
+            "patch_size": spec.patch_size,
+            "image_token": "<image>",
+            "vision_feature_select_strategy": "default",
+            "num_additional_image_tokens": 1,
+        }
         template = LLAVA_TEMPLATE
     config.text_config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(spec.seed)
