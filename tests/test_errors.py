@@ -5,6 +5,7 @@ import shutil
 import sys
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from visor.cli import main
 from visor.tiny import TinySpec, build_tiny
@@ -31,12 +32,15 @@ def broken(tmp_path_factory, checkpoints):
     root = tmp_path_factory.mktemp("broken")
     src = checkpoints["llava-onevision"]
     paths = {}
-    for name in ["mismatch", "truncated", "arch", "visor_truncated"]:
+    for name in ["mismatch", "missing", "truncated", "arch", "visor_truncated"]:
         paths[name] = root / name
         shutil.copytree(src, paths[name])
     config = json.loads((src / "config.json").read_text())
     config["text_config"]["intermediate_size"] += 8
     (paths["mismatch"] / "config.json").write_text(json.dumps(config))
+    tensors = load_file(src / "model.safetensors")
+    tensors.pop(next(k for k in tensors if "language_model" in k and k.endswith("layers.1.mlp.up_proj.weight")))
+    save_file(tensors, paths["missing"] / "model.safetensors", metadata={"format": "pt"})
     weights = (src / "model.safetensors").read_bytes()
     (paths["truncated"] / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     (paths["arch"] / "config.json").write_text(json.dumps({**config, "model_type": "qwen2_vl"}))
@@ -93,6 +97,7 @@ def test_schedule_that_does_not_fit(monkeypatch, capsys, checkpoints, images):
     "which, message",
     [
         ("mismatch", "do not match its config.json"),
+        ("missing", "layers.1.mlp.up_proj.weight (missing from the file)"),
         ("truncated", "cannot load the weights"),
         ("arch", "unsupported architecture 'qwen2_vl'; supported: llava_onevision"),
         ("visor_truncated", "truncated or corrupt"),

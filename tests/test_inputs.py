@@ -1,0 +1,45 @@
+"""Prompts are built exactly as Hugging Face's processor builds them."""
+
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+import visor
+
+
+def test_llava_prompt_ids_equal_the_hf_processor(checkpoints, images):
+    processor = AutoProcessor.from_pretrained(checkpoints["llava"])  # LLaVA's needs no torchvision
+    model = visor.load(checkpoints["llava"])
+    for which in ([0], [1, 2]):
+        pil = [Image.open(images[i]).convert("RGB") for i in which]
+        content = [{"type": "image"}] * len(pil) + [{"type": "text", "text": "What is shown?"}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        assert text == model.backbone.prompt_text("What is shown?", len(pil))
+        expected = processor(images=pil, text=[text], return_tensors="pt")["input_ids"][0].tolist()
+        assert model.backbone.encode("What is shown?", pil).ids == expected
+
+
+def test_onevision_anyres_token_counts_follow_the_image_size(checkpoints, images):
+    model = visor.load(checkpoints["llava-onevision"])
+    counts = [model.backbone.encode("Hi", [im]).visual.shape[0] for im in images]
+    assert len(set(counts)) > 1  # AnyRes: bigger / wider images get more tokens
+    two = model.backbone.encode("Hi", images[:2])
+    assert two.visual.shape[0] == 2 * (16 + 1)  # several images: base crop + newline each, as in HF
+
+
+def test_conv_position_code(checkpoints, images):
+    roles = visor.load(checkpoints["llava-onevision"]).schedule.roles
+    model = visor.load(checkpoints["llava-onevision"], schedule={"roles": roles, "position_encoding": "conv"})
+    conv = model.lm.pos_conv
+    v = torch.randn(2, 10, model.lm.cfg.hidden)
+    valid = torch.tensor([[True] * 10, [True] * 6 + [False] * 4])
+    with torch.no_grad():
+        assert torch.equal(conv(v, valid)[valid], v[valid])  # zero-initialised: the identity
+        before = model.generate(images[1], "What is shown?", budget=1, max_new_tokens=8).token_ids
+        conv.pointwise.weight.normal_(0, 0.2)
+        out = conv(v, valid)
+        assert not torch.allclose(out[valid], v[valid])
+        alone = conv(v[1:, :6], valid[1:, :6])
+        assert torch.allclose(out[1, :6], alone[0], atol=1e-6)  # padding does not leak into real tokens
+    after = model.generate(images[1], "What is shown?", budget=1, max_new_tokens=8).token_ids
+    assert before != after
