@@ -42,8 +42,3 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
-
-    def nbytes(self) -> int:
-        tensors = [t for t in self.text_k + self.text_v if t is not None]
-        tensors += [t for kv in self.visual_kv if kv is not None for t in kv]
-        return sum(t.numel() * t.element_size() for t in tensors)

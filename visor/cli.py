@@ -150,6 +150,19 @@ def flops(
         f"(language model alone {full.lm_prefill / report.lm_prefill:.2f}x), "
         f"decode {full.decode_per_token / report.decode_per_token:.2f}x"
     )
+    budgets = Table(title="every budget: language-model prefill")
+    for column in ["budget", "SA layers", "GFLOPs", "x fewer than full"]:
+        budgets.add_column(column, justify="right")
+    for b in sched.budgets:
+        r = count_flops(hf_config, sched, b, visual_tokens, text_tokens, crops)
+        row = [
+            str(b),
+            str(len(sched.active_sa(b))),
+            f"{r.lm_prefill / 1e9:,.1f}",
+            f"{full.lm_prefill / r.lm_prefill:.2f}",
+        ]
+        budgets.add_row(*row)
+    console.print(budgets)
 
 
 @app.command()
