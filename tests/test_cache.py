@@ -103,3 +103,15 @@ def test_generation_stops_on_eos_and_max_new_tokens(visor_model, images):
         head.bias = torch.nn.Parameter(bias)
     g = visor_model.generate(images[0], "What is shown?", budget=0, max_new_tokens=5)
     assert g.token_ids == [min(eos)]
+
+
+def test_per_sample_budgets_in_one_batch(visor_model, images):
+    """One batch, one budget per sample (what `auto` produces) == each sample alone."""
+    bb = visor_model.backbone
+    samples = [bb.encode("What is shown?", [images[i]]) for i in range(4)]
+    budgets = [0, 2, "full", 1]
+    tokens, logits = greedy(visor_model, samples, 6, budgets)
+    for b, (sample, budget) in enumerate(zip(samples, budgets)):
+        one_tokens, one_logits = greedy(visor_model, [sample], 6, budget)
+        assert torch.equal(one_tokens[0], tokens[b])
+        assert (one_logits[0] - logits[b]).abs().max() <= 1e-4

@@ -3,7 +3,9 @@
 Text K/V live in every layer, in a buffer preallocated for the prompt plus the new tokens.
 Visual K/V live only where a layer reads them: an active SA layer keeps its own K/V of the visual
 tokens, a CA layer keeps its cross-attention K/V of the visual states (computed once at prefill).
-Decode steps never touch visual *states* again, only these cached keys and values.
+Decode steps never touch visual *states* again, only these cached keys and values. In a batch
+with per-sample budgets, a layer's visual K/V hold only the rows that use them; the mask of
+the other rows is all False.
 """
 
 from __future__ import annotations
@@ -21,21 +23,38 @@ class KVCache:
         self.visual_valid = visual_valid  # (B, Nv)
         self.text_k: list[torch.Tensor | None] = [None] * n_layers  # each (B, Hkv, C, hd)
         self.text_v: list[torch.Tensor | None] = [None] * n_layers
-        self.visual_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers  # (B, Hkv, Nv, hd)
+        self.sa_kv: list[tuple | None] = [None] * n_layers  # each ((B, Hkv, Nv, hd), same)
+        self.sa_mask: list[torch.Tensor | None] = [None] * n_layers  # each (B, Nv)
+        self.ca_kv: list[tuple | None] = [None] * n_layers
+        self.ca_mask: list[torch.Tensor | None] = [None] * n_layers
         self.next_pos: torch.Tensor | None = None  # (B,) position of each sample's next token
-        self.plan: list[str] = []  # the role each layer played at prefill (decode must match)
+        self.budgets: list = []  # the budget each sample ran with at prefill
 
-    def write_text(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write_text(self, layer: int, k, v, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the text K/V of the current step at [length, length+n); return all filled slots."""
         if self.text_k[layer] is None:
-            batch, heads, _, head_dim = k.shape
-            shape = (batch, heads, self.capacity, head_dim)
-            self.text_k[layer] = k.new_zeros(shape)
-            self.text_v[layer] = v.new_zeros(shape)
+            shape = (self.text_valid.shape[0], k.shape[1], self.capacity, k.shape[3])
+            self.text_k[layer], self.text_v[layer] = k.new_zeros(shape), v.new_zeros(shape)
         end = self.length + k.shape[2]
-        self.text_k[layer][:, :, self.length : end] = k
-        self.text_v[layer][:, :, self.length : end] = v
+        if rows is None:
+            self.text_k[layer][:, :, self.length : end] = k
+            self.text_v[layer][:, :, self.length : end] = v
+        else:
+            self.text_k[layer][rows, :, self.length : end] = k
+            self.text_v[layer][rows, :, self.length : end] = v
         return self.text_k[layer][:, :, :end], self.text_v[layer][:, :, :end]
+
+    def store_visual(self, kind: str, layer: int, k, v, rows: torch.Tensor | None = None) -> None:
+        """Keep a layer's visual K/V ("sa": its own, "ca": its cross-attention's) for decoding."""
+        kvs, masks = (self.sa_kv, self.sa_mask) if kind == "sa" else (self.ca_kv, self.ca_mask)
+        if rows is None:
+            kvs[layer], masks[layer] = (k, v), self.visual_valid
+            return
+        if kvs[layer] is None:
+            shape = (self.visual_valid.shape[0], *k.shape[1:])
+            kvs[layer], masks[layer] = (k.new_zeros(shape), v.new_zeros(shape)), torch.zeros_like(self.visual_valid)
+        kvs[layer][0][rows], kvs[layer][1][rows] = k, v
+        masks[layer][rows] = self.visual_valid[rows]
 
     def text_mask(self, n_new: int) -> torch.Tensor:
         return self.text_valid[:, : self.length + n_new]  # (B, length + n_new)

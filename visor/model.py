@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 # ---------------------------------------------------------------------------------------------
 # configuration
@@ -205,8 +205,9 @@ class CrossAttention(nn.Module):
 
     def forward(self, t, kv, rope, mask, explicit=False):  # t (B, Nt, D), mask (B, Nt, Nv)
         q = apply_rope(split_heads(self.q_proj(self.norm(t)), self.n_heads), rope)
-        out = attend(q, *kv, mask, explicit)
-        return t + torch.tanh(self.gate) * self.o_proj(merge_heads(out))
+        out = self.o_proj(merge_heads(attend(q, *kv, mask, explicit)))
+        seen = mask.any(-1, keepdim=True).to(out.dtype)  # text with no visual token before it: no update
+        return t + torch.tanh(self.gate) * out * seen
 
 
 class VisualPosConv(nn.Module):
@@ -259,91 +260,177 @@ class VisorLM(nn.Module):
         self.cross = nn.ModuleDict({str(i): CrossAttention(self.layers[i], cfg) for i in schedule.ca_layers})
         like = self.lm_head.weight
         self.pos_conv = VisualPosConv(cfg.hidden, like) if schedule.position_encoding == "conv" else None
+        self.policy = None  # a visor.policy.Policy once trained: picks budgets for "auto"
         self.explicit_attention = False  # True: matmul attention, visible to FLOP counters
+        self.gradient_checkpointing = False  # training: recompute each layer in backward
 
     def visor_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters VISOR adds to the base checkpoint (CA modules, conv positional code)."""
         own = {f"cross.{k}": v for k, v in self.cross.state_dict().items()}
-        if self.pos_conv is not None:
-            own.update({f"pos_conv.{k}": v for k, v in self.pos_conv.state_dict().items()})
+        for name in ("pos_conv", "policy"):
+            if getattr(self, name) is not None:
+                own.update({f"{name}.{k}": v for k, v in getattr(self, name).state_dict().items()})
         return own
 
-    # ---- prefill ------------------------------------------------------------------------
-    def prefill(self, tok: Tokens, budget, capacity: int) -> tuple[torch.Tensor, KVCache]:
-        """Run the prompt; return the last text token's logits (B, V) and the filled cache."""
-        plan = self.schedule.plan(budget)
-        dtype, explicit = self.lm_head.weight.dtype, self.explicit_attention
+    # ---- the layer loop -------------------------------------------------------------------
+    def run(self, tok: Tokens, budgets: list, cache: KVCache | None = None) -> tuple[torch.Tensor, list]:
+        """All layers over a batch; each sample has its own budget ("auto": the policy picks it
+        from the states entering the first SA candidate). Returns the final text states
+        (B, Nt, D), before the final norm, and the budgets used."""
+        dtype = self.lm_head.weight.dtype
         v = tok.visual.to(dtype)
         t = self.embed_tokens(tok.text_ids)
+        conv_rows = [b != "full" for b in budgets]  # the base model ("full") has no conv code
+        if self.pos_conv is not None and any(conv_rows):
+            coded = self.pos_conv(v, tok.visual_valid)
+            v = (
+                coded
+                if all(conv_rows)
+                else torch.where(torch.tensor(conv_rows, device=v.device)[:, None, None], coded, v)
+            )
+        ctx = Context.build(tok, self.rotary, dtype, with_rope=self.pos_conv is None)
+        route_at = self.schedule.sa_candidates[0] if "auto" in budgets else -1
+        active = self.active_layers(budgets)
+        for i in range(self.cfg.n_layers):
+            if i == route_at:
+                budgets = self.route(v, t, tok, budgets)
+                active = self.active_layers(budgets)
+            step = lambda v, t, i=i, sa=active[i]: self.layer(i, v, t, ctx, cache, sa)  # noqa: E731
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+                v, t = torch.utils.checkpoint.checkpoint(step, v, t, use_reentrant=False)
+            else:
+                v, t = step(v, t)
+        return t, budgets
+
+    def active_layers(self, budgets: list) -> list[list[bool]]:
+        """active[i][b]: layer i runs full self-attention for sample b."""
+        sets = [self.schedule.active_sa(b) if b != "auto" else frozenset() for b in budgets]
+        return [[i in s for s in sets] for i in range(self.cfg.n_layers)]
+
+    def route(self, v, t, tok: Tokens, budgets: list) -> list:
+        if self.policy is None:
+            raise ConfigError("budget 'auto' needs a trained policy: run `visor train-policy` first")
+        chosen = self.policy.choose(self.policy.features(v, t, tok.visual_valid, tok.text_valid))
+        return [int(c) if b == "auto" else b for b, c in zip(budgets, chosen.tolist())]
+
+    def layer(self, i: int, v, t, ctx: Context, cache: KVCache | None, sa: list[bool]):
+        """Layer i for the whole batch; rows with sa[b] run full self-attention, the rest text-only
+        (after cross-attention, at a CA layer)."""
+        if all(sa):
+            return self.sa_layer(i, v, t, ctx, cache, None)
+        if not any(sa):
+            return v, self.text_layer(i, v, t, ctx, cache, None)
+        rows_sa = torch.tensor([b for b, a in enumerate(sa) if a], device=v.device)
+        rows_tx = torch.tensor([b for b, a in enumerate(sa) if not a], device=v.device)
+        v_sa, t_sa = self.sa_layer(i, v[rows_sa], t[rows_sa], ctx.select(rows_sa), cache, rows_sa)
+        t_tx = self.text_layer(i, v[rows_tx], t[rows_tx], ctx.select(rows_tx), cache, rows_tx)
+        return v.index_copy(0, rows_sa, v_sa), t.index_copy(0, rows_sa, t_sa).index_copy(0, rows_tx, t_tx)
+
+    def sa_layer(self, i, v, t, ctx: Context, cache, rows):
+        """The original layer over the original sequence order (right-padded): causal attention."""
+        layer = self.layers[i]
+        x = v.new_zeros(v.shape[0], ctx.seq + 1, v.shape[2])  # (B, S+1, D), slot S collects padding
+        x = x.scatter(1, ctx.v_index[..., None].expand_as(v), v).scatter(1, ctx.t_index[..., None].expand_as(t), t)
+        x = x[:, : ctx.seq]
+        q, k, val = layer.qkv(x, ctx.rope_x)
+        if cache is not None:
+            cache.store_visual("sa", i, take(k, ctx.v_index, 2), take(val, ctx.v_index, 2), rows)
+            cache.write_text(i, take(k, ctx.t_index, 2), take(val, ctx.t_index, 2), rows)
+        x = layer.finish(x, attend(q, k, val, None, self.explicit_attention))
+        return take(x, ctx.v_index, 1), take(x, ctx.t_index, 1)
+
+    def text_layer(self, i, v, t, ctx: Context, cache, rows):
+        """Cross-attention to the visual states (at CA layers), then the layer on text alone."""
+        layer = self.layers[i]
+        if self.schedule.roles[i] == "ca":
+            ca = self.cross[str(i)]
+            kv = ca.visual_kv(v, ctx.ca_rope_v)
+            if cache is not None:
+                cache.store_visual("ca", i, *kv, rows)
+            t = ca(t, kv, ctx.ca_rope_t, ctx.mask_tv, self.explicit_attention)
+        q, k, val = layer.qkv(t, ctx.rope_t)
+        if cache is not None:
+            cache.write_text(i, k, val, rows)
+        return layer.finish(t, attend(q, k, val, None, self.explicit_attention))  # text in order: causal
+
+    def logits(self, t):
+        return self.lm_head(self.norm(t))
+
+    # ---- inference --------------------------------------------------------------------------
+    def prefill(self, tok: Tokens, budget, capacity: int) -> tuple[torch.Tensor, KVCache]:
+        """Run the prompt; return the last text token's logits (B, V) and the filled cache.
+        ``budget``: one for the batch, or a list with one per sample."""
+        batch = tok.text_ids.shape[0]
+        budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget] * batch
+        budgets = [b if b == "auto" else self.schedule.parse_budget(b) for b in budgets]
         cache = KVCache(self.cfg.n_layers, tok.text_valid, tok.visual_valid, capacity)
-        if self.pos_conv is not None and budget != "full":
-            v = self.pos_conv(v, tok.visual_valid)
-
-        rope_t = self.rotary(tok.text_pos, dtype)
-        rope_v = self.rotary(tok.visual_pos, dtype)
-        ca_rope_t, ca_rope_v = (None, None) if self.pos_conv is not None else (rope_t, rope_v)
-        # mask_tv[b, q, k]: visual token k precedes text token q in the original sequence
-        mask_tv = (tok.visual_pos[:, None, :] < tok.text_pos[:, :, None]) & tok.visual_valid[:, None, :]
-        # SA layers run on the original sequence order (right-padded): plain causal attention.
-        # Index of every visual / text token in it; padding goes to a dump slot past the end.
-        seq = int((tok.visual_valid.sum(1) + tok.text_valid.sum(1)).max())
-        v_index = torch.where(tok.visual_valid, tok.visual_pos, seq)  # (B, Nv)
-        t_index = torch.where(tok.text_valid, tok.text_pos, seq)  # (B, Nt)
-        if "sa" in plan:
-            rope_x = self.rotary(torch.arange(seq, device=v.device).expand(v.shape[0], -1), dtype)
-
-        for i, (role, layer) in enumerate(zip(plan, self.layers)):
-            if role == "sa":
-                x = v.new_zeros(v.shape[0], seq + 1, v.shape[2])  # (B, S+1, D)
-                x.scatter_(1, v_index[..., None].expand_as(v), v)
-                x.scatter_(1, t_index[..., None].expand_as(t), t)
-                x = x[:, :seq]
-                q, k, val = layer.qkv(x, rope_x)
-                cache.visual_kv[i] = (take(k, v_index, 2), take(val, v_index, 2))
-                cache.write_text(i, take(k, t_index, 2), take(val, t_index, 2))
-                x = layer.finish(x, attend(q, k, val, None, explicit))
-                v, t = take(x, v_index, 1), take(x, t_index, 1)
-                continue
-            if role == "ca":
-                ca = self.cross[str(i)]
-                cache.visual_kv[i] = ca.visual_kv(v, ca_rope_v)
-                t = ca(t, cache.visual_kv[i], ca_rope_t, mask_tv, explicit)
-            q, k, val = layer.qkv(t, rope_t)
-            cache.write_text(i, k, val)
-            t = layer.finish(t, attend(q, k, val, None, explicit))  # text in order, right-padded: causal
-
+        t, cache.budgets = self.run(tok, budgets, cache)
         cache.advance(t.shape[1])
         last = tok.text_valid.sum(1) - 1  # (B,) index of each sample's last text token
         cache.next_pos = tok.text_pos.gather(1, last[:, None])[:, 0] + 1
-        h_last = t[torch.arange(t.shape[0], device=t.device), last]  # (B, D)
-        cache.plan = plan
-        return self.lm_head(self.norm(h_last)), cache
+        return self.logits(t[torch.arange(batch, device=t.device), last]), cache
 
-    # ---- decode -------------------------------------------------------------------------
     def decode_one_token(self, token_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One new token per sample (B,) -> logits (B, V). Touches only cached K/V."""
-        plan, explicit = cache.plan, self.explicit_attention
-        dtype = self.lm_head.weight.dtype
+        """One new token per sample (B,) -> logits (B, V). Touches only cached K/V: a sample sees
+        visual keys at layer i only where its prefill stored them (SA or CA, per its budget)."""
+        dtype, explicit = self.lm_head.weight.dtype, self.explicit_attention
         t = self.embed_tokens(token_ids[:, None])  # (B, 1, D)
-        positions = cache.next_pos[:, None]  # (B, 1)
-        rope = self.rotary(positions, dtype)
+        rope = self.rotary(cache.next_pos[:, None], dtype)
         ca_rope = None if self.pos_conv is not None else rope
         cache.text_valid[:, cache.length] = True
         text_mask = cache.text_mask(1)[:, None, :]  # (B, 1, length+1)
-        visual_mask = cache.visual_valid[:, None, :]  # (B, 1, Nv)
 
-        for i, (role, layer) in enumerate(zip(plan, self.layers)):
-            if role == "ca":
-                t = self.cross[str(i)](t, cache.visual_kv[i], ca_rope, visual_mask, explicit)
+        for i, layer in enumerate(self.layers):
+            if cache.ca_kv[i] is not None:
+                t = self.cross[str(i)](t, cache.ca_kv[i], ca_rope, cache.ca_mask[i][:, None, :], explicit)
             q, k, val = layer.qkv(t, rope)
             k, val = cache.write_text(i, k, val)
             mask = text_mask
-            if role == "sa":
-                vk, vv = cache.visual_kv[i]
-                k, val = torch.cat([vk, k], 2), torch.cat([vv, val], 2)
-                mask = torch.cat([visual_mask, text_mask], 2)
+            if cache.sa_kv[i] is not None:
+                k, val = torch.cat([cache.sa_kv[i][0], k], 2), torch.cat([cache.sa_kv[i][1], val], 2)
+                mask = torch.cat([cache.sa_mask[i][:, None, :], text_mask], 2)
             t = layer.finish(t, attend(q, k, val, mask, explicit))
 
         cache.advance(1)
         cache.next_pos = cache.next_pos + 1
-        return self.lm_head(self.norm(t[:, 0]))
+        return self.logits(t[:, 0])
+
+
+@dataclass
+class Context:
+    """Per-batch tensors every layer needs; ``select(rows)`` for a sub-batch."""
+
+    seq: int  # longest original sequence in the batch
+    v_index: torch.Tensor  # (B, Nv) position of each visual token, padding -> seq
+    t_index: torch.Tensor  # (B, Nt)
+    mask_tv: torch.Tensor  # (B, Nt, Nv) visual token k precedes text token q
+    rope_t: tuple
+    rope_x: tuple  # positions 0..seq-1 (SA layers)
+    ca_rope_t: tuple | None  # None: CA without RoPE (conv positional code)
+    ca_rope_v: tuple | None
+
+    @classmethod
+    def build(cls, tok: Tokens, rotary: Rotary, dtype, with_rope: bool) -> Context:
+        seq = int((tok.visual_valid.sum(1) + tok.text_valid.sum(1)).max())
+        batch, device = tok.text_ids.shape[0], tok.text_ids.device
+        rope_t = rotary(tok.text_pos, dtype)
+        return cls(
+            seq=seq,
+            v_index=torch.where(tok.visual_valid, tok.visual_pos, seq),
+            t_index=torch.where(tok.text_valid, tok.text_pos, seq),
+            mask_tv=(tok.visual_pos[:, None, :] < tok.text_pos[:, :, None]) & tok.visual_valid[:, None, :],
+            rope_t=rope_t,
+            rope_x=rotary(torch.arange(seq, device=device).expand(batch, -1), dtype),
+            ca_rope_t=rope_t if with_rope else None,
+            ca_rope_v=rotary(tok.visual_pos, dtype) if with_rope else None,
+        )
+
+    def select(self, rows: torch.Tensor) -> Context:
+        pick = lambda x: None if x is None else (tuple(y[rows] for y in x) if isinstance(x, tuple) else x[rows])  # noqa: E731
+        return Context(
+            self.seq,
+            *(
+                pick(getattr(self, f))
+                for f in ("v_index", "t_index", "mask_tv", "rope_t", "rope_x", "ca_rope_t", "ca_rope_v")
+            ),
+        )
