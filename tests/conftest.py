@@ -59,3 +59,30 @@ def visor_model(checkpoints, arch):
     model = visor.load(checkpoints[arch])
     set_visor_weights(model)
     return model
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+
+
+def colour_dataset(root, n=16, seed=0):
+    """A tiny VQA set: which colour fills the image (varied sizes); JSONL and LLaVA JSON."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        name = rng.choice(sorted(COLOURS))
+        Image.new("RGB", (32 + 8 * (i % 4), 32 + 8 * (i % 3)), COLOURS[name]).save(root / "img" / f"{i}.png")
+        rows.append({"image": f"{i}.png", "question": "Which colour dominates?", "answer": name})
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    llava = [{"image": r["image"], "conversations": [{"from": "human", "value": "<image>\n" + r["question"]},
+                                                      {"from": "gpt", "value": r["answer"]}]} for r in rows]  # fmt: skip
+    (root / "train.json").write_text(json.dumps(llava))
+    return root
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    return colour_dataset(tmp_path_factory.mktemp("data"))

@@ -86,6 +86,7 @@ class Sample:
     ids: list[int]  # token ids, each image placeholder expanded to its feature count
     visual: torch.Tensor  # (Nv, D) projector outputs of all images, in order
     n_crops: int  # images/tiles the vision tower encoded (for FLOP accounting)
+    labels: list[bool] | None = None  # training: True where the token is part of an answer
 
 
 class Backbone:
@@ -141,18 +142,17 @@ class Backbone:
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
-    def prompt_text(self, prompt: str, n_images: int) -> str:
-        content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}],
-            chat_template=self.chat_template,
-            tokenize=False,
-            add_generation_prompt=True,
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    @torch.no_grad()
+    def prompt_text(self, prompt: str, n_images: int) -> str:
+        return self.render([user_turn(prompt, n_images)], add_generation_prompt=True)
+
     def image_features(self, images: list[Image.Image]) -> tuple[list[torch.Tensor], int]:
-        """Projector outputs per image [(n_i, D)] and the number of crops the tower encoded."""
+        """Projector outputs per image [(n_i, D)] and the number of crops the tower encoded.
+        Gradients flow when the caller enables them (training)."""
         if not images:
             return [], 0
         self._crops = 0
@@ -172,22 +172,19 @@ class Backbone:
             )
         return list(out.pooler_output), self._crops
 
-    def encode(self, prompt: str, images: list) -> Sample:
-        """Template + tokenise one prompt, run the vision path, expand the placeholders."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError("the prompt is empty")
-        features, n_crops = self.image_features([load_image(im) for im in images])
-        ids = self.tokenizer(self.prompt_text(prompt, len(images)))["input_ids"]
+    def expand(self, ids: list[int], features: list[torch.Tensor], n_crops: int, labels=None) -> Sample:
+        """Expand each image placeholder in ``ids`` to its image's feature count."""
         slots = [i for i, tok in enumerate(ids) if tok == self.image_token_id]
-        if len(slots) != len(images):
+        if len(slots) != len(features):
             raise InputError(
-                f"the prompt holds {len(slots)} image placeholder(s) for {len(images)} image(s); "
+                f"the prompt holds {len(slots)} image placeholder(s) for {len(features)} image(s); "
                 "don't write image tokens into the prompt, pass the images instead"
             )
-        expanded: list[int] = []
-        start = 0
+        expanded, expanded_labels, start = [], [], 0
         for slot, feats in zip(slots, features):
             expanded += ids[start:slot] + [self.image_token_id] * feats.shape[0]
+            if labels is not None:
+                expanded_labels += labels[start:slot] + [False] * feats.shape[0]
             start = slot + 1
         expanded += ids[start:]
         limit = self.config.text_config.max_position_embeddings
@@ -198,4 +195,19 @@ class Backbone:
             )
         hidden = self.config.text_config.hidden_size
         visual = torch.cat(features) if features else torch.zeros(0, hidden, device=self.device)
-        return Sample(expanded, visual, n_crops)
+        labels = None if labels is None else expanded_labels + labels[start:]
+        return Sample(expanded, visual, n_crops, labels)
+
+    @torch.no_grad()
+    def encode(self, prompt: str, images: list) -> Sample:
+        """Template + tokenise one prompt, run the vision path, expand the placeholders."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("the prompt is empty")
+        features, n_crops = self.image_features([load_image(im) for im in images])
+        ids = self.tokenizer(self.prompt_text(prompt, len(images)))["input_ids"]
+        return self.expand(ids, features, n_crops)
+
+
+def user_turn(text: str, n_images: int) -> dict:
+    """One user message as HF processors expect it: the images first, then the text."""
+    return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}

@@ -180,6 +180,51 @@ def convert(
     console.print(f"wrote a VISOR checkpoint to [bold]{path}[/]")
 
 
+@app.command()
+def train(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="base or VISOR checkpoint to start from")] = None,
+    data: Annotated[str | None, typer.Option(help="LLaVA conversation .json or {image,question,answer} .jsonl")] = None,
+    images: Annotated[str | None, typer.Option(help="directory the data's image paths are relative to")] = None,
+    out: Annotated[str | None, typer.Option(help="run directory (checkpoints/, final/, metrics.jsonl)")] = None,
+    stage: Annotated[int | None, typer.Option(help="1: train only CA modules; 2: train everything")] = None,
+    budgets: Annotated[str | None, typer.Option(help="budgets to sample: all, 0-8, 0,2,4, 1-3,full")] = None,
+    budget_weights: Annotated[str | None, typer.Option(help="sampling weights, e.g. 1,1,2")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimisation steps (default: --epochs worth)")] = None,
+    epochs: float | None = None,
+    batch_size: Annotated[int | None, typer.Option(help="per process and micro-batch")] = None,
+    grad_accum: int | None = None,
+    lr: float | None = None,
+    warmup_steps: int | None = None,
+    min_lr_ratio: float | None = None,
+    clip: Annotated[float | None, typer.Option(help="max gradient norm, 0 = off")] = None,
+    freeze_vision: Annotated[bool | None, typer.Option("--freeze-vision", help="stage 2: keep the tower")] = None,
+    activation_checkpointing: Annotated[bool | None, typer.Option("--activation-checkpointing")] = None,
+    save_every: Annotated[int | None, typer.Option(help="checkpoint every N steps (0: only final)")] = None,
+    resume: Annotated[bool | None, typer.Option("--resume", help="continue from the newest checkpoint")] = None,
+    seed: int | None = None,
+    fsdp: Annotated[bool | None, typer.Option("--fsdp", help="FSDP2 instead of DDP (several processes)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML/JSON file of these options; flags override it")] = None,
+):
+    """Train a universal VISOR network (stage 1 or 2); runs under torchrun as well."""
+    from .train import TrainConfig
+    from .train import train as run_training
+
+    _quiet_transformers()
+    cfg = TrainConfig.from_file(config) if config else TrainConfig()
+    flags = {k: v for k, v in locals().items() if k not in ("cfg", "config", "TrainConfig", "run_training")}
+    if flags["budget_weights"] is not None:
+        try:
+            flags["budget_weights"] = [float(w) for w in flags["budget_weights"].split(",")]
+        except ValueError:
+            raise ConfigError(f"--budget-weights must be numbers separated by commas: {budget_weights!r}") from None
+    for key, value in flags.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    final = run_training(cfg)
+    console.print(f"final VISOR checkpoint: [bold]{final}[/]")
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,145 @@
+"""Stage 1 / stage 2 universal training, resume after SIGKILL, torchrun == one process."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import visor
+from visor.data import read_records, tokenize
+from visor.train import TrainConfig, train
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(path: Path) -> dict:
+    return {**load_file(path / "model.safetensors"), **load_file(path / "visor.safetensors")}
+
+
+def config(checkpoints, dataset, out, **kw):
+    base = dict(model=str(checkpoints["llava-onevision"]), data=str(dataset / "train.jsonl"),
+                images=str(dataset / "img"), out=str(out), batch_size=4, lr=3e-3, warmup_steps=2, seed=0)  # fmt: skip
+    return TrainConfig(**(base | kw))
+
+
+def test_stage1_trains_only_cross_attention(checkpoints, dataset, tmp_path):
+    final = train(config(checkpoints, dataset, tmp_path / "s1", stage=1, steps=4, budgets="0-2"))
+    before, after = visor.load(checkpoints["llava-onevision"]), visor.load(final)
+    base_before, base_after = before.backbone.hf.state_dict(), after.backbone.hf.state_dict()
+    assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)  # bit-identical base
+    ca_before, ca_after = before.lm.visor_state_dict(), after.lm.visor_state_dict()
+    assert all(not torch.equal(ca_before[k], ca_after[k]) for k in ca_before if k.endswith("gate"))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_loss_decreases_on_a_tiny_overfit_set(checkpoints, dataset, tmp_path, stage):
+    run = tmp_path / f"s{stage}"
+    train(config(checkpoints, dataset, run, stage=stage, steps=30, budgets="1", lr=1e-2 if stage == 1 else 3e-3))
+    curve = losses(run)
+    first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
+    # stage 1 moves only the CA modules of a random model: a clear drop; stage 2 fits the set
+    assert last < (first - 0.3 if stage == 1 else 0.5 * first), curve
+
+
+def test_budgets_are_sampled_and_logged(checkpoints, dataset, tmp_path):
+    run = tmp_path / "u"
+    train(config(checkpoints, dataset, run, stage=1, steps=12, budgets="0,2,full", budget_weights=[1, 1, 2]))
+    sampled = [json.loads(line)["budget"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert set(sampled) <= {0, 2, "full"} and len(set(sampled)) > 1
+    assert "mean loss per budget" in (run / "train.log").read_text()
+    assert (run / "config.yaml").is_file()
+
+
+def test_bad_records_are_skipped_and_counted(checkpoints, dataset, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    good = (dataset / "train.jsonl").read_text().splitlines()[:3]
+    bad = [
+        json.dumps({"image": "missing.png", "question": "q", "answer": "a"}),
+        json.dumps({"image": str(tmp_path / "broken.png"), "question": "q", "answer": "a"}),
+        json.dumps({"image": "0.png", "question": "q"}),
+        "{not json",
+        json.dumps({"image": "0.png", "conversations": [{"from": "human", "value": "<image> hi"}]}),
+    ]
+    (tmp_path / "mixed.jsonl").write_text("\n".join(good + bad) + "\n")
+    records, skipped = read_records(tmp_path / "mixed.jsonl", dataset / "img")
+    assert len(records) == 3 and len(skipped) == 5
+    assert any("image not found" in s for s in skipped) and any("unreadable image" in s for s in skipped)
+    run = tmp_path / "run"
+    train(config(checkpoints, dataset, run, data=str(tmp_path / "mixed.jsonl"), stage=1, steps=1))
+    log = (run / "train.log").read_text()
+    assert "3 usable records, 5 skipped" in log and "missing.png" in log
+    (tmp_path / "bad.jsonl").write_text("\n".join(bad) + "\n")
+    with pytest.raises(visor.InputError, match="no usable record"):
+        train(config(checkpoints, dataset, tmp_path / "run2", data=str(tmp_path / "bad.jsonl"), stage=1, steps=1))
+
+
+def test_llava_json_and_jsonl_tokenize_alike(checkpoints, dataset):
+    model = visor.load(checkpoints["llava-onevision"])
+    a = read_records(dataset / "train.jsonl", dataset / "img")[0][0]
+    b = read_records(dataset / "train.json", dataset / "img")[0][0]
+    ids, labels = tokenize(model.backbone, a)
+    assert (ids, labels) == tokenize(model.backbone, b)
+    learned = model.backbone.tokenizer.decode([i for i, lab in zip(ids, labels) if lab])
+    assert learned.startswith(a.answer) and "<|im_end|>" in learned  # the answer and the end of turn
+
+
+def run_cli(args, env=None, **kw):
+    cmd = [str(Path(sys.executable).with_name("visor")), "train", *map(str, args)]
+    return subprocess.Popen(
+        cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw
+    )
+
+
+def cli_args(checkpoints, dataset, out, steps, batch, extra=()):
+    return ["--model", checkpoints["llava-onevision"], "--data", dataset / "train.jsonl", "--images", dataset / "img",
+            "--out", out, "--stage", 2, "--steps", steps, "--batch-size", batch, "--lr", 3e-3, *extra]  # fmt: skip
+
+
+def test_resume_after_sigkill_is_exact(checkpoints, dataset, tmp_path):
+    n = 3
+    straight = tmp_path / "straight"
+    assert run_cli(cli_args(checkpoints, dataset, straight, 2 * n, 4)).wait() == 0
+    killed = tmp_path / "killed"
+    proc = run_cli(cli_args(checkpoints, dataset, killed, 2 * n, 4, ["--save-every", n, "--grad-accum", 2]))
+    while not (killed / "checkpoints" / f"step-{n:07d}").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists()
+    resumed = run_cli(
+        cli_args(checkpoints, dataset, killed, 2 * n, 4, ["--save-every", n, "--grad-accum", 2, "--resume"])
+    )
+    assert resumed.wait() == 0, resumed.stderr.read().decode()
+    reference = tmp_path / "reference"  # the same flags, never interrupted
+    assert run_cli(cli_args(checkpoints, dataset, reference, 2 * n, 4, ["--grad-accum", 2])).wait() == 0
+    assert losses(killed) == losses(reference)
+    a, b = weights(killed / "final"), weights(reference / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_two_processes_equal_one_with_twice_the_batch(checkpoints, dataset, tmp_path):
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    two = tmp_path / "two"
+    args = cli_args(checkpoints, dataset, two, 4, 2)
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(port), "-m", "visor.train", *map(str, args)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = tmp_path / "one"
+    assert run_cli(cli_args(checkpoints, dataset, one, 4, 4)).wait() == 0
+    assert losses(two) == pytest.approx(losses(one), abs=1e-5)
+    a, b = weights(two / "final"), weights(one / "final")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5

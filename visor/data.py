@@ -1,0 +1,128 @@
+"""Training data: LLaVA conversation JSON or a JSONL of {"image", "question", "answer"}.
+
+    LLaVA:  [{"image": "a.png" | ["a.png", "b.png"],
+              "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"},
+                                {"from": "gpt", "value": "A cat."}, ...]}, ...]
+    JSONL:  {"image": "a.png", "question": "What is it?", "answer": "A cat."}   (one per line)
+
+Images resolve under ``images_dir``. Every turn is rendered with the checkpoint's chat template
+(images first in the first user turn); the loss covers the assistant tokens only, including the
+template's end-of-turn token, so the model learns to stop. A bad record (malformed, no assistant
+turn, missing or unreadable image) is skipped and reported; a set with no usable record is an error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from .backbone import Backbone, user_turn
+from .errors import InputError
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+@dataclass
+class Record:
+    images: list[Path]
+    turns: list[tuple[str, str]]  # (role, text), role "user" or "assistant"
+    source: str  # "file:line" for messages
+
+    @property
+    def answer(self) -> str:
+        return next(text for role, text in reversed(self.turns) if role == "assistant")
+
+
+def _parse(item, images_dir: Path) -> Record | str:
+    """A Record, or the reason the item is unusable."""
+    if not isinstance(item, dict):
+        return "not a JSON object"
+    raw = item.get("image", [])
+    names = raw if isinstance(raw, list) else [raw]
+    if not all(isinstance(n, str) and n for n in names):
+        return "'image' must be a file name or a list of file names"
+    if "conversations" in item:
+        turns = []
+        for turn in item["conversations"] if isinstance(item["conversations"], list) else []:
+            role = ROLES.get(turn.get("from") if isinstance(turn, dict) else None)
+            if role is None or not isinstance(turn.get("value"), str):
+                return "a conversation turn needs 'from' (human/gpt) and a string 'value'"
+            turns.append((role, turn["value"].replace("<image>", "").strip()))
+    elif isinstance(item.get("question"), str) and isinstance(item.get("answer"), str):
+        turns = [("user", item["question"].strip()), ("assistant", item["answer"].strip())]
+    else:
+        return "needs 'conversations' or 'question' and 'answer'"
+    if not any(role == "assistant" and text for role, text in turns):
+        return "no assistant turn"
+    if turns[0][0] != "user":
+        return "the conversation must start with a user turn"
+    paths = [images_dir / n for n in names]
+    for p in paths:
+        if not p.is_file():
+            return f"image not found: {p}"
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
+            return f"unreadable image {p}: {e.__class__.__name__}"
+    return Record(paths, turns, "")
+
+
+def read_records(path: str | Path, images_dir: str | Path) -> tuple[list[Record], list[str]]:
+    """Usable records and one message per skipped record."""
+    path, images_dir = Path(path), Path(images_dir)
+    if not path.is_file():
+        raise InputError(f"data file not found: {path}")
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        items = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append((f"{path.name}:{n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    items.append((f"{path.name}:{n}", f"invalid JSON: {e.msg}"))
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, list):
+            raise InputError(f"{path} must hold a JSON list of records (LLaVA format) or be a .jsonl file")
+        items = [(f"{path.name}[{i}]", item) for i, item in enumerate(data)]
+    records, skipped = [], []
+    for where, item in items:
+        parsed = item if isinstance(item, str) else _parse(item, images_dir)
+        if isinstance(parsed, str):
+            skipped.append(f"{where}: {parsed}")
+        else:
+            parsed.source = where
+            records.append(parsed)
+    if not records:
+        raise InputError(f"no usable record in {path} ({len(skipped)} skipped; first: {skipped[:1]})")
+    return records, skipped
+
+
+def tokenize(backbone: Backbone, record: Record) -> tuple[list[int], list[bool]]:
+    """Token ids (one placeholder per image) and a mask of the answer tokens to learn."""
+    messages = []
+    for role, text in record.turns:
+        if role == "user":
+            messages.append(user_turn(text, len(record.images) if not messages else 0))
+        else:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+    full = backbone.render(messages, add_generation_prompt=False)
+    spans = []
+    for j, (role, _) in enumerate(record.turns):
+        if role == "assistant":
+            prompt = backbone.render(messages[:j], add_generation_prompt=True)
+            upto = backbone.render(messages[: j + 1], add_generation_prompt=False)
+            if not (full.startswith(upto) and upto.startswith(prompt)):
+                raise InputError("the chat template does not render conversations incrementally")
+            spans.append((len(prompt), len(upto)))
+    enc = backbone.tokenizer(full, return_offsets_mapping=True)
+    labels = [any(a <= start < b for a, b in spans) and end > start for start, end in enc["offset_mapping"]]
+    return enc["input_ids"], labels

@@ -1,0 +1,415 @@
+"""Convert a pretrained LVLM into a universal VISOR network: stage 1 (CA only), stage 2 (all).
+
+Every optimisation step samples one budget (the same on every rank) and trains the language-
+modelling loss on the answer tokens at that budget, so one set of weights serves every budget.
+
+    visor train --model BASE --data train.json --images DIR --stage 1 --out runs/s1
+    torchrun --nproc_per_node 8 -m visor.train --model ... --stage 2 --out runs/s2   # same flags
+
+Plain PyTorch distributed: DDP (or FSDP2 ``fully_shard`` with ``--fsdp``), gloo on CPU, NCCL on
+GPU. The data order is a seeded permutation per epoch, cut into global batches; rank r takes
+its slice, so N ranks with batch b step exactly like one process with batch N*b. Checkpoints
+(weights, optimizer, scheduler, RNG states, step) are written to a temporary directory and
+renamed; ``--resume`` continues from the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from .api import VisorModel, load
+from .backbone import load_image
+from .data import Record, read_records, tokenize
+from .errors import ConfigError, InputError
+from .generate import collate
+from .schedule import Schedule
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""
+    data: str = ""
+    images: str = "."
+    out: str = "runs/train"
+    stage: int = 2  # 1: train only the CA modules; 2: train everything
+    budgets: str = "all"  # "all" = 0..n, or "0-8", "0,2,4", "1-3,full"
+    budget_weights: list[float] = field(default_factory=list)  # sampling weights; empty = uniform
+    steps: int = 0  # 0 = `epochs` worth of steps
+    epochs: float = 1.0
+    batch_size: int = 8  # per process and micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0  # cosine decay to lr * min_lr_ratio
+    clip: float = 1.0  # max gradient norm; 0 = off
+    freeze_vision: bool = False  # stage 2: keep the vision tower fixed
+    activation_checkpointing: bool = False
+    save_every: int = 0  # steps between checkpoints; 0 = only the final model
+    resume: bool = False
+    seed: int = 0
+    fsdp: bool = False
+    device: str = "auto"  # auto: cuda:LOCAL_RANK if available, else cpu
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from None
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown keys in {path}: {sorted(unknown)}")
+        return cls(**data)
+
+    def check(self) -> None:
+        if not self.model or not self.data:
+            raise ConfigError("--model and --data are required")
+        if self.stage not in (1, 2):
+            raise ConfigError(f"--stage must be 1 or 2, not {self.stage}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("--batch-size and --grad-accum must be at least 1")
+
+
+def parse_budgets(spec: str, schedule: Schedule) -> list:
+    """'all', '0-8', '0,2,4', '1-3,full' -> a list of budgets valid for this schedule."""
+    if spec.strip() == "all":
+        return list(range(len(schedule.sa_candidates) + 1))
+    budgets = []
+    for part in spec.split(","):
+        part = part.strip()
+        if "-" in part:
+            lo, _, hi = part.partition("-")
+            if not (lo.isdigit() and hi.isdigit()):
+                raise ConfigError(f"bad budget range {part!r}; write e.g. 0-8")
+            budgets += [schedule.parse_budget(b) for b in range(int(lo), int(hi) + 1)]
+        else:
+            budgets.append(schedule.parse_budget(part))
+    return list(dict.fromkeys(budgets))
+
+
+def budget_for_step(step: int, budgets: list, weights: list[float], seed: int):
+    """The budget of one optimisation step: a pure function of (seed, step), so every rank and
+    every resumed run agrees without communicating."""
+    return random.Random(f"{seed}:{step}").choices(budgets, weights=weights or None)[0]
+
+
+def sample_indices(step: int, micro: int, cfg: TrainConfig, n_records: int, world: int, rank: int) -> list[int]:
+    """Record indices of one rank's micro-batch: global position -> (epoch, seeded permutation)."""
+    global_batch = cfg.batch_size * world
+    start = (step * cfg.grad_accum + micro) * global_batch + rank * cfg.batch_size
+    out = []
+    for g in range(start, start + cfg.batch_size):
+        epoch, i = divmod(g, n_records)
+        perm = torch.randperm(n_records, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        out.append(int(perm[i]))
+    return out
+
+
+class Trainee(nn.Module):
+    """The whole trainable network (HF modules + VISOR's own), forward = summed answer loss."""
+
+    def __init__(self, model: VisorModel):
+        super().__init__()
+        self.hf, self.lm = model.backbone.hf, model.lm
+        self.backbone = [model.backbone]  # in a list: not a submodule (its modules are in hf)
+
+    def forward(self, batch: list[tuple[list[int], list[bool], list]], budget) -> tuple[torch.Tensor, int]:
+        bb = self.backbone[0]
+        samples = []
+        for ids, labels, images in batch:
+            features, n_crops = bb.image_features(images)
+            samples.append(bb.expand(ids, features, n_crops, labels))
+        tok = collate(samples, bb.image_token_id, bb.device)
+        targets = torch.full_like(tok.text_ids, -100)
+        for b, s in enumerate(samples):  # target of text token j: text token j+1, if it is an answer token
+            text_labels = [lab for lab, i in zip(s.labels, s.ids) if i != bb.image_token_id]
+            n = len(text_labels)
+            learn = torch.tensor(text_labels[1:], device=targets.device)
+            targets[b, : n - 1] = torch.where(learn, tok.text_ids[b, 1:n], -100)
+        t, _ = self.lm.run(tok, [budget] * len(samples))
+        keep = targets != -100
+        logits = self.lm.logits(t[keep])  # (n_targets, V): only where the loss is
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return loss, int(keep.sum())
+
+
+def set_trainable(model: VisorModel, cfg: TrainConfig) -> list[tuple[str, nn.Parameter]]:
+    for p in model.backbone.hf.parameters():
+        p.requires_grad_(cfg.stage == 2)
+    if cfg.freeze_vision:
+        for p in model.backbone.hf.model.vision_tower.parameters():
+            p.requires_grad_(False)
+    for name in ("cross", "pos_conv"):
+        module = getattr(model.lm, name)
+        if module is not None:
+            module.requires_grad_(True)
+    if model.lm.policy is not None:
+        model.lm.policy.requires_grad_(False)  # trained apart, by `visor train-policy`
+    return [(n, p) for n, p in Trainee(model).named_parameters() if p.requires_grad]
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.copy()), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy(), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / "checkpoints").glob("step-*"))  # only complete ones: they appear by rename
+    return found[-1] if found else None
+
+
+def save_checkpoint(out: Path, step: int, model: VisorModel, optimizer, scheduler) -> Path:
+    final = out / "checkpoints" / f"step-{step:07d}"
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save(tmp / "model")
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+    torch.save(state, tmp / "state.pt")
+    tmp.rename(final)
+    return final
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+
+def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world, rank, device
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) one training stage; return the path of the final VISOR checkpoint."""
+    cfg.check()
+    world, rank, device = setup_distributed(cfg)
+    out = Path(cfg.out)
+    log = _Log(out, rank)
+    resume_from = latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        log.line("--resume: no checkpoint yet, starting from the beginning")
+    torch.manual_seed(cfg.seed)
+    model = load(resume_from / "model" if resume_from else cfg.model, device=str(device))
+    model.lm.gradient_checkpointing = cfg.activation_checkpointing
+    budgets = parse_budgets(cfg.budgets, model.schedule)
+    if cfg.budget_weights and len(cfg.budget_weights) != len(budgets):
+        raise ConfigError(f"{len(cfg.budget_weights)} budget weights for {len(budgets)} budgets {budgets}")
+
+    records, skipped = read_records(cfg.data, cfg.images)
+    log.line(f"data: {len(records)} usable records, {len(skipped)} skipped")
+    for reason in skipped:
+        log.line(f"skipped {reason}", echo=False)
+    if skipped:
+        log.warn(f"skipped {len(skipped)} bad record(s); see {out / 'train.log'}")
+    tokenized = [tokenize(model.backbone, r) for r in records]
+    per_step = cfg.batch_size * world * cfg.grad_accum
+    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(records) / per_step))
+    if rank == 0:
+        (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg) | {"total_steps": total_steps, "world": world}))
+
+    named = set_trainable(model, cfg)
+    trainee = Trainee(model)
+    if cfg.fsdp and world > 1:
+        _shard(trainee)
+    elif world > 1:
+        trainee = nn.parallel.DistributedDataParallel(
+            trainee, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    start = 0
+    if resume_from is not None:
+        state = torch.load(resume_from / "state.pt", weights_only=True, map_location=device)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        log.line(f"resumed from {resume_from} at step {start}")
+        log.truncate_metrics(start)
+
+    trainee.train()
+    bar = log.progress(total_steps, start)
+    began, samples_done, tokens_done = time.perf_counter(), 0, 0
+    for step in range(start, total_steps):
+        budget = budget_for_step(step, budgets, cfg.budget_weights, cfg.seed)
+        micro = [sample_indices(step, m, cfg, len(records), world, rank) for m in range(cfg.grad_accum)]
+        everyone = [
+            sample_indices(step, m, cfg, len(records), world, r) for m in range(cfg.grad_accum) for r in range(world)
+        ]
+        n_targets = sum(sum(tokenized[i][1][1:]) for idx in everyone for i in idx)  # global, no communication
+        loss_sum = torch.zeros((), device=device)
+        for m, idx in enumerate(micro):
+            batch = [(*tokenized[i], images) for i in idx if (images := _images(records[i], log)) is not None]
+            if not batch:
+                continue
+            sync = m == len(micro) - 1 or not isinstance(trainee, nn.parallel.DistributedDataParallel)
+            with (
+                _maybe_no_sync(trainee, sync),
+                torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"),
+            ):
+                loss, _ = trainee(batch, budget)
+                if loss.requires_grad:  # False when nothing trainable runs (stage 1 at budget "full")
+                    (loss * world / max(1, n_targets)).backward()
+            loss_sum += loss.detach()
+        if cfg.clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        step_loss = loss_sum.item() / max(1, n_targets)
+        samples_done += per_step
+        tokens_done += n_targets
+        elapsed = time.perf_counter() - began
+        log.metric({"step": step + 1, "budget": budget, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                    "samples_per_s": samples_done / elapsed, "target_tokens_per_s": tokens_done / elapsed,
+                    "elapsed_s": elapsed})  # fmt: skip
+        bar.set_postfix(loss=f"{step_loss:.4f}", budget=budget, samples_s=f"{samples_done / elapsed:.1f}")
+        bar.update(1)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+            _save_on_rank0(trainee, rank, lambda s=step + 1: save_checkpoint(out, s, model, optimizer, scheduler))
+    bar.close()
+    final = out / "final"
+    _save_on_rank0(trainee, rank, lambda: model.save(final))
+    log.summary(budgets)
+    if world > 1:
+        dist.barrier()
+    return final
+
+
+def _images(record: Record, log: _Log) -> list | None:
+    try:
+        return [load_image(p) for p in record.images]
+    except InputError as e:  # broke after the start-up check: skip the record, keep the run alive
+        log.warn(f"{record.source}: {e}")
+        return None
+
+
+def _maybe_no_sync(module, sync: bool):
+    from contextlib import nullcontext
+
+    return nullcontext() if sync else module.no_sync()
+
+
+def _save_on_rank0(trainee, rank: int, save) -> None:
+    if rank == 0:
+        save()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _shard(trainee: Trainee) -> None:
+    """FSDP2: shard every decoder layer and CA module, then the rest at the root."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    for layer in trainee.lm.layers:
+        fully_shard(layer)
+        for method in ("qkv", "finish"):
+            register_fsdp_forward_method(layer, method)
+    for ca in trainee.lm.cross.values():
+        fully_shard(ca)
+        register_fsdp_forward_method(ca, "visual_kv")
+    fully_shard(trainee)
+
+
+class _Log:
+    """train.log (messages), metrics.jsonl (one line per step), a progress bar; rank 0 only."""
+
+    def __init__(self, out: Path, rank: int):
+        self.out, self.rank = out, rank
+        self.by_budget: dict = {}
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+
+    def line(self, text: str, echo: bool = True) -> None:
+        if self.rank == 0:
+            with open(self.out / "train.log", "a") as f:
+                f.write(text + "\n")
+            if echo:
+                print(text, file=sys.stderr)
+
+    def warn(self, text: str) -> None:
+        self.line(f"warning: {text}")
+
+    def metric(self, row: dict) -> None:
+        self.by_budget.setdefault(row["budget"], []).append(row["loss"])
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def truncate_metrics(self, step: int) -> None:
+        """After a resume: drop what the interrupted run logged past its checkpoint."""
+        path = self.out / "metrics.jsonl"
+        if self.rank == 0 and path.exists():
+            rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+            path.write_text("".join(r + "\n" for r in rows))
+
+    def progress(self, total: int, initial: int):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc="train", disable=self.rank != 0, file=sys.stderr)
+
+    def summary(self, budgets: list) -> None:
+        parts = [f"{b}: {np.mean(self.by_budget[b]):.4f}" for b in budgets if b in self.by_budget]
+        self.line("mean loss per budget (this run): " + ", ".join(parts))
+
+
+def main() -> None:
+    """`python -m visor.train` / `torchrun -m visor.train`: the flags of `visor train`."""
+    from .cli import main as cli_main
+
+    sys.argv = [sys.argv[0], "train", *sys.argv[1:]]
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()
