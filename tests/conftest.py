@@ -77,8 +77,8 @@ def colour_dataset(root, n=16, seed=0):
         Image.new("RGB", (32 + 8 * (i % 4), 32 + 8 * (i % 3)), COLOURS[name]).save(root / "img" / f"{i}.png")
         rows.append({"image": f"{i}.png", "question": "Which colour dominates?", "answer": name})
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    llava = [{"image": r["image"], "conversations": [{"from": "human", "value": "<image>\n" + r["question"]},
-                                                      {"from": "gpt", "value": r["answer"]}]} for r in rows]  # fmt: skip
+    turns = lambda r: [{"from": "human", "value": "<image>\n" + r["question"]}, {"from": "gpt", "value": r["answer"]}]  # noqa: E731
+    llava = [{"image": r["image"], "conversations": turns(r)} for r in rows]
     (root / "train.json").write_text(json.dumps(llava))
     return root
 

@@ -128,10 +128,11 @@ def test_resume_after_sigkill_is_exact(checkpoints, dataset, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_torchrun_two_processes_equal_one_with_twice_the_batch(checkpoints, dataset, tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_torchrun_two_processes_equal_one_with_twice_the_batch(checkpoints, dataset, tmp_path, sharding):
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     two = tmp_path / "two"
-    args = cli_args(checkpoints, dataset, two, 4, 2)
+    args = cli_args(checkpoints, dataset, two, 4, 2, ["--fsdp"] if sharding == "fsdp" else [])
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -142,4 +143,4 @@ def test_torchrun_two_processes_equal_one_with_twice_the_batch(checkpoints, data
     assert run_cli(cli_args(checkpoints, dataset, one, 4, 4)).wait() == 0
     assert losses(two) == pytest.approx(losses(one), abs=1e-5)
     a, b = weights(two / "final"), weights(one / "final")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5

@@ -84,9 +84,17 @@ class VisorModel:
         return count_flops(self.config, self.schedule, budget, n_visual, n_text, n_crops)
 
     # ---- persistence --------------------------------------------------------------------
-    def save(self, out: str | Path) -> Path:
+    def save(self, out: str | Path, state_dict: dict | None = None) -> Path:
+        """Write a VISOR checkpoint. ``state_dict``: full tensors gathered from a sharded
+        (FSDP) copy of this model, keyed "hf.*" / "lm.*"; default: this model's own tensors."""
         meta = {"base_architecture": self.config.model_type, "schedule": self.schedule.to_dict()}
-        return write_checkpoint(Path(out), self.backbone.path, self.backbone.hf, meta, self.lm.visor_state_dict())
+        hf_state, visor_state = None, self.lm.visor_state_dict()
+        if state_dict is not None:
+            tied = getattr(self.config, "tie_word_embeddings", False)  # lm_head is the embedding matrix
+            hf_state = {k[3:]: v for k, v in state_dict.items() if k.startswith("hf.")}
+            hf_state = {k: v for k, v in hf_state.items() if not (tied and k == "lm_head.weight")}
+            visor_state = {k[3:]: state_dict[k] for k in (f"lm.{name}" for name in visor_state)}
+        return write_checkpoint(Path(out), self.backbone.path, self.backbone.hf, meta, visor_state, hf_state)
 
 
 def load(

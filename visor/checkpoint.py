@@ -58,7 +58,9 @@ def load_visor_weights(path: Path, module: torch.nn.Module, expected: dict[str, 
     module.load_state_dict(tensors, strict=False)
 
 
-def write_checkpoint(out: Path, source: Path, hf_model, visor_meta: dict, visor_tensors: dict) -> Path:
+def write_checkpoint(
+    out: Path, source: Path, hf_model, visor_meta: dict, visor_tensors: dict, hf_state: dict | None = None
+) -> Path:
     """Write a complete VISOR checkpoint to a temporary directory, then move it into place."""
     out = Path(out)
     if out.resolve() == Path(source).resolve():
@@ -72,7 +74,7 @@ def write_checkpoint(out: Path, source: Path, hf_model, visor_meta: dict, visor_
             if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and "index.json" not in f.name:
                 shutil.copy2(f, tmp / f.name)
         (tmp / VISOR_JSON).unlink(missing_ok=True)
-        hf_model.save_pretrained(tmp)
+        hf_model.save_pretrained(tmp, state_dict=hf_state)
         if visor_tensors:
             save_file({k: v.detach().contiguous().cpu() for k, v in visor_tensors.items()}, tmp / VISOR_WEIGHTS)
         (tmp / VISOR_JSON).write_text(json.dumps({"format_version": FORMAT_VERSION, **visor_meta}, indent=2) + "\n")

@@ -195,7 +195,7 @@ class CrossAttention(nn.Module):
         norm = layer.input_norm.weight.detach()
         self.norm = RMSNorm(nn.Parameter(norm.clone()), cfg.rms_eps)  # for the text queries
         self.kv_norm = RMSNorm(nn.Parameter(norm.clone()), cfg.rms_eps)  # for the visual keys/values
-        self.gate = nn.Parameter(torch.zeros((), dtype=norm.dtype, device=norm.device))
+        self.gate = nn.Parameter(torch.zeros(1, dtype=norm.dtype, device=norm.device))  # 1-D: FSDP2 shards no scalars
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
 
     def visual_kv(self, v, rope):  # v (B, Nv, D) -> k, v (B, Hkv, Nv, hd)

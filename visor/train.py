@@ -160,7 +160,7 @@ def set_trainable(model: VisorModel, cfg: TrainConfig) -> list[tuple[str, nn.Par
             module.requires_grad_(True)
     if model.lm.policy is not None:
         model.lm.policy.requires_grad_(False)  # trained apart, by `visor train-policy`
-    return [(n, p) for n, p in Trainee(model).named_parameters() if p.requires_grad]
+    return [(n, p) for n, p in Trainee(model).named_parameters() if p.requires_grad]  # for the log
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -198,16 +198,48 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(out: Path, step: int, model: VisorModel, optimizer, scheduler) -> Path:
-    final = out / "checkpoints" / f"step-{step:07d}"
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save(tmp / "model")
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
-    torch.save(state, tmp / "state.pt")
-    tmp.rename(final)
-    return final
+def full_states(trainee: nn.Module, optimizer, fsdp: bool) -> tuple[dict | None, dict]:
+    """Model and optimizer state to save. With FSDP every rank must call this (it gathers)."""
+    if not fsdp:
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(trainee, options=opts), get_optimizer_state_dict(trainee, optimizer, options=opts)
+
+
+def load_optimizer_state(trainee: nn.Module, optimizer, state: dict, fsdp: bool) -> None:
+    if state.get("fsdp", False) != fsdp:
+        raise ConfigError("resume with the same --fsdp setting the checkpoint was written with")
+    if not fsdp:
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    # strict=False: parameters that never received a gradient (e.g. an unused vision post-norm) have no state
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False, strict=False)
+    set_optimizer_state_dict(trainee, optimizer, optim_state_dict=state["optimizer"], options=options)
+
+
+def save_checkpoint(out: Path, step: int, model: VisorModel, trainee, optimizer, scheduler, fsdp: bool, rank: int):
+    """checkpoints/step-N/{model/, state.pt}, written under a temporary name, then renamed."""
+    model_state, optim_state = full_states(trainee, optimizer, fsdp)
+    if rank == 0:
+        final = out / "checkpoints" / f"step-{step:07d}"
+        tmp = final.with_name(f".{final.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.save(tmp / "model", model_state)
+        state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                 "fsdp": fsdp}  # fmt: skip
+        torch.save(state, tmp / "state.pt")
+        tmp.rename(final)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -256,19 +288,22 @@ def train(cfg: TrainConfig) -> Path:
         (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg) | {"total_steps": total_steps, "world": world}))
 
     named = set_trainable(model, cfg)
+    log.line(f"stage {cfg.stage}: training {sum(p.numel() for _, p in named):,} parameters in {len(named)} tensors")
     trainee = Trainee(model)
-    if cfg.fsdp and world > 1:
+    fsdp = cfg.fsdp and world > 1
+    if fsdp:
         _shard(trainee)
     elif world > 1:
         trainee = nn.parallel.DistributedDataParallel(
             trainee, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True
         )
-    optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=0.0)
+    params = [p for p in trainee.parameters() if p.requires_grad]  # after wrapping: FSDP swaps parameters
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     start = 0
     if resume_from is not None:
         state = torch.load(resume_from / "state.pt", weights_only=True, map_location=device)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(trainee, optimizer, state, fsdp)
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start = state["step"]
@@ -300,7 +335,7 @@ def train(cfg: TrainConfig) -> Path:
                     (loss * world / max(1, n_targets)).backward()
             loss_sum += loss.detach()
         if cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.clip)
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -316,10 +351,12 @@ def train(cfg: TrainConfig) -> Path:
         bar.set_postfix(loss=f"{step_loss:.4f}", budget=budget, samples_s=f"{samples_done / elapsed:.1f}")
         bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-            _save_on_rank0(trainee, rank, lambda s=step + 1: save_checkpoint(out, s, model, optimizer, scheduler))
+            save_checkpoint(out, step + 1, model, trainee, optimizer, scheduler, fsdp, rank)
     bar.close()
     final = out / "final"
-    _save_on_rank0(trainee, rank, lambda: model.save(final))
+    model_state, _ = full_states(trainee, optimizer, fsdp)
+    if rank == 0:
+        model.save(final, model_state)
     log.summary(budgets)
     if world > 1:
         dist.barrier()
@@ -340,21 +377,14 @@ def _maybe_no_sync(module, sync: bool):
     return nullcontext() if sync else module.no_sync()
 
 
-def _save_on_rank0(trainee, rank: int, save) -> None:
-    if rank == 0:
-        save()
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _shard(trainee: Trainee) -> None:
-    """FSDP2: shard every decoder layer and CA module, then the rest at the root."""
+    """FSDP2: one unit per decoder layer (its projections, which both our layer and HF's layer
+    reference) and per CA module; everything else (embeddings, norms, vision) at the root."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for layer in trainee.lm.layers:
-        fully_shard(layer)
-        for method in ("qkv", "finish"):
-            register_fsdp_forward_method(layer, method)
+        fully_shard([layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj,
+                     layer.gate_proj, layer.up_proj, layer.down_proj])  # fmt: skip
     for ca in trainee.lm.cross.values():
         fully_shard(ca)
         register_fsdp_forward_method(ca, "visual_kv")
