@@ -13,6 +13,7 @@ from .errors import ConfigError, InputError
 from .flops import FlopReport, count_flops, decode_flops
 from .generate import GenerationConfig, collate, generate
 from .model import VisorLM
+from .policy import Policy
 from .schedule import Budget, Schedule
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,13 +63,13 @@ class VisorModel:
         if len(images_list) != len(prompts_list):
             raise InputError(f"{len(prompts_list)} prompt(s) but {len(images_list)} image entries")
         images_list = [ims if isinstance(ims, (list, tuple)) else [ims] for ims in images_list]
-        budget = self.schedule.parse_budget(budget)
+        budget = self.parse_budget(budget)
         cfg = GenerationConfig(max_new_tokens, temperature, top_p, seed)
         samples = self.encode(prompts_list, images_list)
         tokens = collate(samples, self.backbone.image_token_id, self.backbone.device)
-        new_ids = generate(self.lm, tokens, budget, cfg, self.backbone.eos_token_ids)
+        new_ids, budgets = generate(self.lm, tokens, budget, cfg, self.backbone.eos_token_ids)
         results = []
-        for sample, ids in zip(samples, new_ids):
+        for sample, ids, budget in zip(samples, new_ids, budgets):
             n_visual = sample.visual.shape[0]
             n_text = len(sample.ids) - n_visual
             prefill = self.flops(n_visual, n_text, budget, sample.n_crops).prefill
@@ -77,6 +78,14 @@ class VisorModel:
             flops = {"prefill": prefill, "decode": decode, "total": prefill + decode}
             results.append(Generation(text, ids, budget, n_visual, n_text, flops))
         return results[0] if single else results
+
+    def parse_budget(self, budget: Budget | str) -> Budget | str:
+        """A schedule budget, or "auto" when this checkpoint has a trained policy."""
+        if isinstance(budget, str) and budget.strip().lower() == "auto":
+            if self.lm.policy is None:
+                raise ConfigError("budget 'auto' needs a trained policy: run `visor train-policy` on this checkpoint")
+            return "auto"
+        return self.schedule.parse_budget(budget)
 
     def flops(
         self, n_visual: int, n_text: int, budget: Budget | str = "full", n_crops: int | None = None
@@ -88,6 +97,8 @@ class VisorModel:
         """Write a VISOR checkpoint. ``state_dict``: full tensors gathered from a sharded
         (FSDP) copy of this model, keyed "hf.*" / "lm.*"; default: this model's own tensors."""
         meta = {"base_architecture": self.config.model_type, "schedule": self.schedule.to_dict()}
+        if self.lm.policy is not None:
+            meta["policy"] = self.lm.policy.config
         hf_state, visor_state = None, self.lm.visor_state_dict()
         if state_dict is not None:
             tied = getattr(self.config, "tie_word_embeddings", False)  # lm_head is the embedding matrix
@@ -121,6 +132,10 @@ def load(
         schedule = Schedule.from_spec(schedule, n_layers)
     schedule.check_depth(n_layers)
     model = VisorModel(Backbone(path, dtype, device, attn_implementation), schedule)
+    if meta is not None and meta.get("policy"):
+        p = meta["policy"]
+        policy = Policy(model.lm.cfg.hidden, p["n_budgets"], p["width"], p["cost_weight"])
+        model.lm.policy = policy.to(model.backbone.device)
     if meta is not None:
         load_visor_weights(path, model.lm, model.lm.visor_state_dict())
     return model

@@ -25,7 +25,7 @@ ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="checkpoint direct
 ScheduleOpt = Annotated[
     str | None, typer.Option(help="layer roles for a base checkpoint: JSON/YAML file or 'sa,ca,text,...'")
 ]
-BudgetOpt = Annotated[str, typer.Option(help="active SA layers: 0..n, or 'full' (the base model)")]
+BudgetOpt = Annotated[str, typer.Option(help="active SA layers: 0..n, 'full' (the base model), 'auto' (policy)")]
 
 
 def _quiet_transformers():
@@ -223,6 +223,38 @@ def train(
             setattr(cfg, key, value)
     final = run_training(cfg)
     console.print(f"final VISOR checkpoint: [bold]{final}[/]")
+
+
+@app.command("train-policy")
+def train_policy(
+    model: ModelOpt,
+    data: Annotated[Path, typer.Option(help="held-out set: LLaVA .json or {image,question,answer} .jsonl")],
+    out: Annotated[Path, typer.Option(help="run directory; the checkpoint with its policy goes to OUT/final")],
+    images: Annotated[Path, typer.Option(help="directory the data's image paths are relative to")] = Path("."),
+    cost_weight: Annotated[float, typer.Option(help="> 0 prefers cheaper budgets at inference")] = 0.0,
+    epochs: int = 300,
+    width: Annotated[int, typer.Option(help="hidden width of the router MLP")] = 256,
+    lr: float = 3e-3,
+    batch_size: int = 8,
+    seed: int = 0,
+):
+    """Label every sample with its cheapest good-enough budget and train the router for `--budget auto`."""
+    from .policy import PolicyTrainConfig
+    from .policy import train_policy as run
+
+    _quiet_transformers()
+    cfg = PolicyTrainConfig(width=width, epochs=epochs, lr=lr, cost_weight=cost_weight, seed=seed)
+    result = run(model, data, images, out, cfg, batch_size=batch_size)
+    table = Table(title=f"budgets on {result['n_samples']} samples (score: exact match / answer likelihood)")
+    for column in ["budget", "score", "mean prefill GFLOPs"]:
+        table.add_column(column, justify="right")
+    for row in result["rows"]:
+        table.add_row(str(row["budget"]), f"{row['score']:.3f}", f"{row['prefill_flops'] / 1e9:.4f}")
+    console.print(table)
+    console.print(
+        f"auto chose budgets {result['rows'][-1]['chosen']} (counts per budget 0..n); "
+        f"checkpoint with policy: [bold]{result['final']}[/]"
+    )
 
 
 def main() -> None:

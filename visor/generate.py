@@ -61,8 +61,11 @@ def pick_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Gene
 
 
 @torch.no_grad()
-def generate(lm: VisorLM, tok: Tokens, budget, cfg: GenerationConfig, eos_ids: set[int]) -> list[list[int]]:
-    """New token ids per sample (EOS included when reached, as Hugging Face does)."""
+def generate(
+    lm: VisorLM, tok: Tokens, budget, cfg: GenerationConfig, eos_ids: set[int]
+) -> tuple[list[list[int]], list]:
+    """New token ids per sample (EOS included when reached, as Hugging Face does) and the budget
+    each sample ran with (``budget`` may be one for all, a list, or "auto")."""
     longest = int((tok.visual_valid.sum(1) + tok.text_valid.sum(1)).max())
     max_new = max(0, min(cfg.max_new_tokens, lm.cfg.max_positions - longest))  # stop at the context end
     batch, device = tok.text_ids.shape[0], tok.text_ids.device
@@ -70,7 +73,7 @@ def generate(lm: VisorLM, tok: Tokens, budget, cfg: GenerationConfig, eos_ids: s
     if cfg.temperature > 0:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     if max_new == 0:
-        return [[] for _ in range(batch)]
+        return [[] for _ in range(batch)], [budget] * batch
     logits, cache = lm.prefill(tok, budget, capacity=tok.text_ids.shape[1] + max_new)
     eos = torch.tensor(sorted(eos_ids), device=device, dtype=torch.long)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -84,4 +87,4 @@ def generate(lm: VisorLM, tok: Tokens, budget, cfg: GenerationConfig, eos_ids: s
         if bool(finished.all()) or step == max_new - 1:
             break
         logits = lm.decode_one_token(next_ids, cache)
-    return out
+    return out, cache.budgets

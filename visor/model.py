@@ -277,18 +277,7 @@ class VisorLM(nn.Module):
         """All layers over a batch; each sample has its own budget ("auto": the policy picks it
         from the states entering the first SA candidate). Returns the final text states
         (B, Nt, D), before the final norm, and the budgets used."""
-        dtype = self.lm_head.weight.dtype
-        v = tok.visual.to(dtype)
-        t = self.embed_tokens(tok.text_ids)
-        conv_rows = [b != "full" for b in budgets]  # the base model ("full") has no conv code
-        if self.pos_conv is not None and any(conv_rows):
-            coded = self.pos_conv(v, tok.visual_valid)
-            v = (
-                coded
-                if all(conv_rows)
-                else torch.where(torch.tensor(conv_rows, device=v.device)[:, None, None], coded, v)
-            )
-        ctx = Context.build(tok, self.rotary, dtype, with_rope=self.pos_conv is None)
+        v, t, ctx = self.inputs(tok, budgets)
         route_at = self.schedule.sa_candidates[0] if "auto" in budgets else -1
         active = self.active_layers(budgets)
         for i in range(self.cfg.n_layers):
@@ -301,6 +290,32 @@ class VisorLM(nn.Module):
             else:
                 v, t = step(v, t)
         return t, budgets
+
+    def inputs(self, tok: Tokens, budgets: list) -> tuple[torch.Tensor, torch.Tensor, Context]:
+        """Visual states (with the conv code where used), text embeddings, per-batch context."""
+        dtype = self.lm_head.weight.dtype
+        v = tok.visual.to(dtype)
+        t = self.embed_tokens(tok.text_ids)
+        conv_rows = [b != "full" for b in budgets]  # the base model ("full") has no conv code
+        if self.pos_conv is not None and any(conv_rows):
+            coded = self.pos_conv(v, tok.visual_valid)
+            v = (
+                coded
+                if all(conv_rows)
+                else torch.where(torch.tensor(conv_rows, device=v.device)[:, None, None], coded, v)
+            )
+        return v, t, Context.build(tok, self.rotary, dtype, with_rope=self.pos_conv is None)
+
+    def policy_features(self, tok: Tokens) -> torch.Tensor:
+        """What the policy reads: the states entering the first SA candidate (the same for every
+        budget but "full"), pooled. (B, 2D)"""
+        from .policy import Policy
+
+        batch = tok.text_ids.shape[0]
+        v, t, ctx = self.inputs(tok, [0] * batch)
+        for i in range(self.schedule.sa_candidates[0]):
+            v, t = self.layer(i, v, t, ctx, None, [False] * batch)
+        return Policy.features(v, t, tok.visual_valid, tok.text_valid)
 
     def active_layers(self, budgets: list) -> list[list[bool]]:
         """active[i][b]: layer i runs full self-attention for sample b."""

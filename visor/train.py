@@ -129,23 +129,29 @@ class Trainee(nn.Module):
         self.backbone = [model.backbone]  # in a list: not a submodule (its modules are in hf)
 
     def forward(self, batch: list[tuple[list[int], list[bool], list]], budget) -> tuple[torch.Tensor, int]:
-        bb = self.backbone[0]
-        samples = []
-        for ids, labels, images in batch:
-            features, n_crops = bb.image_features(images)
-            samples.append(bb.expand(ids, features, n_crops, labels))
-        tok = collate(samples, bb.image_token_id, bb.device)
-        targets = torch.full_like(tok.text_ids, -100)
-        for b, s in enumerate(samples):  # target of text token j: text token j+1, if it is an answer token
-            text_labels = [lab for lab, i in zip(s.labels, s.ids) if i != bb.image_token_id]
-            n = len(text_labels)
-            learn = torch.tensor(text_labels[1:], device=targets.device)
-            targets[b, : n - 1] = torch.where(learn, tok.text_ids[b, 1:n], -100)
-        t, _ = self.lm.run(tok, [budget] * len(samples))
-        keep = targets != -100
-        logits = self.lm.logits(t[keep])  # (n_targets, V): only where the loss is
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return loss, int(keep.sum())
+        losses, _ = answer_token_losses(self.backbone[0], self.lm, batch, budget)
+        return losses.sum(), losses.numel()
+
+
+def answer_token_losses(backbone, lm, batch: list[tuple[list[int], list[bool], list]], budget):
+    """Cross-entropy of every answer token in a batch of (ids, answer mask, images), and the
+    index of the sample each belongs to. Gradients flow wherever parameters require them."""
+    samples = []
+    for ids, labels, images in batch:
+        features, n_crops = backbone.image_features(images)
+        samples.append(backbone.expand(ids, features, n_crops, labels))
+    tok = collate(samples, backbone.image_token_id, backbone.device)
+    targets = torch.full_like(tok.text_ids, -100)
+    for b, s in enumerate(samples):  # target of text token j: text token j+1, if it is an answer token
+        text_labels = [lab for lab, i in zip(s.labels, s.ids) if i != backbone.image_token_id]
+        n = len(text_labels)
+        learn = torch.tensor(text_labels[1:], device=targets.device)
+        targets[b, : n - 1] = torch.where(learn, tok.text_ids[b, 1:n], -100)
+    t, _ = lm.run(tok, [budget] * len(samples))
+    keep = targets != -100
+    logits = lm.logits(t[keep])  # (n_targets, V): only where the loss is
+    owner = torch.arange(len(samples), device=keep.device)[:, None].expand_as(keep)[keep]
+    return F.cross_entropy(logits.float(), targets[keep], reduction="none"), owner
 
 
 def set_trainable(model: VisorModel, cfg: TrainConfig) -> list[tuple[str, nn.Parameter]]:

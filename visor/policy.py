@@ -1,0 +1,169 @@
+"""The budget policy: a small MLP that picks, per sample, how many SA layers to run.
+
+It reads the states entering the first SA candidate (mean-pooled visual and text states, the
+same for every budget) and scores the budgets 0..n. ``budget="auto"`` runs it inside the one
+prefill: layers before the first candidate are shared, the rest follow the chosen budget.
+
+Labels (``visor train-policy``): every budget is scored on every sample, then the label is the
+cheapest budget whose score reaches 99% of the score at the largest budget n (all candidates).
+Score: exact match (after normalisation) of the greedy answer when the reference answer is short
+(<= 3 words), else the answer's per-token likelihood exp(mean log p) under teacher forcing.
+At inference the choice is argmax_b [log p(b) - cost_weight * b / n]: ``cost_weight`` > 0 trades
+accuracy for FLOPs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SHORT_ANSWER_WORDS = 3
+TARGET_FRACTION = 0.99
+
+
+class Policy(nn.Module):
+    def __init__(self, hidden: int, n_budgets: int, width: int = 256, cost_weight: float = 0.0):
+        super().__init__()
+        self.config = {"width": width, "n_budgets": n_budgets, "cost_weight": cost_weight}
+        self.register_buffer("mean", torch.zeros(2 * hidden))  # feature standardisation, set by fit_policy
+        self.register_buffer("std", torch.ones(2 * hidden))
+        self.net = nn.Sequential(nn.Linear(2 * hidden, width), nn.GELU(), nn.Linear(width, n_budgets))
+
+    @staticmethod
+    def features(v, t, visual_valid, text_valid) -> torch.Tensor:
+        """Masked mean of visual and of text states: (B, 2D), in float32."""
+
+        def pool(x, valid):
+            w = valid[..., None].float()
+            return (x.float() * w).sum(1) / w.sum(1).clamp(min=1)
+
+        return torch.cat([pool(v, visual_valid), pool(t, text_valid)], -1)
+
+    def forward(self, features):  # (B, 2D) -> budget logits (B, n_budgets)
+        x = (features.float() - self.mean) / self.std
+        return self.net(x.to(self.net[0].weight.dtype))
+
+    def choose(self, features, cost_weight: float | None = None) -> torch.Tensor:
+        cost_weight = self.config["cost_weight"] if cost_weight is None else cost_weight
+        n = self.config["n_budgets"]
+        cost = torch.arange(n, device=features.device) / max(1, n - 1)
+        return (F.log_softmax(self(features).float(), -1) - cost_weight * cost).argmax(-1)
+
+
+def normalise(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def is_short(answer: str) -> bool:
+    return len(answer.split()) <= SHORT_ANSWER_WORDS
+
+
+def label_budgets(scores: torch.Tensor) -> torch.Tensor:
+    """scores (N, n_budgets), budgets in increasing cost -> the cheapest budget per sample whose
+    score reaches TARGET_FRACTION of the score at the largest budget."""
+    target = TARGET_FRACTION * scores[:, -1:]
+    good = scores >= target - 1e-12
+    return good.float().argmax(-1)  # the first budget that is good enough (the last one always is)
+
+
+@dataclass
+class PolicyTrainConfig:
+    width: int = 256
+    epochs: int = 300
+    lr: float = 3e-3
+    cost_weight: float = 0.0
+    seed: int = 0
+
+
+def fit_policy(features: torch.Tensor, labels: torch.Tensor, n_budgets: int, cfg: PolicyTrainConfig) -> Policy:
+    """Full-batch cross-entropy on (features, labels), features standardised."""
+    torch.manual_seed(cfg.seed)
+    policy = Policy(features.shape[1] // 2, n_budgets, cfg.width, cfg.cost_weight)
+    policy.mean.copy_(features.mean(0))
+    policy.std.copy_(features.std(0).clamp(min=1e-6) if len(features) > 1 else torch.ones_like(features[0]))
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    for _ in range(cfg.epochs):
+        loss = F.cross_entropy(policy(features), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return policy
+
+
+def train_policy(model_path, data, images, out, cfg: PolicyTrainConfig, batch_size: int = 8) -> dict:
+    """Score every budget on (data, images), label, fit the router, save ``out/final`` and a report."""
+    import json
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from .api import load
+    from .data import read_records, tokenize
+    from .generate import GenerationConfig, collate, generate
+    from .train import answer_token_losses
+
+    model = load(model_path)
+    budgets = list(range(len(model.schedule.sa_candidates) + 1))
+    records, skipped = read_records(data, images)
+    bb, lm = model.backbone, model.lm
+    scores = torch.zeros(len(records), len(budgets))
+    prefill_flops = torch.zeros(len(records), len(budgets), dtype=torch.float64)
+    features = []
+    with torch.no_grad(), tqdm(total=len(records) * len(budgets), desc="scoring budgets") as bar:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            samples = model.encode([r.turns[0][1] for r in chunk], [r.images for r in chunk])
+            tok = collate(samples, bb.image_token_id, bb.device)
+            features.append(lm.policy_features(tok).cpu())
+            answers = [r.answer for r in chunk]
+            longest = max(len(bb.tokenizer(a)["input_ids"]) for a in answers) + 4
+            for b in budgets:
+                new = generate(lm, tok, b, GenerationConfig(max_new_tokens=longest), bb.eos_token_ids)[0]
+                long_rows = [i for i, a in enumerate(answers) if not is_short(a)]
+                if long_rows:
+                    batch = [(*tokenize(bb, chunk[i]), _images(chunk[i])) for i in long_rows]
+                    losses, owner = answer_token_losses(bb, lm, batch, b)
+                    mean = torch.zeros(len(batch)).index_add_(0, owner.cpu(), losses.cpu()) / torch.bincount(
+                        owner.cpu(), minlength=len(batch)
+                    ).clamp(min=1)
+                for i, (sample, ids) in enumerate(zip(samples, new)):
+                    if is_short(answers[i]):
+                        text = bb.tokenizer.decode(ids, skip_special_tokens=True)
+                        scores[start + i, b] = float(normalise(text) == normalise(answers[i]))
+                    else:
+                        scores[start + i, b] = torch.exp(-mean[long_rows.index(i)])
+                    n_visual = sample.visual.shape[0]
+                    report = model.flops(n_visual, len(sample.ids) - n_visual, b, sample.n_crops)
+                    prefill_flops[start + i, b] = report.prefill
+                bar.update(len(chunk))
+    features = torch.cat(features)
+    labels = label_budgets(scores)
+    policy = fit_policy(features, labels, len(budgets), cfg)
+    with torch.no_grad():
+        chosen = policy.choose(features)
+    rows = [{"budget": b, "score": scores[:, b].mean().item(), "prefill_flops": prefill_flops[:, b].mean().item()}
+            for b in budgets]  # fmt: skip
+    pick = torch.arange(len(records))
+    rows.append({"budget": "auto", "score": scores[pick, chosen].mean().item(),
+                 "prefill_flops": prefill_flops[pick, chosen].mean().item(),
+                 "chosen": torch.bincount(chosen, minlength=len(budgets)).tolist()})  # fmt: skip
+    lm.policy = policy.to(bb.device)
+    out = Path(out)
+    final = model.save(out / "final")
+    result = {"rows": rows, "labels": torch.bincount(labels, minlength=len(budgets)).tolist(),
+              "n_samples": len(records), "skipped": skipped, "config": cfg.__dict__, "rule": __doc__}  # fmt: skip
+    (out / "policy_report.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["| budget | score | mean prefill GFLOPs |", "|---|---|---|"]
+    lines += [f"| {r['budget']} | {r['score']:.3f} | {r['prefill_flops'] / 1e9:.4f} |" for r in rows]
+    (out / "policy_report.md").write_text("\n".join(lines) + "\n")
+    return result | {"final": str(final)}
+
+
+def _images(record) -> list:
+    from .backbone import load_image
+
+    return [load_image(p) for p in record.images]
