@@ -354,7 +354,7 @@ def train(cfg: TrainConfig) -> Path:
         log.metric({"step": step + 1, "budget": budget, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
                     "samples_per_s": samples_done / elapsed, "target_tokens_per_s": tokens_done / elapsed,
                     "elapsed_s": elapsed})  # fmt: skip
-        bar.set_postfix(loss=f"{step_loss:.4f}", budget=budget, samples_s=f"{samples_done / elapsed:.1f}")
+        bar.set_postfix(loss=f"{step_loss:.4f}", budget=budget, tok_s=f"{tokens_done / elapsed:.0f}")
         bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
             save_checkpoint(out, step + 1, model, trainee, optimizer, scheduler, fsdp, rank)
