@@ -184,7 +184,7 @@ def convert(
 def train(
     model: Annotated[str | None, typer.Option("--model", "-m", help="base or VISOR checkpoint to start from")] = None,
     data: Annotated[str | None, typer.Option(help="LLaVA conversation .json or {image,question,answer} .jsonl")] = None,
-    images: Annotated[str | None, typer.Option(help="directory the data's image paths are relative to")] = None,
+    images: Annotated[str | None, typer.Option(help="image paths are relative to it (default: the data's)")] = None,
     out: Annotated[str | None, typer.Option(help="run directory (checkpoints/, final/, metrics.jsonl)")] = None,
     stage: Annotated[int | None, typer.Option(help="1: train only CA modules; 2: train everything")] = None,
     budgets: Annotated[str | None, typer.Option(help="budgets to sample: all, 0-8, 0,2,4, 1-3,full")] = None,
@@ -230,7 +230,7 @@ def train_policy(
     model: ModelOpt,
     data: Annotated[Path, typer.Option(help="held-out set: LLaVA .json or {image,question,answer} .jsonl")],
     out: Annotated[Path, typer.Option(help="run directory; the checkpoint with its policy goes to OUT/final")],
-    images: Annotated[Path, typer.Option(help="directory the data's image paths are relative to")] = Path("."),
+    images: Annotated[Path | None, typer.Option(help="image paths are relative to it (default: the data's)")] = None,
     cost_weight: Annotated[float, typer.Option(help="> 0 prefers cheaper budgets at inference")] = 0.0,
     epochs: int = 300,
     width: Annotated[int, typer.Option(help="hidden width of the router MLP")] = 256,
@@ -244,7 +244,7 @@ def train_policy(
 
     _quiet_transformers()
     cfg = PolicyTrainConfig(width=width, epochs=epochs, lr=lr, cost_weight=cost_weight, seed=seed)
-    result = run(model, data, images, out, cfg, batch_size=batch_size)
+    result = run(model, data, images or data.parent, out, cfg, batch_size=batch_size)
     table = Table(title=f"budgets on {result['n_samples']} samples (score: exact match / answer likelihood)")
     for column in ["budget", "score", "mean prefill GFLOPs"]:
         table.add_column(column, justify="right")
@@ -255,6 +255,29 @@ def train_policy(
         f"auto chose budgets {result['rows'][-1]['chosen']} (counts per budget 0..n); "
         f"checkpoint with policy: [bold]{result['final']}[/]"
     )
+
+
+data_app = typer.Typer(no_args_is_help=True, help="The built-in benchmark.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("make")
+def data_make(
+    out: Annotated[Path, typer.Option(help="directory for images/, train/val/test.jsonl and the card")],
+    seed: int = 0,
+    train: Annotated[int, typer.Option(help="training samples per task")] = 800,
+    val: Annotated[int, typer.Option(help="validation samples per task")] = 100,
+    test: Annotated[int, typer.Option(help="test samples per task")] = 200,
+    image_size: Annotated[int, typer.Option(help="image side in pixels")] = 384,
+    tasks: Annotated[str | None, typer.Option(help="comma-separated subset of the tasks")] = None,
+    workers: int = 2,
+):
+    """Generate the built-in fine-grained (hard) and global (easy) benchmark, deterministically."""
+    from .synth import make_dataset
+
+    chosen = [t.strip() for t in tasks.split(",")] if tasks else None
+    card = make_dataset(out, seed, {"train": train, "val": val, "test": test}, chosen, image_size, workers)
+    console.print(f"wrote {card['total']} samples of {len(card['tasks'])} tasks to [bold]{out}[/]")
 
 
 def main() -> None:

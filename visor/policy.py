@@ -145,17 +145,30 @@ def train_policy(model_path, data, images, out, cfg: PolicyTrainConfig, batch_si
     policy = fit_policy(features, labels, len(budgets), cfg)
     with torch.no_grad():
         chosen = policy.choose(features)
-    rows = [{"budget": b, "score": scores[:, b].mean().item(), "prefill_flops": prefill_flops[:, b].mean().item()}
-            for b in budgets]  # fmt: skip
+    rows = [
+        {"budget": b, "score": scores[:, b].mean().item(), "prefill_flops": prefill_flops[:, b].mean().item()}
+        for b in budgets
+    ]
     pick = torch.arange(len(records))
-    rows.append({"budget": "auto", "score": scores[pick, chosen].mean().item(),
-                 "prefill_flops": prefill_flops[pick, chosen].mean().item(),
-                 "chosen": torch.bincount(chosen, minlength=len(budgets)).tolist()})  # fmt: skip
+    rows.append(
+        {
+            "budget": "auto",
+            "score": scores[pick, chosen].mean().item(),
+            "prefill_flops": prefill_flops[pick, chosen].mean().item(),
+            "chosen": torch.bincount(chosen, minlength=len(budgets)).tolist(),
+        }
+    )
     lm.policy = policy.to(bb.device)
     out = Path(out)
     final = model.save(out / "final")
-    result = {"rows": rows, "labels": torch.bincount(labels, minlength=len(budgets)).tolist(),
-              "n_samples": len(records), "skipped": skipped, "config": cfg.__dict__, "rule": __doc__}  # fmt: skip
+    result = {
+        "rows": rows,
+        "labels": torch.bincount(labels, minlength=len(budgets)).tolist(),
+        "n_samples": len(records),
+        "skipped": skipped,
+        "config": cfg.__dict__,
+        "rule": __doc__,
+    }
     (out / "policy_report.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["| budget | score | mean prefill GFLOPs |", "|---|---|---|"]
     lines += [f"| {r['budget']} | {r['score']:.3f} | {r['prefill_flops'] / 1e9:.4f} |" for r in rows]

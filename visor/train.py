@@ -44,7 +44,7 @@ from .schedule import Schedule
 class TrainConfig:
     model: str = ""
     data: str = ""
-    images: str = "."
+    images: str = ""  # directory image paths are relative to; "" = the data file's directory
     out: str = "runs/train"
     stage: int = 2  # 1: train only the CA modules; 2: train everything
     budgets: str = "all"  # "all" = 0..n, or "0-8", "0,2,4", "1-3,full"
@@ -240,8 +240,13 @@ def save_checkpoint(out: Path, step: int, model: VisorModel, trainee, optimizer,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         model.save(tmp / "model", model_state)
-        state = {"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                 "fsdp": fsdp}  # fmt: skip
+        state = {
+            "step": step,
+            "optimizer": optim_state,
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "fsdp": fsdp,
+        }
         torch.save(state, tmp / "state.pt")
         tmp.rename(final)
     if dist.is_initialized():
@@ -281,7 +286,7 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.budget_weights and len(cfg.budget_weights) != len(budgets):
         raise ConfigError(f"{len(cfg.budget_weights)} budget weights for {len(budgets)} budgets {budgets}")
 
-    records, skipped = read_records(cfg.data, cfg.images)
+    records, skipped = read_records(cfg.data, cfg.images or Path(cfg.data).parent)
     log.line(f"data: {len(records)} usable records, {len(skipped)} skipped")
     for reason in skipped:
         log.line(f"skipped {reason}", echo=False)
@@ -351,9 +356,17 @@ def train(cfg: TrainConfig) -> Path:
         samples_done += per_step
         tokens_done += n_targets
         elapsed = time.perf_counter() - began
-        log.metric({"step": step + 1, "budget": budget, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                    "samples_per_s": samples_done / elapsed, "target_tokens_per_s": tokens_done / elapsed,
-                    "elapsed_s": elapsed})  # fmt: skip
+        log.metric(
+            {
+                "step": step + 1,
+                "budget": budget,
+                "loss": step_loss,
+                "lr": scheduler.get_last_lr()[0],
+                "samples_per_s": samples_done / elapsed,
+                "target_tokens_per_s": tokens_done / elapsed,
+                "elapsed_s": elapsed,
+            }
+        )
         bar.set_postfix(loss=f"{step_loss:.4f}", budget=budget, tok_s=f"{tokens_done / elapsed:.0f}")
         bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
@@ -389,8 +402,9 @@ def _shard(trainee: Trainee) -> None:
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for layer in trainee.lm.layers:
-        fully_shard([layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj,
-                     layer.gate_proj, layer.up_proj, layer.down_proj])  # fmt: skip
+        fully_shard(
+            [layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj, layer.gate_proj, layer.up_proj, layer.down_proj]
+        )
     for ca in trainee.lm.cross.values():
         fully_shard(ca)
         register_fsdp_forward_method(ca, "visual_kv")
