@@ -14,6 +14,7 @@ from .flops import FlopReport, count_flops, decode_flops
 from .generate import GenerationConfig, collate, generate
 from .model import VisorLM
 from .policy import Policy
+from .reduce import Reduction
 from .schedule import Budget, Schedule
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,8 +43,9 @@ class VisorModel:
         return self.backbone.config
 
     # ---- inference ----------------------------------------------------------------------
-    def encode(self, prompts: list[str], images: list[list]) -> list[Sample]:
-        return [self.backbone.encode(p, ims) for p, ims in zip(prompts, images)]
+    def encode(self, prompts: list[str], images: list[list], reduction: Reduction | None = None) -> list[Sample]:
+        visionzip = reduction.visionzip if reduction else None
+        return [self.backbone.encode(p, ims, visionzip) for p, ims in zip(prompts, images)]
 
     def generate(
         self,
@@ -54,6 +56,7 @@ class VisorModel:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
+        reduction: Reduction | None = None,
     ) -> Generation | list[Generation]:
         """Answer one prompt (str; images = a path/PIL image or a list of them) or a batch of
         prompts (list; images = one entry per prompt, each an image or a list of images)."""
@@ -65,15 +68,16 @@ class VisorModel:
         images_list = [ims if isinstance(ims, (list, tuple)) else [ims] for ims in images_list]
         budget = self.parse_budget(budget)
         cfg = GenerationConfig(max_new_tokens, temperature, top_p, seed)
-        samples = self.encode(prompts_list, images_list)
+        samples = self.encode(prompts_list, images_list, reduction)
         tokens = collate(samples, self.backbone.image_token_id, self.backbone.device)
-        new_ids, budgets = generate(self.lm, tokens, budget, cfg, self.backbone.eos_token_ids)
+        drops = reduction.drops(self.lm.cfg.n_layers) if reduction else None
+        new_ids, budgets = generate(self.lm, tokens, budget, cfg, self.backbone.eos_token_ids, drops)
         results = []
         for sample, ids, budget in zip(samples, new_ids, budgets):
             n_visual = sample.visual.shape[0]
             n_text = len(sample.ids) - n_visual
-            prefill = self.flops(n_visual, n_text, budget, sample.n_crops).prefill
-            decode = decode_flops(self.config, self.schedule, budget, n_visual, n_text, len(ids))
+            prefill = self.flops(n_visual, n_text, budget, sample.n_crops, reduction).prefill
+            decode = decode_flops(self.config, self.schedule, budget, n_visual, n_text, len(ids), reduction)
             text = self.backbone.tokenizer.decode(ids, skip_special_tokens=True)
             flops = {"prefill": prefill, "decode": decode, "total": prefill + decode}
             results.append(Generation(text, ids, budget, n_visual, n_text, flops))
@@ -88,9 +92,9 @@ class VisorModel:
         return self.schedule.parse_budget(budget)
 
     def flops(
-        self, n_visual: int, n_text: int, budget: Budget | str = "full", n_crops: int | None = None
+        self, n_visual: int, n_text: int, budget: Budget | str = "full", n_crops: int | None = None, reduction=None
     ) -> FlopReport:
-        return count_flops(self.config, self.schedule, budget, n_visual, n_text, n_crops)
+        return count_flops(self.config, self.schedule, budget, n_visual, n_text, n_crops, reduction)
 
     # ---- persistence --------------------------------------------------------------------
     def save(self, out: str | Path, state_dict: dict | None = None) -> Path:

@@ -150,11 +150,16 @@ class Backbone:
     def prompt_text(self, prompt: str, n_images: int) -> str:
         return self.render([user_turn(prompt, n_images)], add_generation_prompt=True)
 
-    def image_features(self, images: list[Image.Image]) -> tuple[list[torch.Tensor], int]:
+    def image_features(self, images: list[Image.Image], visionzip=None) -> tuple[list[torch.Tensor], int]:
         """Projector outputs per image [(n_i, D)] and the number of crops the tower encoded.
-        Gradients flow when the caller enables them (training)."""
+        Gradients flow when the caller enables them (training). ``visionzip`` (n, m): reduce
+        each crop to n dominant + m contextual tokens (see visor.reduce)."""
         if not images:
             return [], 0
+        if visionzip is not None:
+            from .reduce import visionzip_features
+
+            return visionzip_features(self, images, *visionzip)
         self._crops = 0
         dtype = self.hf.lm_head.weight.dtype
         if self.config.model_type == "llava_onevision":
@@ -199,11 +204,11 @@ class Backbone:
         return Sample(expanded, visual, n_crops, labels)
 
     @torch.no_grad()
-    def encode(self, prompt: str, images: list) -> Sample:
+    def encode(self, prompt: str, images: list, visionzip=None) -> Sample:
         """Template + tokenise one prompt, run the vision path, expand the placeholders."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("the prompt is empty")
-        features, n_crops = self.image_features([load_image(im) for im in images])
+        features, n_crops = self.image_features([load_image(im) for im in images], visionzip)
         ids = self.tokenizer(self.prompt_text(prompt, len(images)))["input_ids"]
         return self.expand(ids, features, n_crops)
 

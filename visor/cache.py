@@ -14,13 +14,13 @@ import torch
 
 
 class KVCache:
-    def __init__(self, n_layers: int, text_valid: torch.Tensor, visual_valid: torch.Tensor, capacity: int):
+    def __init__(self, n_layers: int, text_valid: torch.Tensor, capacity: int):
         batch, n_text = text_valid.shape
         self.capacity = capacity
         self.length = 0  # text slots filled so far (the same for every sample; padding is masked)
         self.text_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=text_valid.device)  # (B, C)
         self.text_valid[:, :n_text] = text_valid
-        self.visual_valid = visual_valid  # (B, Nv)
+        self.batch = batch
         self.text_k: list[torch.Tensor | None] = [None] * n_layers  # each (B, Hkv, C, hd)
         self.text_v: list[torch.Tensor | None] = [None] * n_layers
         self.sa_kv: list[tuple | None] = [None] * n_layers  # each ((B, Hkv, Nv, hd), same)
@@ -44,17 +44,19 @@ class KVCache:
             self.text_v[layer][rows, :, self.length : end] = v
         return self.text_k[layer][:, :, :end], self.text_v[layer][:, :, :end]
 
-    def store_visual(self, kind: str, layer: int, k, v, rows: torch.Tensor | None = None) -> None:
-        """Keep a layer's visual K/V ("sa": its own, "ca": its cross-attention's) for decoding."""
+    def store_visual(self, kind: str, layer: int, k, v, valid, rows: torch.Tensor | None = None) -> None:
+        """Keep a layer's visual K/V ("sa": its own, "ca": its cross-attention's) for decoding, with
+        the validity of the visual tokens present at that layer (B, Nv_layer)."""
         kvs, masks = (self.sa_kv, self.sa_mask) if kind == "sa" else (self.ca_kv, self.ca_mask)
         if rows is None:
-            kvs[layer], masks[layer] = (k, v), self.visual_valid
+            kvs[layer], masks[layer] = (k, v), valid
             return
         if kvs[layer] is None:
-            shape = (self.visual_valid.shape[0], *k.shape[1:])
-            kvs[layer], masks[layer] = (k.new_zeros(shape), v.new_zeros(shape)), torch.zeros_like(self.visual_valid)
+            shape = (self.batch, *k.shape[1:])
+            kvs[layer] = (k.new_zeros(shape), v.new_zeros(shape))
+            masks[layer] = torch.zeros(self.batch, k.shape[2], dtype=torch.bool, device=k.device)
         kvs[layer][0][rows], kvs[layer][1][rows] = k, v
-        masks[layer][rows] = self.visual_valid[rows]
+        masks[layer][rows] = valid
 
     def text_mask(self, n_new: int) -> torch.Tensor:
         return self.text_valid[:, : self.length + n_new]  # (B, length + n_new)

@@ -83,25 +83,36 @@ class FlopReport:
 
 
 def count_flops(
-    hf_config, schedule: Schedule, budget: Budget, n_visual: int, n_text: int, n_crops: int | None = None
+    hf_config,
+    schedule: Schedule,
+    budget: Budget,
+    n_visual: int,
+    n_text: int,
+    n_crops: int | None = None,
+    reduction=None,
 ) -> FlopReport:
-    """FLOPs of one sample with n_visual image tokens and n_text text tokens at this budget."""
+    """FLOPs of one sample with n_visual image tokens entering the language model (after
+    VisionZip, if used) and n_text text tokens at this budget; ``reduction``: a visor.reduce.Reduction."""
     cfg = LMConfig.from_hf(hf_config.text_config)
     schedule.check_depth(cfg.n_layers)
     budget = schedule.parse_budget(budget)
     lm = LMCost(cfg)
-    crop_flops, tokens_per_crop = vision_flops_per_crop(hf_config.vision_config)
+    vision = hf_config.vision_config
+    crop_flops, tokens_per_crop = vision_flops_per_crop(vision)
     if hf_config.vision_feature_select_strategy == "default":
         tokens_per_crop -= 1  # the CLS token is dropped before the projector
+    zip_ = reduction.visionzip if reduction is not None else None
+    kept_per_crop = min(sum(zip_), tokens_per_crop) if zip_ else tokens_per_crop
     if n_crops is None:
-        n_crops = math.ceil(n_visual / tokens_per_crop) if n_visual else 0
+        n_crops = math.ceil(n_visual / kept_per_crop) if n_visual else 0
     feature_layers = hf_config.vision_feature_layer
-    d_vision = hf_config.vision_config.hidden_size * (len(feature_layers) if isinstance(feature_layers, list) else 1)
-    projected = n_crops * tokens_per_crop
+    d_vision = vision.hidden_size * (len(feature_layers) if isinstance(feature_layers, list) else 1)
+    projected = n_crops * kept_per_crop
 
     report = FlopReport(budget, n_visual, n_text, n_crops)
     pre = {
         "vision_tower": n_crops * crop_flops,
+        "token_reduction": 0,
         "projector": _linear(projected, d_vision, cfg.hidden) + _linear(projected, cfg.hidden, cfg.hidden),
         "position_conv": 0,
         "lm_layers": 0,
@@ -109,38 +120,63 @@ def count_flops(
         "lm_head": lm.lm_head(),
     }
     dec = {"lm_layers": 0, "cross_attention": 0, "lm_head": lm.lm_head()}
+    if zip_ and kept_per_crop < tokens_per_crop:  # scoring in the feature layer + contextual similarity
+        n = tokens_per_crop + (vision.model_type.startswith("clip"))
+        head_dim = vision.hidden_size // vision.num_attention_heads
+        rest = tokens_per_crop - zip_[0]
+        per_crop = 2 * _linear(n, vision.hidden_size, vision.hidden_size) + _attention(n, n, 1, vision.hidden_size) // 2
+        pre["token_reduction"] = n_crops * (per_crop + 2 * rest * zip_[1] * head_dim)
     if schedule.position_encoding == "conv" and budget != "full":
         pre["position_conv"] = 2 * n_visual * cfg.hidden * 7 + _linear(n_visual, cfg.hidden, cfg.hidden)
-    n_all, n_ctx = n_visual + n_text, n_text + 1  # decode: the new token sees the prompt's text + itself
+    drops = reduction.drops(cfg.n_layers) if reduction is not None else {}
+    n_ctx, n_now = n_text + 1, n_visual  # decode: the new token sees the prompt's text + itself
     for i, role in enumerate(schedule.plan(budget)):
         if role == "sa":
-            layer_pre, layer_dec = lm.layer(n_all, n_all), lm.layer(1, n_visual + n_ctx)
+            layer_pre, layer_dec = lm.layer(n_now + n_text, n_now + n_text), lm.layer(1, n_now + n_ctx)
             ca_pre = ca_dec = 0
+            score = _attention(1, n_now + n_text, cfg.n_heads, cfg.head_dim) // 2
         else:
             layer_pre, layer_dec = lm.layer(n_text, n_text), lm.layer(1, n_ctx)
-            ca_pre = lm.cross(n_text, n_visual, with_kv=True) if role == "ca" else 0
-            ca_dec = lm.cross(1, n_visual, with_kv=False) if role == "ca" else 0
+            ca_pre = lm.cross(n_text, n_now, with_kv=True) if role == "ca" else 0
+            ca_dec = lm.cross(1, n_now, with_kv=False) if role == "ca" else 0
+            q_out = cfg.n_heads * cfg.head_dim
+            score = _linear(1, cfg.hidden, q_out) + _attention(1, n_now, cfg.n_heads, cfg.head_dim) // 2
+        if i in drops:
+            pre["token_reduction"] += score
+            n_next = math.ceil(n_now * drops[i])
         pre["lm_layers"] += layer_pre
         pre["cross_attention"] += ca_pre
         dec["lm_layers"] += layer_dec
         dec["cross_attention"] += ca_dec
         report.layers.append(
-            {"index": i, "role": role, "prefill": layer_pre + ca_pre, "decode_per_token": layer_dec + ca_dec}
+            {
+                "index": i,
+                "role": role,
+                "n_visual": n_now,
+                "prefill": layer_pre + ca_pre,
+                "decode_per_token": layer_dec + ca_dec,
+            }
         )
+        if i in drops:
+            n_now = n_next
     report.breakdown = {"prefill": pre, "decode_per_token": dec}
     report.prefill, report.decode_per_token = sum(pre.values()), sum(dec.values())
-    report.lm_prefill = report.prefill - pre["vision_tower"] - pre["projector"]
+    report.lm_prefill = (
+        report.prefill - pre["vision_tower"] - pre["projector"] - (0 if not zip_ else pre["token_reduction"])
+    )
     return report
 
 
-def decode_flops(hf_config, schedule: Schedule, budget: Budget, n_visual: int, n_text: int, n_new: int) -> int:
+def decode_flops(
+    hf_config, schedule: Schedule, budget: Budget, n_visual: int, n_text: int, n_new: int, reduction=None
+) -> int:
     """Total FLOPs of n_new decode steps after a prompt (step s attends over n_text + s + 1 text keys).
 
     The first new token comes out of prefill; each later one costs one decode step.
     """
     if n_new <= 1:
         return 0
-    first = count_flops(hf_config, schedule, budget, n_visual, n_text, 0).decode_per_token
+    first = count_flops(hf_config, schedule, budget, n_visual, n_text, 0, reduction).decode_per_token
     cfg = LMConfig.from_hf(hf_config.text_config)
     per_key = _attention(1, 1, cfg.n_heads, cfg.head_dim) * cfg.n_layers  # each extra text key, every layer
     steps = n_new - 1

@@ -62,7 +62,7 @@ def pick_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Gene
 
 @torch.no_grad()
 def generate(
-    lm: VisorLM, tok: Tokens, budget, cfg: GenerationConfig, eos_ids: set[int]
+    lm: VisorLM, tok: Tokens, budget, cfg: GenerationConfig, eos_ids: set[int], drops: dict | None = None
 ) -> tuple[list[list[int]], list]:
     """New token ids per sample (EOS included when reached, as Hugging Face does) and the budget
     each sample ran with (``budget`` may be one for all, a list, or "auto")."""
@@ -74,7 +74,7 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     if max_new == 0:
         return [[] for _ in range(batch)], [budget] * batch
-    logits, cache = lm.prefill(tok, budget, capacity=tok.text_ids.shape[1] + max_new)
+    logits, cache = lm.prefill(tok, budget, capacity=tok.text_ids.shape[1] + max_new, drops=drops)
     eos = torch.tensor(sorted(eos_ids), device=device, dtype=torch.long)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(batch)]

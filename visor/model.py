@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +133,23 @@ def attend(q, k, v, mask=None, explicit: bool = False):
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out * has_key[:, None].to(out.dtype)
+
+
+def last_token_attention(q_last, k, valid):
+    """Attention probabilities of one query per sample: q_last (B, H, 1, hd), k (B, Hkv, S, hd),
+    valid (B, S) -> (B, H, 1, S). Explicit matmuls (they are counted as FLOPs)."""
+    n_rep = q_last.shape[1] // k.shape[1]
+    k = k.repeat_interleave(n_rep, dim=1) if n_rep > 1 else k
+    scores = (q_last @ k.transpose(-1, -2)) / math.sqrt(q_last.shape[-1])
+    return scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1, dtype=torch.float32)
+
+
+def _rows(rope, ctx):
+    """RoPE of each sample's last text token, from the per-token tables."""
+    if rope is None:
+        return None
+    index = ctx.last_text[:, None, None, None].expand(-1, 1, 1, rope[0].shape[-1])
+    return tuple(r.gather(2, index) for r in rope)
 
 
 def take(x, index, dim):
@@ -273,23 +290,53 @@ class VisorLM(nn.Module):
         return own
 
     # ---- the layer loop -------------------------------------------------------------------
-    def run(self, tok: Tokens, budgets: list, cache: KVCache | None = None) -> tuple[torch.Tensor, list]:
+    def run(
+        self, tok: Tokens, budgets: list, cache: KVCache | None = None, drops: dict | None = None, trace=None
+    ) -> tuple[torch.Tensor, list]:
         """All layers over a batch; each sample has its own budget ("auto": the policy picks it
         from the states entering the first SA candidate). Returns the final text states
-        (B, Nt, D), before the final norm, and the budgets used."""
+        (B, Nt, D), before the final norm, and the budgets used.
+
+        ``drops`` {layer: keep}: after that layer, keep that fraction of each sample's visual
+        tokens, ranked by the attention the last text token pays them in that layer (FastV,
+        PyramidDrop). ``trace``: a dict that receives the kept token indices per drop layer."""
         v, t, ctx = self.inputs(tok, budgets)
+        drops = drops or {}
+        if drops and ("auto" in budgets or len(set(budgets)) > 1):
+            raise ConfigError("token dropping needs one fixed budget for the whole batch")
+        ctx.score_at = frozenset(drops)
         route_at = self.schedule.sa_candidates[0] if "auto" in budgets else -1
         active = self.active_layers(budgets)
         for i in range(self.cfg.n_layers):
             if i == route_at:
                 budgets = self.route(v, t, tok, budgets)
                 active = self.active_layers(budgets)
-            step = lambda v, t, i=i, sa=active[i]: self.layer(i, v, t, ctx, cache, sa)  # noqa: E731
+            step = lambda v, t, i=i, sa=active[i], ctx=ctx: self.layer(i, v, t, ctx, cache, sa)  # noqa: E731
             if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
                 v, t = torch.utils.checkpoint.checkpoint(step, v, t, use_reentrant=False)
             else:
                 v, t = step(v, t)
+            if i in drops:
+                if i not in ctx.scores:
+                    raise ConfigError(f"layer {i} runs text-only at this budget: nothing ranks its visual tokens")
+                v, ctx = self.drop_visual(tok, v, ctx, ctx.scores.pop(i), drops[i], trace, i)
         return t, budgets
+
+    def drop_visual(self, tok: Tokens, v, ctx: Context, scores, keep: float, trace, layer: int):
+        """Keep the top ``keep`` fraction of each sample's visual tokens by ``scores`` (B, Nv)."""
+        n_keep = torch.ceil(ctx.visual_valid.sum(1) * keep).long()  # (B,)
+        width = max(1, int(n_keep.max()))
+        top = scores.masked_fill(~ctx.visual_valid, float("-inf")).topk(width, dim=1).indices  # (B, K)
+        kept = torch.arange(width, device=v.device)[None] < n_keep[:, None]
+        big = torch.iinfo(torch.long).max
+        order = ctx.visual_pos.gather(1, top).masked_fill(~kept, big).argsort(dim=1)  # back to original order
+        top, kept = top.gather(1, order), kept.gather(1, order)
+        if trace is not None:
+            trace.setdefault("kept", {})[layer] = [row[m].tolist() for row, m in zip(top, kept)]
+        visual_pos = ctx.visual_pos.gather(1, top)
+        new = Context.build(tok, self.rotary, v.dtype, self.pos_conv is None, visual_pos, kept)
+        new.score_at = ctx.score_at
+        return take(v, top, 1), new
 
     def inputs(self, tok: Tokens, budgets: list) -> tuple[torch.Tensor, torch.Tensor, Context]:
         """Visual states (with the conv code where used), text embeddings, per-batch context."""
@@ -349,8 +396,13 @@ class VisorLM(nn.Module):
         x = x[:, : ctx.seq]
         q, k, val = layer.qkv(x, ctx.rope_x)
         if cache is not None:
-            cache.store_visual("sa", i, take(k, ctx.v_index, 2), take(val, ctx.v_index, 2), rows)
+            cache.store_visual("sa", i, take(k, ctx.v_index, 2), take(val, ctx.v_index, 2), ctx.visual_valid, rows)
             cache.write_text(i, take(k, ctx.t_index, 2), take(val, ctx.t_index, 2), rows)
+        if i in ctx.score_at:  # attention of the last text token over the visual tokens, head-averaged
+            last = ctx.t_index.gather(1, ctx.last_text[:, None])  # (B, 1) its slot
+            q_last = take(q, last, 2)  # (B, H, 1, hd)
+            probs = last_token_attention(q_last, k, torch.arange(ctx.seq, device=x.device)[None] <= last)
+            ctx.scores[i] = take(probs, ctx.v_index, 3).mean(1)[:, 0]  # (B, Nv)
         x = layer.finish(x, attend(q, k, val, None, self.explicit_attention))
         return take(x, ctx.v_index, 1), take(x, ctx.t_index, 1)
 
@@ -361,7 +413,11 @@ class VisorLM(nn.Module):
             ca = self.cross[str(i)]
             kv = ca.visual_kv(v, ctx.ca_rope_v)
             if cache is not None:
-                cache.store_visual("ca", i, *kv, rows)
+                cache.store_visual("ca", i, *kv, ctx.visual_valid, rows)
+            if i in ctx.score_at:  # the last text token's cross-attention over the visual tokens
+                t_last = take(t, ctx.last_text[:, None], 1)  # (B, 1, D)
+                q_last = apply_rope(split_heads(ca.q_proj(ca.norm(t_last)), ca.n_heads), _rows(ctx.ca_rope_t, ctx))
+                ctx.scores[i] = last_token_attention(q_last, kv[0], ctx.visual_valid).mean(1)[:, 0]
             t = ca(t, kv, ctx.ca_rope_t, ctx.mask_tv, self.explicit_attention)
         q, k, val = layer.qkv(t, ctx.rope_t)
         if cache is not None:
@@ -372,14 +428,14 @@ class VisorLM(nn.Module):
         return self.lm_head(self.norm(t))
 
     # ---- inference --------------------------------------------------------------------------
-    def prefill(self, tok: Tokens, budget, capacity: int) -> tuple[torch.Tensor, KVCache]:
+    def prefill(self, tok: Tokens, budget, capacity: int, drops: dict | None = None) -> tuple[torch.Tensor, KVCache]:
         """Run the prompt; return the last text token's logits (B, V) and the filled cache.
         ``budget``: one for the batch, or a list with one per sample."""
         batch = tok.text_ids.shape[0]
         budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget] * batch
         budgets = [b if b == "auto" else self.schedule.parse_budget(b) for b in budgets]
-        cache = KVCache(self.cfg.n_layers, tok.text_valid, tok.visual_valid, capacity)
-        t, cache.budgets = self.run(tok, budgets, cache)
+        cache = KVCache(self.cfg.n_layers, tok.text_valid, capacity)
+        t, cache.budgets = self.run(tok, budgets, cache, drops)
         cache.advance(t.shape[1])
         last = tok.text_valid.sum(1) - 1  # (B,) index of each sample's last text token
         cache.next_pos = tok.text_pos.gather(1, last[:, None])[:, 0] + 1
@@ -413,39 +469,65 @@ class VisorLM(nn.Module):
 
 @dataclass
 class Context:
-    """Per-batch tensors every layer needs; ``select(rows)`` for a sub-batch."""
+    """Per-batch tensors every layer needs; ``select(rows)`` for a sub-batch. Rebuilt when
+    visual tokens are dropped (token-reduction baselines)."""
 
-    seq: int  # longest original sequence in the batch
-    v_index: torch.Tensor  # (B, Nv) position of each visual token, padding -> seq
+    seq: int  # longest sequence in the batch (tokens still present)
+    v_index: torch.Tensor  # (B, Nv) slot of each visual token in original order; padding -> seq
     t_index: torch.Tensor  # (B, Nt)
+    visual_pos: torch.Tensor  # (B, Nv) original positions
+    visual_valid: torch.Tensor  # (B, Nv)
+    last_text: torch.Tensor  # (B,) index of each sample's last text token
     mask_tv: torch.Tensor  # (B, Nt, Nv) visual token k precedes text token q
     rope_t: tuple
-    rope_x: tuple  # positions 0..seq-1 (SA layers)
+    rope_x: tuple  # RoPE of the slots 0..seq-1 (SA layers)
     ca_rope_t: tuple | None  # None: CA without RoPE (conv positional code)
     ca_rope_v: tuple | None
+    score_at: frozenset = frozenset()  # layers whose last-token attention ranks visual tokens
+    scores: dict = field(default_factory=dict)  # layer -> (B, Nv) scores, filled by those layers
 
     @classmethod
-    def build(cls, tok: Tokens, rotary: Rotary, dtype, with_rope: bool) -> Context:
-        seq = int((tok.visual_valid.sum(1) + tok.text_valid.sum(1)).max())
-        batch, device = tok.text_ids.shape[0], tok.text_ids.device
+    def build(cls, tok: Tokens, rotary: Rotary, dtype, with_rope: bool, visual_pos=None, visual_valid=None) -> Context:
+        visual_pos = tok.visual_pos if visual_pos is None else visual_pos
+        visual_valid = tok.visual_valid if visual_valid is None else visual_valid
+        n_visual = visual_pos.shape[1]
+        seq = int((visual_valid.sum(1) + tok.text_valid.sum(1)).max())
+        # every token's slot = its rank among the sample's tokens in original order
+        big = torch.iinfo(torch.long).max
+        pos = torch.cat([visual_pos.masked_fill(~visual_valid, big), tok.text_pos.masked_fill(~tok.text_valid, big)], 1)
+        order = pos.argsort(dim=1, stable=True)
+        rank = torch.empty_like(order).scatter_(
+            1, order, torch.arange(pos.shape[1], device=pos.device).expand_as(order)
+        )
+        slot_pos = pos.gather(1, order)[:, :seq]
+        slot_pos = slot_pos.masked_fill(slot_pos == big, 0)
         rope_t = rotary(tok.text_pos, dtype)
         return cls(
             seq=seq,
-            v_index=torch.where(tok.visual_valid, tok.visual_pos, seq),
-            t_index=torch.where(tok.text_valid, tok.text_pos, seq),
-            mask_tv=(tok.visual_pos[:, None, :] < tok.text_pos[:, :, None]) & tok.visual_valid[:, None, :],
+            v_index=torch.where(visual_valid, rank[:, :n_visual], seq),
+            t_index=torch.where(tok.text_valid, rank[:, n_visual:], seq),
+            visual_pos=visual_pos,
+            visual_valid=visual_valid,
+            last_text=tok.text_valid.sum(1) - 1,
+            mask_tv=(visual_pos[:, None, :] < tok.text_pos[:, :, None]) & visual_valid[:, None, :],
             rope_t=rope_t,
-            rope_x=rotary(torch.arange(seq, device=device).expand(batch, -1), dtype),
+            rope_x=rotary(slot_pos, dtype),
             ca_rope_t=rope_t if with_rope else None,
-            ca_rope_v=rotary(tok.visual_pos, dtype) if with_rope else None,
+            ca_rope_v=rotary(visual_pos, dtype) if with_rope else None,
         )
 
     def select(self, rows: torch.Tensor) -> Context:
         pick = lambda x: None if x is None else (tuple(y[rows] for y in x) if isinstance(x, tuple) else x[rows])  # noqa: E731
-        return Context(
-            self.seq,
-            *(
-                pick(getattr(self, f))
-                for f in ("v_index", "t_index", "mask_tv", "rope_t", "rope_x", "ca_rope_t", "ca_rope_v")
-            ),
+        names = (
+            "v_index",
+            "t_index",
+            "visual_pos",
+            "visual_valid",
+            "last_text",
+            "mask_tv",
+            "rope_t",
+            "rope_x",
+            "ca_rope_t",
+            "ca_rope_v",
         )
+        return Context(self.seq, *(pick(getattr(self, f)) for f in names))
