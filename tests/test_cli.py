@@ -87,3 +87,28 @@ def test_flops_from_a_config_file_only():
     config = Path(__file__).parents[1] / "configs" / "llava-onevision-qwen2-7b.json"
     text = visor_cli("flops", "--config", config, "--visual-tokens", 7290, "--text-tokens", 64, "--budget", 2)
     assert "vision_tower" in text and "fewer FLOPs" in text
+
+
+def test_data_make_and_eval(tmp_path, checkpoints):
+    visor_cli("data", "make", "--out", tmp_path, "--train", 1, "--val", 0, "--test", 1, "--image-size", 64)
+    assert (tmp_path / "card.json").is_file() and len((tmp_path / "test.jsonl").read_text().splitlines()) == 9
+    out = json.loads(
+        visor_cli(
+            "eval",
+            "--model",
+            checkpoints["llava"],
+            "--data",
+            tmp_path / "test.jsonl",
+            "--method",
+            "pdrop",
+            "--stages",
+            "2,4",
+            "--ratio",
+            0.5,
+            "--max-new-tokens",
+            2,
+            "--json",
+        )
+    )
+    assert out["method"] == "pdrop" and out["summary"]["overall"]["n"] == 9
+    assert set(out["summary"]["family"]) == {"hard", "easy"}

@@ -25,10 +25,13 @@ def prefill_logits(model, images, budget="full", reduction=None, trace=None):
 
 @pytest.mark.parametrize(
     "reduction",
-    [Reduction("fastv", layer=2, keep=1.0), Reduction("pdrop", stages=[1, 3, 5], ratio=1.0),
-     Reduction("visionzip", dominant=10_000, contextual=0)],
+    [
+        Reduction("fastv", layer=2, keep=1.0),
+        Reduction("pdrop", stages=[1, 3, 5], ratio=1.0),
+        Reduction("visionzip", dominant=10_000, contextual=0),
+    ],
     ids=["fastv", "pdrop", "visionzip"],
-)  # fmt: skip
+)
 def test_keeping_everything_is_the_base_model(base_model, images, reduction):
     base, _, _ = prefill_logits(base_model, [images[1]])
     reduced, _, _ = prefill_logits(base_model, [images[1]], reduction=reduction)
@@ -46,8 +49,9 @@ def eager_base(checkpoints, arch):
 def test_fastv_keeps_what_the_attention_matrix_says(eager_base, images, layer, keep):
     """Brute force: HF's own attention probabilities (eager), last token's row, head mean, top-k."""
     trace = {}
-    _, sample, tok = prefill_logits(eager_base, [images[3]], reduction=Reduction("fastv", layer=layer, keep=keep),
-                                    trace=trace)  # fmt: skip
+    _, sample, tok = prefill_logits(
+        eager_base, [images[3]], reduction=Reduction("fastv", layer=layer, keep=keep), trace=trace
+    )
     ids = torch.tensor([sample.ids])
     embeds = eager_base.lm.embed_tokens(ids)
     is_image = ids[0] == eager_base.backbone.image_token_id
@@ -70,8 +74,11 @@ def test_pyramid_drop_stages(eager_base, images):
     assert trace["kept"][1] == fastv["kept"][1]  # the first stage is FastV
     sizes = [len(trace["kept"][i][0]) for i in (1, 2, 4)]
     n_visual = eager_base.encode([PROMPT], [[images[3]]])[0].visual.shape[0]
-    assert sizes == [math.ceil(n_visual / 2), math.ceil(math.ceil(n_visual / 2) / 2),
-                     math.ceil(math.ceil(math.ceil(n_visual / 2) / 2) / 2)]  # fmt: skip
+    assert sizes == [
+        math.ceil(n_visual / 2),
+        math.ceil(math.ceil(n_visual / 2) / 2),
+        math.ceil(math.ceil(math.ceil(n_visual / 2) / 2) / 2),
+    ]
     assert all(0 <= i < prev for i, prev in zip(trace["kept"][2][0], [sizes[0]] * sizes[1]))
 
 
@@ -99,11 +106,15 @@ def test_visionzip_token_counts(base_model, images):
 
 @pytest.mark.parametrize(
     "budget, reduction",
-    [("full", Reduction("fastv", layer=2, keep=0.3)), ("full", Reduction("pdrop", stages=[1, 3, 5], ratio=0.5)),
-     ("full", Reduction("visionzip", dominant=6, contextual=3)), (1, Reduction("fastv", layer=2, keep=0.3)),
-     (2, Reduction("visionzip", dominant=5, contextual=2))],
+    [
+        ("full", Reduction("fastv", layer=2, keep=0.3)),
+        ("full", Reduction("pdrop", stages=[1, 3, 5], ratio=0.5)),
+        ("full", Reduction("visionzip", dominant=6, contextual=3)),
+        (1, Reduction("fastv", layer=2, keep=0.3)),
+        (2, Reduction("visionzip", dominant=5, contextual=2)),
+    ],
     ids=["fastv", "pdrop", "visionzip", "visor+fastv", "visor+visionzip"],
-)  # fmt: skip
+)
 def test_reduction_flops_match_the_counter(checkpoints, arch, images, budget, reduction):
     model = visor.load(checkpoints[arch], attn_implementation="eager")
     model.lm.explicit_attention = True

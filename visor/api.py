@@ -57,6 +57,7 @@ class VisorModel:
         top_p: float = 1.0,
         seed: int = 0,
         reduction: Reduction | None = None,
+        stats: dict | None = None,
     ) -> Generation | list[Generation]:
         """Answer one prompt (str; images = a path/PIL image or a list of them) or a batch of
         prompts (list; images = one entry per prompt, each an image or a list of images)."""
@@ -71,7 +72,7 @@ class VisorModel:
         samples = self.encode(prompts_list, images_list, reduction)
         tokens = collate(samples, self.backbone.image_token_id, self.backbone.device)
         drops = reduction.drops(self.lm.cfg.n_layers) if reduction else None
-        new_ids, budgets = generate(self.lm, tokens, budget, cfg, self.backbone.eos_token_ids, drops)
+        new_ids, budgets = generate(self.lm, tokens, budget, cfg, self.backbone.eos_token_ids, drops, stats)
         results = []
         for sample, ids, budget in zip(samples, new_ids, budgets):
             n_visual = sample.visual.shape[0]

@@ -257,6 +257,81 @@ def train_policy(
     )
 
 
+def _setting(
+    method: str, budget: str, layer: int, keep: float, stages: str | None, ratio: float, dominant: int, contextual: int
+):
+    from .evaluate import METHODS, Setting
+    from .reduce import Reduction
+
+    if method not in METHODS:
+        raise ConfigError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    stage_list = [int(x) for x in stages.split(",")] if stages else []
+    reduction = None
+    if method in ("fastv", "pdrop", "visionzip"):
+        reduction = Reduction(
+            method, layer=layer, keep=keep, stages=stage_list, ratio=ratio, dominant=dominant, contextual=contextual
+        )
+    return Setting(method, budget, reduction)
+
+
+@app.command("eval")
+def eval_command(
+    model: ModelOpt,
+    data: Annotated[Path, typer.Option(help="JSONL {image, question, answer[, task, family]} or LLaVA JSON")],
+    images: Annotated[Path | None, typer.Option(help="image paths are relative to it (default: the data's)")] = None,
+    method: Annotated[str, typer.Option(help="visor, base, fastv, pdrop or visionzip")] = "visor",
+    budget: Annotated[str, typer.Option(help="VISOR budget (any method): 0..n, full, auto")] = "full",
+    layer: Annotated[int, typer.Option(help="fastv: prune after this many layers")] = 2,
+    keep: Annotated[float, typer.Option(help="fastv: fraction of visual tokens kept")] = 0.5,
+    stages: Annotated[str | None, typer.Option(help="pdrop: prune after these layer counts, e.g. 6,12,18")] = None,
+    ratio: Annotated[float, typer.Option(help="pdrop: fraction kept at each stage")] = 0.5,
+    dominant: Annotated[int, typer.Option(help="visionzip: dominant tokens per crop")] = 54,
+    contextual: Annotated[int, typer.Option(help="visionzip: merged contextual tokens per crop")] = 10,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    limit: Annotated[int | None, typer.Option(help="only the first N records")] = None,
+    out: Annotated[Path | None, typer.Option(help="write result.json and result.md here")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+):
+    """Accuracy (exact match, ANLS), FLOPs and time of one method on a data set."""
+    from .api import load
+    from .evaluate import evaluate, markdown
+
+    _quiet_transformers()
+    m = load(model)
+    setting = _setting(method, budget, layer, keep, stages, ratio, dominant, contextual)
+    setting.budget = m.parse_budget(budget) if method != "base" else "full"
+    result = evaluate(m, data, images, setting, batch_size, max_new_tokens, limit)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        (out / "result.md").write_text(markdown(result))
+    if as_json:
+        print(json.dumps({k: v for k, v in result.items() if k != "rows"}, default=str))
+    else:
+        print(markdown(result))
+
+
+@app.command()
+def compare(
+    model: ModelOpt,
+    data: Annotated[Path, typer.Option(help="the evaluation set (e.g. data/builtin/test.jsonl)")],
+    out: Annotated[Path, typer.Option(help="directory for report.md, pareto.png, results.json")],
+    images: Annotated[Path | None, typer.Option(help="image paths are relative to it (default: the data's)")] = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    limit: Annotated[int | None, typer.Option(help="only the first N records")] = None,
+):
+    """Sweep VISOR budgets and the baselines' knobs; write a table at matched FLOPs and a Pareto plot."""
+    from .api import load
+    from .evaluate import compare as run
+
+    _quiet_transformers()
+    result = run(load(model), data, out, images, None, batch_size, max_new_tokens, limit)
+    print(Path(result["report"]).read_text())
+    console.print(f"plot: [bold]{result['plot']}[/]")
+
+
 data_app = typer.Typer(no_args_is_help=True, help="The built-in benchmark.")
 app.add_typer(data_app, name="data")
 

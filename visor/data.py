@@ -30,6 +30,12 @@ class Record:
     images: list[Path]
     turns: list[tuple[str, str]]  # (role, text), role "user" or "assistant"
     source: str  # "file:line" for messages
+    task: str = "all"  # benchmark task and family, where the record says ("task", "family")
+    family: str = ""
+
+    @property
+    def question(self) -> str:
+        return self.turns[0][1]
 
     @property
     def answer(self) -> str:
@@ -68,7 +74,7 @@ def _parse(item, images_dir: Path) -> Record | str:
                 im.verify()
         except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
             return f"unreadable image {p}: {e.__class__.__name__}"
-    return Record(paths, turns, "")
+    return Record(paths, turns, "", str(item.get("task", "all")), str(item.get("family", "")))
 
 
 def read_records(path: str | Path, images_dir: str | Path) -> tuple[list[Record], list[str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -62,10 +63,17 @@ def pick_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Gene
 
 @torch.no_grad()
 def generate(
-    lm: VisorLM, tok: Tokens, budget, cfg: GenerationConfig, eos_ids: set[int], drops: dict | None = None
+    lm: VisorLM,
+    tok: Tokens,
+    budget,
+    cfg: GenerationConfig,
+    eos_ids: set[int],
+    drops: dict | None = None,
+    stats: dict | None = None,
 ) -> tuple[list[list[int]], list]:
     """New token ids per sample (EOS included when reached, as Hugging Face does) and the budget
-    each sample ran with (``budget`` may be one for all, a list, or "auto")."""
+    each sample ran with (``budget`` may be one for all, a list, or "auto"). ``stats`` receives
+    the prefill time in seconds ("prefill_s", added up over calls)."""
     longest = int((tok.visual_valid.sum(1) + tok.text_valid.sum(1)).max())
     max_new = max(0, min(cfg.max_new_tokens, lm.cfg.max_positions - longest))  # stop at the context end
     batch, device = tok.text_ids.shape[0], tok.text_ids.device
@@ -74,7 +82,12 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     if max_new == 0:
         return [[] for _ in range(batch)], [budget] * batch
+    start = time.perf_counter()
     logits, cache = lm.prefill(tok, budget, capacity=tok.text_ids.shape[1] + max_new, drops=drops)
+    if stats is not None:
+        if logits.is_cuda:
+            torch.cuda.synchronize()
+        stats["prefill_s"] = stats.get("prefill_s", 0.0) + time.perf_counter() - start
     eos = torch.tensor(sorted(eos_ids), device=device, dtype=torch.long)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(batch)]

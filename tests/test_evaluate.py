@@ -1,0 +1,67 @@
+"""The evaluation harness and the comparison sweep."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import visor
+from visor.evaluate import Setting, anls, compare, evaluate
+from visor.reduce import Reduction
+from visor.synth import make_dataset
+
+
+def test_anls():
+    assert anls("Hello.", "hello") == 1.0
+    assert anls("helo", "hello") == pytest.approx(0.8)
+    assert anls("xyz", "hello") == 0.0  # below the 0.5 threshold
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    make_dataset(out, seed=0, sizes={"train": 0, "val": 0, "test": 2}, image_size=64, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(checkpoints):
+    return visor.load(checkpoints["llava-onevision"])
+
+
+def test_accuracy_counts_exact_matches(model, bench, tmp_path):
+    """Answers set to the model's own greedy output must all count as correct, per task and family."""
+    first = evaluate(model, bench / "test.jsonl", setting=Setting("visor", 1), max_new_tokens=4, progress=False)
+    rows = [json.loads(line) for line in (bench / "test.jsonl").read_text().splitlines()]
+    for row, result in zip(rows, first["rows"]):
+        row["answer"] = result["prediction"] or "x"
+    (tmp_path / "own.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    again = evaluate(model, tmp_path / "own.jsonl", bench, Setting("visor", 1), max_new_tokens=4, progress=False)
+    empty = sum(1 for r in first["rows"] if not r["prediction"])
+    s = again["summary"]
+    assert s["overall"]["accuracy"] == pytest.approx(1 - empty / len(rows))
+    assert set(s["family"]) == {"hard", "easy"} and len(s["task"]) == 9
+    assert all(r["prefill_flops"] > r["lm_prefill_flops"] > 0 for r in again["rows"])
+
+
+def test_baselines_save_flops(model, bench):
+    kwargs = dict(max_new_tokens=2, progress=False, limit=6)
+    base = evaluate(model, bench / "test.jsonl", setting=Setting("base"), **kwargs)["summary"]["overall"]
+    for setting in [Setting("fastv", "full", Reduction("fastv", keep=0.25)), Setting("visor", 0),
+                    Setting("visionzip", "full", Reduction("visionzip", dominant=8, contextual=2))]:  # fmt: skip
+        s = evaluate(model, bench / "test.jsonl", setting=setting, **kwargs)["summary"]["overall"]
+        assert s["lm_prefill_flops"] < base["lm_prefill_flops"]
+
+
+def test_compare_writes_a_table_and_a_plot(model, bench, tmp_path):
+    result = compare(model, bench / "test.jsonl", tmp_path, max_new_tokens=2, limit=9)
+    report = (tmp_path / "report.md").read_text()
+    assert "| base |" in report and "At matched FLOPs" in report and "fastv" in report and "visionzip" in report
+    image = Image.open(tmp_path / "pareto.png")
+    assert image.size[0] > 800 and image.size[1] > 300
+    pixels = np.asarray(image.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20  # lines and text, not a blank canvas
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert len(data["results"]) == len(result["results"]) >= 10
+    assert {r["method"] for r in data["results"]} >= {"base", "visor", "fastv", "pdrop", "visionzip"}

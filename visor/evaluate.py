@@ -1,0 +1,306 @@
+"""One evaluation harness for VISOR and the token-reduction baselines, and the sweep comparing them.
+
+``evaluate``: batched generation over a JSONL/LLaVA-JSON set; per sample exact match (after
+normalisation: lower case, punctuation removed, spaces collapsed) and ANLS (normalised
+Levenshtein similarity, 0 below 0.5); FLOPs (prefill and total, from ``visor.flops``);
+wall-clock. Summaries per task, per family (hard / easy) and overall.
+
+``compare``: VISOR at every budget (and ``auto`` with a policy), the base model, FastV, PyramidDrop
+and VisionZip over their knobs, and VISOR + VisionZip; writes ``results.json``, ``report.md``
+(every setting, and a table matching each VISOR budget to each baseline's setting with the
+nearest FLOPs) and ``pareto.png`` (accuracy vs. relative LM prefill FLOPs, hard and easy panels).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .data import read_records
+from .policy import normalise
+from .reduce import Reduction
+
+METHODS = ("visor", "base", "fastv", "pdrop", "visionzip")
+
+
+def anls(prediction: str, answer: str, threshold: float = 0.5) -> float:
+    a, b = normalise(prediction), normalise(answer)
+    if not a and not b:
+        return 1.0
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):  # Levenshtein distance, one row at a time
+        row = [i]
+        for j, cb in enumerate(b, 1):
+            row.append(min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = row
+    similarity = 1 - prev[-1] / max(len(a), len(b))
+    return similarity if similarity >= threshold else 0.0
+
+
+@dataclass
+class Setting:
+    """One method at one operating point."""
+
+    method: str = "visor"
+    budget: object = "full"
+    reduction: Reduction | None = None
+
+    @property
+    def label(self) -> str:
+        if self.method == "base":
+            return "base"
+        parts = [f"visor:{self.budget}"] if self.budget != "full" else []
+        if self.reduction is not None and self.reduction.method != "none":
+            parts.append(self.reduction.label())
+        return " + ".join(parts) or "base"
+
+
+def summarise(rows: list[dict]) -> dict:
+    def agg(rs):
+        return {
+            "n": len(rs),
+            "accuracy": statistics.fmean(r["correct"] for r in rs),
+            "anls": statistics.fmean(r["anls"] for r in rs),
+            "prefill_flops": statistics.fmean(r["prefill_flops"] for r in rs),
+            "lm_prefill_flops": statistics.fmean(r["lm_prefill_flops"] for r in rs),
+            "total_flops": statistics.fmean(r["total_flops"] for r in rs),
+        }
+
+    out = {"overall": agg(rows), "family": {}, "task": {}}
+    for key in ("family", "task"):
+        for name in sorted({r[key] for r in rows if r[key]}):
+            out[key][name] = agg([r for r in rows if r[key] == name])
+    return out
+
+
+def evaluate(
+    model,
+    data,
+    images=None,
+    setting: Setting | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Accuracy, ANLS, FLOPs and time of one setting on a data set."""
+    from tqdm.auto import tqdm
+
+    setting = setting or Setting()
+    records, skipped = read_records(data, images or Path(data).parent)
+    records = records[:limit] if limit else records
+    rows, stats, began = [], {}, time.perf_counter()
+    budget = "full" if setting.method == "base" else setting.budget
+    for start in tqdm(range(0, len(records), batch_size), desc=setting.label, disable=not progress, leave=False):
+        chunk = records[start : start + batch_size]
+        outs = model.generate(
+            [r.images for r in chunk],
+            [r.question for r in chunk],
+            budget=budget,
+            max_new_tokens=max_new_tokens,
+            reduction=setting.reduction,
+            stats=stats,
+        )
+        for r, g in zip(chunk, outs):
+            report = model.flops(g.n_visual, g.n_text, g.budget, None, setting.reduction)
+            rows.append(
+                {
+                    "source": r.source,
+                    "task": r.task,
+                    "family": r.family,
+                    "question": r.question,
+                    "answer": r.answer,
+                    "prediction": g.text,
+                    "budget": g.budget,
+                    "correct": float(normalise(g.text) == normalise(r.answer)),
+                    "anls": anls(g.text, r.answer),
+                    "prefill_flops": g.flops["prefill"],
+                    "lm_prefill_flops": report.lm_prefill,
+                    "total_flops": g.flops["total"],
+                }
+            )
+    seconds = time.perf_counter() - began
+    return {
+        "setting": setting.label,
+        "method": setting.method,
+        "budget": budget,
+        "reduction": setting.reduction.__dict__ if setting.reduction else None,
+        "summary": summarise(rows),
+        "seconds": seconds,
+        "prefill_seconds": stats.get("prefill_s", 0.0),
+        "n_skipped": len(skipped),
+        "rows": rows,
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"### {result['setting']}",
+        "",
+        "| group | n | accuracy | ANLS | prefill GFLOPs | LM prefill GFLOPs |",
+        "|---|---|---|---|---|---|",
+    ]
+    s = result["summary"]
+    groups = [("all", s["overall"])] + [(f"family {k}", v) for k, v in s["family"].items()]
+    groups += [(f"task {k}", v) for k, v in s["task"].items()]
+    for name, g in groups:
+        lines.append(
+            f"| {name} | {g['n']} | {g['accuracy']:.3f} | {g['anls']:.3f} | "
+            f"{g['prefill_flops'] / 1e9:.3f} | {g['lm_prefill_flops'] / 1e9:.3f} |"
+        )
+    lines.append(f"\n{result['seconds']:.1f} s in all, prefill {result['prefill_seconds']:.1f} s.")
+    return "\n".join(lines) + "\n"
+
+
+# ---- the sweep ------------------------------------------------------------------------------------
+
+
+def default_settings(model) -> list[Setting]:
+    n = len(model.schedule.sa_candidates)
+    v = model.config.vision_config
+    per_crop = (v.image_size // v.patch_size) ** 2
+    settings = [Setting("base")] + [Setting("visor", b) for b in range(n + 1)]
+    if model.lm.policy is not None:
+        settings.append(Setting("visor", "auto"))
+    settings += [Setting("fastv", "full", Reduction("fastv", layer=2, keep=k)) for k in (0.5, 0.25, 0.125, 0.0625)]
+    settings += [Setting("pdrop", "full", Reduction("pdrop", ratio=r)) for r in (0.5, 0.3, 0.15)]
+    for f in (0.5, 0.25, 0.125):
+        dominant = max(1, round(per_crop * f * 0.85))
+        zip_ = Reduction("visionzip", dominant=dominant, contextual=max(1, round(per_crop * f) - dominant))
+        settings.append(Setting("visionzip", "full", zip_))
+    zip_ = Reduction("visionzip", dominant=max(1, round(per_crop * 0.2)), contextual=max(1, round(per_crop * 0.05)))
+    settings.append(Setting("visor+visionzip", n, zip_))
+    return settings
+
+
+def compare(
+    model,
+    data,
+    out,
+    images=None,
+    settings: list[Setting] | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    limit: int | None = None,
+) -> dict:
+    from tqdm.auto import tqdm
+
+    settings = settings or default_settings(model)
+    results = [
+        evaluate(model, data, images, s, batch_size, max_new_tokens, limit) for s in tqdm(settings, desc="compare")
+    ]
+    base = next((r for r in results if r["method"] == "base"), results[0])
+    base_flops = base["summary"]["overall"]["lm_prefill_flops"]
+    for r in results:
+        r["relative_lm_flops"] = r["summary"]["overall"]["lm_prefill_flops"] / base_flops
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "results.json", json.dumps({"results": results}, indent=2, default=str) + "\n")
+    _atomic_write(out / "report.md", report_markdown(results))
+    pareto_plot(results, out / "pareto.png")
+    return {"results": results, "report": str(out / "report.md"), "plot": str(out / "pareto.png")}
+
+
+def _family(r: dict, name: str) -> float | None:
+    f = r["summary"]["family"].get(name)
+    return f["accuracy"] if f else None
+
+
+def _fmt(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def report_markdown(results: list[dict]) -> str:
+    lines = [
+        "# VISOR vs. token reduction",
+        "",
+        "| setting | hard | easy | all | LM prefill FLOPs vs. base | prefill s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['setting']} | {_fmt(_family(r, 'hard'))} | {_fmt(_family(r, 'easy'))} | "
+            f"{_fmt(r['summary']['overall']['accuracy'])} | {r['relative_lm_flops']:.3f} | "
+            f"{r['prefill_seconds']:.2f} |"
+        )
+    visor = [r for r in results if r["method"] == "visor" and r["budget"] != "auto"]
+    baselines = sorted({r["method"] for r in results} - {"visor", "base"})
+    if visor and baselines:
+        lines += [
+            "",
+            "## At matched FLOPs (each baseline's setting nearest to the VISOR budget)",
+            "",
+            "| VISOR budget | FLOPs | hard | easy | "
+            + " | ".join(f"{b} (FLOPs, hard, easy)" for b in baselines)
+            + " |",
+            "|---" * (4 + len(baselines)) + "|",
+        ]
+        for v in visor:
+            cells = []
+            for b in baselines:
+                near = min(
+                    (r for r in results if r["method"] == b),
+                    key=lambda r: abs(r["relative_lm_flops"] - v["relative_lm_flops"]),
+                )
+                cells.append(
+                    f"{near['relative_lm_flops']:.3f}, {_fmt(_family(near, 'hard'))}, {_fmt(_family(near, 'easy'))}"
+                )
+            lines.append(
+                f"| {v['budget']} | {v['relative_lm_flops']:.3f} | {_fmt(_family(v, 'hard'))} | "
+                f"{_fmt(_family(v, 'easy'))} | " + " | ".join(cells) + " |"
+            )
+    lines += [
+        "",
+        "Accuracy: exact match after normalisation (%). FLOPs: language-model prefill, mean per sample, "
+        "relative to the base model (all tokens, all layers).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
+
+    min_x = min(r["relative_lm_flops"] for r in results)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    for ax, family in zip(axes, ("hard", "easy")):
+        for method in sorted({r["method"] for r in results}):
+            points = sorted(
+                (r["relative_lm_flops"], _family(r, family))
+                for r in results
+                if r["method"] == method and r["budget"] != "auto" and _family(r, family) is not None
+            )
+            if points:
+                xs, ys = zip(*points)
+                style = "o" if method == "base" else "o-"
+                ax.plot(xs, [100 * y for y in ys], style, label=method, lw=2 if method == "visor" else 1.2)
+        for r in results:
+            if r["budget"] == "auto" and _family(r, family) is not None:
+                ax.plot(r["relative_lm_flops"], 100 * _family(r, family), "*", ms=14, label="visor auto")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks([x for x in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0) if x >= min_x / 1.5])
+        ax.set_title(f"{family} tasks")
+        ax.set_xlabel("language-model prefill FLOPs (relative to base)")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
