@@ -2,25 +2,12 @@
 
 import pytest
 import torch
+from conftest import greedy
 
 from visor.backbone import Sample
 from visor.generate import collate
 
 BUDGETS = [0, 1, 2, "full"]  # 2 = every SA candidate of the 6-layer default schedule
-
-
-def greedy(model, samples, n_new, budget):
-    """Greedy tokens and per-step logits through prefill + cached decode."""
-    tok = collate(samples, model.backbone.image_token_id, "cpu")
-    with torch.no_grad():
-        logits, cache = model.lm.prefill(tok, budget, capacity=tok.text_ids.shape[1] + n_new)
-        steps, tokens = [logits], []
-        for _ in range(n_new - 1):
-            tokens.append(logits.argmax(-1))
-            logits = model.lm.decode_one_token(tokens[-1], cache)
-            steps.append(logits)
-    tokens.append(logits.argmax(-1))
-    return torch.stack(tokens, 1), torch.stack(steps, 1)
 
 
 def prefill_logits(model, sample, budget):

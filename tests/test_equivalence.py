@@ -2,9 +2,8 @@
 
 import pytest
 import torch
+from conftest import greedy
 from PIL import Image
-
-from visor.generate import collate
 
 PROMPTS = ["What is shown in the image?", "Which colour dominates?"]
 
@@ -38,25 +37,13 @@ def hf_reference(model, prompts, image_lists, n_new):
     return out.sequences[:, width:], torch.stack(out.logits, 1), samples  # (B, n_new), (B, n_new, V)
 
 
-def our_greedy(model, samples, n_new, budget="full"):
-    tok = collate(samples, model.backbone.image_token_id, "cpu")
-    logits, cache = model.lm.prefill(tok, budget, capacity=tok.text_ids.shape[1] + n_new)
-    steps, tokens = [logits], []
-    for _ in range(n_new - 1):
-        tokens.append(logits.argmax(-1))
-        logits = model.lm.decode_one_token(tokens[-1], cache)
-        steps.append(logits)
-    tokens.append(logits.argmax(-1))
-    return torch.stack(tokens, 1), torch.stack(steps, 1)
-
-
 @pytest.mark.parametrize("batched", [False, True], ids=["single", "batched"])
 def test_full_budget_equals_hugging_face(base_model, images, batched):
     prompts = PROMPTS if batched else PROMPTS[:1]
     image_lists = [[images[0]], [images[1]]][: len(prompts)]
     hf_tokens, hf_logits, samples = hf_reference(base_model, prompts, image_lists, 16)
     with torch.no_grad():
-        tokens, logits = our_greedy(base_model, samples, 16)
+        tokens, logits = greedy(base_model, samples, 16, "full")
     assert (logits[:, 0] - hf_logits[:, 0]).abs().max() <= 1e-4  # prefill logits
     assert torch.equal(tokens, hf_tokens)  # 16 greedy tokens
     assert (logits - hf_logits).abs().max() <= 1e-4  # and every decode step
