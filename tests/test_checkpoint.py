@@ -58,3 +58,11 @@ def test_a_visor_checkpoint_keeps_its_schedule(checkpoints, tmp_path):
 def test_convert_refuses_to_overwrite_its_source(checkpoints):
     with pytest.raises(visor.ConfigError, match="refusing to overwrite"):
         visor.convert(checkpoints["llava"], checkpoints["llava"])
+
+
+def test_converting_a_visor_checkpoint_copies_it(checkpoints, tmp_path):
+    first = visor.convert(checkpoints["llava"], tmp_path / "v", schedule="sa,sa,ca,ca,text,text")
+    again = visor.convert(first, tmp_path / "v2")
+    assert visor.load(again).schedule.roles == ["sa", "sa", "ca", "ca", "text", "text"]
+    with pytest.raises(visor.ConfigError, match="already a VISOR checkpoint"):
+        visor.convert(first, tmp_path / "v3", position_encoding="conv")

@@ -147,13 +147,15 @@ def load(
 
 
 def convert(base: str | Path, out: str | Path, schedule=None, position_encoding: str | None = None) -> Path:
-    """Make a VISOR checkpoint from a base checkpoint (CA modules initialised, gates at zero)."""
+    """Make a VISOR checkpoint from a base checkpoint (CA modules initialised, gates at zero).
+    A VISOR checkpoint is copied as it is (its schedule can't change: its CA weights belong to it)."""
     config = read_config(base)
-    sched = (
-        schedule
-        if isinstance(schedule, Schedule)
-        else Schedule.from_spec(schedule, config.text_config.num_hidden_layers)
-    )
+    if read_visor_json(Path(base)) is not None:
+        if schedule is not None or position_encoding is not None:
+            raise ConfigError(f"{base} is already a VISOR checkpoint; its schedule and position encoding are fixed")
+        return load(base).save(out)
+    n_layers = config.text_config.num_hidden_layers
+    sched = schedule if isinstance(schedule, Schedule) else Schedule.from_spec(schedule, n_layers)
     if position_encoding is not None:
         sched = Schedule(sched.roles, position_encoding)
     return load(base, sched).save(out)

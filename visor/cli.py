@@ -170,7 +170,9 @@ def convert(
     model: ModelOpt,
     out: Annotated[Path, typer.Option(help="directory for the VISOR checkpoint")],
     schedule: ScheduleOpt = None,
-    position_encoding: Annotated[str, typer.Option(help="rope (original positions) or conv (paper's PEG)")] = "rope",
+    position_encoding: Annotated[
+        str | None, typer.Option(help="rope (original positions, the default) or conv (the paper's PEG)")
+    ] = None,
 ):
     """Make a VISOR checkpoint from a base checkpoint (new CA layers, gates at zero)."""
     from .api import convert as convert_checkpoint
