@@ -15,11 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/visor tiny-model --arch llava-onevision --out $(DEMO_DIR)/tiny-ov
-	$(VENV)/bin/visor generate --model $(DEMO_DIR)/tiny-ov --image examples/shapes.png \
-		--prompt "What is shown?" --budget 1 --max-new-tokens 8
-	$(VENV)/bin/visor flops --config configs/llava-onevision-qwen2-7b.json \
-		--visual-tokens 7290 --text-tokens 64 --budget 2
+	$(VENV)/bin/visor demo --out $(DEMO_DIR)
 
 # pytest exits 5 when it collects no test; make treats every non-zero exit as a failure.
 test: $(VENV)/.installed

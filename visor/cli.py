@@ -334,6 +334,32 @@ def compare(
     console.print(f"plot: [bold]{result['plot']}[/]")
 
 
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="where the stages, report.md, pareto.png and results.json go")] = Path(
+        "runs/demo"
+    ),
+    quick: Annotated[bool, typer.Option("--quick", help="the same stages on a tiny budget (under 2 minutes)")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="redo every stage instead of reusing finished ones")] = False,
+):
+    """The paper's story end to end on this CPU: data, base model, VISOR training, policy, comparison."""
+    from .demo import run_demo
+
+    _quiet_transformers()
+    torch_threads()
+    run_demo(out, quick, fresh)
+    print((out / "report.md").read_text().split("## Reproduce")[0])
+    console.print(f"report: [bold]{out / 'report.md'}[/], plot: [bold]{out / 'pareto.png'}[/]")
+
+
+def torch_threads() -> None:
+    import os
+
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("VISOR_THREADS", os.cpu_count() or 1)))
+
+
 data_app = typer.Typer(no_args_is_help=True, help="The built-in benchmark.")
 app.add_typer(data_app, name="data")
 

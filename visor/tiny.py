@@ -35,11 +35,20 @@ LLAVA_TEMPLATE = (
 )
 
 CORPUS = """
-what is shown in the image ? describe the picture . which colour dominates ? red green blue yellow
-black white orange purple grey the digit in row column cell of the grid is zero one two three four
-five six seven eight nine how many shapes are there ? a chart a table a document with text the value
-of the bar labelled is the answer yes no left right top bottom quadrant circle square triangle box
-0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 100 what which where how many is are the a of in
+user
+assistant
+Which
+What
+How
+Is
+Describe
+What is shown in the image? Describe the picture. Which colour dominates the image? red green blue
+yellow purple orange black white grey Which digit is in the red box? Which digit is in row 1, column 2?
+What is the value in the row labelled apple? What value is written on the pear bar? What is the first
+word of line 3? second third fourth How many large shapes are there? Is this a chart or a table?
+chart table Which quadrant holds the object? top left top right bottom left bottom right yes no
+apple pear plum lime fig kiwi mango melon grape peach lemon cherry one two three four five six seven
+eight nine zero 0 1 2 3 4 5 6 7 8 9 10 11 12 20 50 99 100 the a of in is are what which where how
 """
 
 
@@ -53,10 +62,12 @@ class TinySpec:
     intermediate: int = 128
     vision_hidden: int = 32
     vision_layers: int = 2
+    vision_heads: int = 2
+    vision_intermediate: int = 0  # 0 = 2 * vision_hidden
     image_size: int = 32  # vision tower input; AnyRes tiles are this size
     patch_size: int = 8
     max_positions: int = 4096
-    vocab_size: int = 384  # BPE target size (bytes + merges), specials come on top
+    vocab_size: int = 640  # BPE target size (bytes + merges), specials come on top
     seed: int = 0
 
 
@@ -79,7 +90,7 @@ def build_tokenizer(arch: str, vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator([CORPUS] * 8, trainer=trainer)
     if arch == "llava":  # Llama tokenizers prepend <s>, as HF's LLaVA processor then does
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
@@ -127,9 +138,9 @@ def build_tiny(out: str | Path, spec: TinySpec | None = None) -> Path:
     )
     vision = dict(
         hidden_size=spec.vision_hidden,
-        intermediate_size=2 * spec.vision_hidden,
+        intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
         num_hidden_layers=spec.vision_layers,
-        num_attention_heads=2,
+        num_attention_heads=spec.vision_heads,
         image_size=spec.image_size,
         patch_size=spec.patch_size,
     )

@@ -1,0 +1,29 @@
+"""`visor demo --quick`: every stage runs and every artefact is produced and well-formed
+(the accuracy targets are for the full run, not this one)."""
+
+import json
+import time
+
+import numpy as np
+from PIL import Image
+
+from visor.demo import run_demo
+
+
+def test_quick_demo_produces_every_artefact(tmp_path):
+    summary = run_demo(tmp_path, quick=True)
+    report = (tmp_path / "report.md").read_text()
+    assert "| base |" in report and "visor:0" in report and "## Targets" in report and "## Reproduce" in report
+    for method in ("fastv", "pdrop", "visionzip", "visor:auto"):
+        assert method in report
+    image = np.asarray(Image.open(tmp_path / "pareto.png").convert("RGB"))
+    assert image.shape[0] > 300 and image.shape[1] > 800 and len(np.unique(image.reshape(-1, 3), axis=0)) > 20
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["quick"] and results["targets"] and len(results["results"]) >= 10
+    assert {r["method"] for r in results["results"]} >= {"base", "visor", "fastv", "pdrop", "visionzip"}
+    assert summary["config"]["seed"] == 0
+
+    began = time.perf_counter()
+    run_demo(tmp_path, quick=True)  # every stage is cached now
+    assert time.perf_counter() - began < summary["elapsed_s"]
+    assert len(list((tmp_path / "stages").iterdir())) == 7
