@@ -346,18 +346,9 @@ def demo(
     from .demo import run_demo
 
     _quiet_transformers()
-    torch_threads()
     run_demo(out, quick, fresh)
     print((out / "report.md").read_text().split("## Reproduce")[0])
     console.print(f"report: [bold]{out / 'report.md'}[/], plot: [bold]{out / 'pareto.png'}[/]")
-
-
-def torch_threads() -> None:
-    import os
-
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("VISOR_THREADS", os.cpu_count() or 1)))
 
 
 data_app = typer.Typer(no_args_is_help=True, help="The built-in benchmark.")
