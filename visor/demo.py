@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -348,6 +349,14 @@ def write_report(out: Path, results, cfg, quick, timings, elapsed, version, comp
 
     shutil.copy(compared / "pareto.png", out / "pareto.png")
     checks = check_targets(results)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    checks.append(
+        (
+            "total wall-clock <= 15 min and peak RAM <= 4 GB",
+            elapsed <= 900 and peak_mb <= 4096,
+            f"{elapsed / 60:.1f} min of stages; {peak_mb:.0f} MB peak in this invocation",
+        )
+    )
     lines = [
         "# visor demo: VISOR vs. token reduction on a tiny LLaVA-OneVision, 2-core CPU",
         "",
