@@ -27,7 +27,7 @@ class Generation:
     budget: Budget
     n_visual: int
     n_text: int
-    flops: dict  # {"prefill", "decode", "total"} for this sample
+    flops: dict  # {"prefill", "lm_prefill", "decode", "total"} for this sample
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -77,10 +77,15 @@ class VisorModel:
         for sample, ids, budget in zip(samples, new_ids, budgets):
             n_visual = sample.visual.shape[0]
             n_text = len(sample.ids) - n_visual
-            prefill = self.flops(n_visual, n_text, budget, sample.n_crops, reduction).prefill
+            report = self.flops(n_visual, n_text, budget, sample.n_crops, reduction)
             decode = decode_flops(self.config, self.schedule, budget, n_visual, n_text, len(ids), reduction)
             text = self.backbone.tokenizer.decode(ids, skip_special_tokens=True)
-            flops = {"prefill": prefill, "decode": decode, "total": prefill + decode}
+            flops = {
+                "prefill": report.prefill,
+                "lm_prefill": report.lm_prefill,
+                "decode": decode,
+                "total": report.prefill + decode,
+            }
             results.append(Generation(text, ids, budget, n_visual, n_text, flops))
         return results[0] if single else results
 

@@ -15,6 +15,7 @@ renamed; ``--resume`` continues from the newest one.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -112,12 +113,15 @@ def sample_indices(step: int, micro: int, cfg: TrainConfig, n_records: int, worl
     """Record indices of one rank's micro-batch: global position -> (epoch, seeded permutation)."""
     global_batch = cfg.batch_size * world
     start = (step * cfg.grad_accum + micro) * global_batch + rank * cfg.batch_size
-    out = []
-    for g in range(start, start + cfg.batch_size):
-        epoch, i = divmod(g, n_records)
-        perm = torch.randperm(n_records, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        out.append(int(perm[i]))
-    return out
+    return [
+        epoch_order(n_records, cfg.seed, g // n_records)[g % n_records] for g in range(start, start + cfg.batch_size)
+    ]
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n_records: int, seed: int, epoch: int) -> list[int]:
+    """The seeded permutation of the records for one epoch (computed once, not per sample)."""
+    return torch.randperm(n_records, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
 class Trainee(nn.Module):
