@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .backbone import Backbone, user_turn
+from .backbone import Backbone, load_image, user_turn
 from .errors import InputError
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -32,6 +32,10 @@ class Record:
     source: str  # "file:line" for messages
     task: str = "all"  # benchmark task and family, where the record says ("task", "family")
     family: str = ""
+
+    def load_images(self) -> list:
+        """The record's images as RGB PIL images (InputError if one broke since it was read)."""
+        return [load_image(p) for p in self.images]
 
     @property
     def question(self) -> str:

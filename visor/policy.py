@@ -125,7 +125,7 @@ def train_policy(model_path, data, images, out, cfg: PolicyTrainConfig, batch_si
                 new = generate(lm, tok, b, GenerationConfig(max_new_tokens=longest), bb.eos_token_ids)[0]
                 long_rows = [i for i, a in enumerate(answers) if not is_short(a)]
                 if long_rows:
-                    batch = [(*tokenize(bb, chunk[i]), _images(chunk[i])) for i in long_rows]
+                    batch = [(*tokenize(bb, chunk[i]), chunk[i].load_images()) for i in long_rows]
                     losses, owner = answer_token_losses(bb, lm, batch, b)
                     mean = torch.zeros(len(batch)).index_add_(0, owner.cpu(), losses.cpu()) / torch.bincount(
                         owner.cpu(), minlength=len(batch)
@@ -174,9 +174,3 @@ def train_policy(model_path, data, images, out, cfg: PolicyTrainConfig, batch_si
     lines += [f"| {r['budget']} | {r['score']:.3f} | {r['prefill_flops'] / 1e9:.4f} |" for r in rows]
     (out / "policy_report.md").write_text("\n".join(lines) + "\n")
     return result | {"final": str(final)}
-
-
-def _images(record) -> list:
-    from .backbone import load_image
-
-    return [load_image(p) for p in record.images]

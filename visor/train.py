@@ -34,7 +34,6 @@ import yaml
 from torch import nn
 
 from .api import VisorModel, load
-from .backbone import load_image
 from .data import Record, read_records, tokenize
 from .errors import ConfigError, InputError
 from .generate import collate
@@ -388,7 +387,7 @@ def train(cfg: TrainConfig) -> Path:
 
 def _images(record: Record, log: _Log) -> list | None:
     try:
-        return [load_image(p) for p in record.images]
+        return record.load_images()
     except InputError as e:  # broke after the start-up check: skip the record, keep the run alive
         log.warn(f"{record.source}: {e}")
         return None
