@@ -121,11 +121,11 @@ def train_policy(model_path, data, images, out, cfg: PolicyTrainConfig, batch_si
             features.append(lm.policy_features(tok).cpu())
             answers = [r.answer for r in chunk]
             longest = max(len(bb.tokenizer(a)["input_ids"]) for a in answers) + 4
+            long_rows = [i for i, a in enumerate(answers) if not is_short(a)]  # scored by likelihood
+            batch = [(*tokenize(bb, chunk[i]), chunk[i].load_images()) for i in long_rows]
             for b in budgets:
                 new = generate(lm, tok, b, GenerationConfig(max_new_tokens=longest), bb.eos_token_ids)[0]
-                long_rows = [i for i, a in enumerate(answers) if not is_short(a)]
                 if long_rows:
-                    batch = [(*tokenize(bb, chunk[i]), chunk[i].load_images()) for i in long_rows]
                     losses, owner = answer_token_losses(bb, lm, batch, b)
                     mean = torch.zeros(len(batch)).index_add_(0, owner.cpu(), losses.cpu()) / torch.bincount(
                         owner.cpu(), minlength=len(batch)
