@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import visor
-from visor.generate import collate
+from visor.generate import Decoder, collate
 from visor.tiny import TinySpec, build_tiny
 
 torch.set_num_threads(2)
@@ -30,15 +30,16 @@ def set_visor_weights(model, seed=0, scale=1.0):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
-def greedy(model, samples, n_new, budget):
+def greedy(model, samples, n_new, budget, decode="dynamic"):
     """Greedy tokens and per-step logits through prefill + cached decode."""
     tok = collate(samples, model.backbone.image_token_id, "cpu")
     with torch.no_grad():
         logits, cache = model.lm.prefill(tok, budget, capacity=tok.text_ids.shape[1] + n_new)
+        decoder = Decoder(model.lm, cache, decode)
         steps, tokens = [logits], []
         for _ in range(n_new - 1):
             tokens.append(logits.argmax(-1))
-            logits = model.lm.decode_one_token(tokens[-1], cache)
+            logits = decoder(tokens[-1]).clone()
             steps.append(logits)
     tokens.append(logits.argmax(-1))
     return torch.stack(tokens, 1), torch.stack(steps, 1)

@@ -102,3 +102,50 @@ def test_per_sample_budgets_in_one_batch(visor_model, images):
         one_tokens, one_logits = greedy(visor_model, [sample], 6, budget)
         assert torch.equal(one_tokens[0], tokens[b])
         assert (one_logits[0] - logits[b]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_static_decode_equals_dynamic_decode(visor_model, images, budget):
+    """Fixed-shape steps over the whole preallocated cache (what CUDA graphs replay) give the
+    same tokens and logits as steps over the filled slots, for a batch of unequal prompts."""
+    bb = visor_model.backbone
+    samples = [
+        bb.encode("What is shown?", [images[0]]),
+        bb.encode("Compare the two pictures, please.", [images[1], images[2]]),
+        bb.encode("Is there a table?", []),
+    ]
+    dynamic_tokens, dynamic_logits = greedy(visor_model, samples, 10, budget, "dynamic")
+    static_tokens, static_logits = greedy(visor_model, samples, 10, budget, "static")
+    assert torch.equal(static_tokens, dynamic_tokens)
+    assert (static_logits - dynamic_logits).abs().max() <= 1e-5
+
+
+def test_decode_step_compiles_to_one_graph(visor_model, images):
+    """The static step has no graph break and no host sync: torch.compile(fullgraph=True)
+    traces it whole, and the compiled steps give the dynamic tokens."""
+    import torch._dynamo
+
+    from visor.generate import Decoder, collate
+
+    bb = visor_model.backbone
+    samples = [bb.encode("What is shown?", [images[0]]), bb.encode("Describe it.", [images[3]])]
+    expected, _ = greedy(visor_model, samples, 6, 1, "dynamic")
+    tok = collate(samples, bb.image_token_id, "cpu")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        logits, cache = visor_model.lm.prefill(tok, 1, capacity=tok.text_ids.shape[1] + 6)
+        decoder = Decoder(visor_model.lm, cache, "static")
+        step = torch.compile(visor_model.lm.decode_one_token, fullgraph=True, backend="eager")
+        tokens = [logits.argmax(-1)]
+        for _ in range(5):
+            tokens.append(step(tokens[-1], decoder.cache, static=True).argmax(-1))
+    assert torch.equal(torch.stack(tokens, 1), expected)
+
+
+def test_unknown_decode_mode_and_graph_without_cuda(visor_model, images):
+    from visor.errors import VisorError
+
+    with pytest.raises(VisorError, match="unknown decode mode"):
+        visor_model.generate(images[0], "What is shown?", decode="fast")
+    with pytest.raises(VisorError, match="needs a CUDA device"):
+        visor_model.generate(images[0], "What is shown?", decode="graph")

@@ -84,7 +84,7 @@ def test_tiny_model_generate_convert_flops(tmp_path, arch, images):
 
 
 def test_flops_from_a_config_file_only():
-    config = Path(__file__).parents[1] / "configs" / "llava-onevision-qwen2-7b.json"
+    config = Path(__file__).parents[1] / "visor" / "configs" / "llava-onevision-qwen2-7b.json"
     text = visor_cli("flops", "--config", config, "--visual-tokens", 7290, "--text-tokens", 64, "--budget", 2)
     assert "vision_tower" in text and "fewer FLOPs" in text
 

@@ -85,7 +85,7 @@ def test_real_configs_without_weights():
     from visor.backbone import read_config
 
     for name in ["0.5b", "7b"]:
-        config = read_config(f"configs/llava-onevision-qwen2-{name}.json")
+        config = read_config(f"visor/configs/llava-onevision-qwen2-{name}.json")
         schedule = visor.Schedule.default(config.text_config.num_hidden_layers)
         full = count_flops(config, schedule, "full", 7290, 64)
         two = count_flops(config, schedule, 2, 7290, 64)

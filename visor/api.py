@@ -58,9 +58,12 @@ class VisorModel:
         seed: int = 0,
         reduction: Reduction | None = None,
         stats: dict | None = None,
+        decode: str = "dynamic",
     ) -> Generation | list[Generation]:
         """Answer one prompt (str; images = a path/PIL image or a list of them) or a batch of
-        prompts (list; images = one entry per prompt, each an image or a list of images)."""
+        prompts (list; images = one entry per prompt, each an image or a list of images).
+        ``decode``: how decode steps run, "dynamic", "static", "graph" (CUDA graphs) or "compile"
+        (see ``visor.generate.Decoder``); the tokens are the same."""
         single = isinstance(prompts, str)
         prompts_list = [prompts] if single else list(prompts)
         images_list = [images] if single else list(images)
@@ -68,7 +71,7 @@ class VisorModel:
             raise InputError(f"{len(prompts_list)} prompt(s) but {len(images_list)} image entries")
         images_list = [ims if isinstance(ims, (list, tuple)) else [ims] for ims in images_list]
         budget = self.parse_budget(budget)
-        cfg = GenerationConfig(max_new_tokens, temperature, top_p, seed)
+        cfg = GenerationConfig(max_new_tokens, temperature, top_p, seed, decode=decode)
         samples = self.encode(prompts_list, images_list, reduction)
         tokens = collate(samples, self.backbone.image_token_id, self.backbone.device)
         drops = reduction.drops(self.lm.cfg.n_layers) if reduction else None

@@ -6,6 +6,11 @@ tokens, a CA layer keeps its cross-attention K/V of the visual states (computed 
 Decode steps never touch visual *states* again, only these cached keys and values. In a batch
 with per-sample budgets, a layer's visual K/V hold only the rows that use them; the mask of
 the other rows is all False.
+
+Decode steps come in two shapes. Dynamic: attention over the slots filled so far (shapes grow
+by one each step). Static: attention over the whole preallocated buffer, the unfilled slots
+masked, and the write position kept on the device (``slot``), so a step has the same shapes and
+no host synchronisation every time: what CUDA graphs and ``torch.compile`` need.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ class KVCache:
         batch, n_text = text_valid.shape
         self.capacity = capacity
         self.length = 0  # text slots filled so far (the same for every sample; padding is masked)
+        self.slot = torch.zeros(1, dtype=torch.long, device=text_valid.device)  # == length, on the device
         self.text_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=text_valid.device)  # (B, C)
         self.text_valid[:, :n_text] = text_valid
         self.batch = batch
@@ -44,6 +50,12 @@ class KVCache:
             self.text_v[layer][rows, :, self.length : end] = v
         return self.text_k[layer][:, :, :end], self.text_v[layer][:, :, :end]
 
+    def write_slot(self, layer: int, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static decode: store one step's text K/V (B, Hkv, 1, hd) at ``slot``; return the whole buffers."""
+        self.text_k[layer].index_copy_(2, self.slot, k)
+        self.text_v[layer].index_copy_(2, self.slot, v)
+        return self.text_k[layer], self.text_v[layer]
+
     def store_visual(self, kind: str, layer: int, k, v, valid, rows: torch.Tensor | None = None) -> None:
         """Keep a layer's visual K/V ("sa": its own, "ca": its cross-attention's) for decoding, with
         the validity of the visual tokens present at that layer (B, Nv_layer)."""
@@ -63,3 +75,10 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+        self.slot.fill_(self.length)
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache's K/V buffers."""
+        tensors = [t for t in self.text_k + self.text_v if t is not None]
+        tensors += [t for kv in self.sa_kv + self.ca_kv if kv is not None for t in kv]
+        return sum(t.numel() * t.element_size() for t in tensors)

@@ -82,6 +82,9 @@ def generate(
     schedule: ScheduleOpt = None,
     dtype: str = "float32",
     device: str = "cpu",
+    decode: Annotated[str, typer.Option(help="decode steps: dynamic, static, graph (CUDA graphs), compile")] = (
+        "dynamic"
+    ),
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ):
     """Answer a prompt about one or more images."""
@@ -97,6 +100,7 @@ def generate(
         temperature=temperature,
         top_p=top_p,
         seed=seed,
+        decode=decode,
     )
     if as_json:
         print(json.dumps(g.to_dict()))
@@ -163,6 +167,85 @@ def flops(
         ]
         budgets.add_row(*row)
     console.print(budgets)
+
+
+@app.command()
+def bench(
+    size: Annotated[str, typer.Option(help="built-in LLaVA-OneVision shape: 0.5b or 7b (random weights)")] = "0.5b",
+    config: Annotated[Path | None, typer.Option(help="any config.json instead of --size (random weights)")] = None,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="a checkpoint directory instead")] = None,
+    arch: Annotated[str, typer.Option(help="architecture of --size (only llava-onevision has built-in sizes)")] = (
+        "llava-onevision"
+    ),
+    visual_tokens: int = 7290,
+    text_tokens: int = 64,
+    new_tokens: int = 32,
+    batch: int = 1,
+    methods: Annotated[str, typer.Option(help="comma-separated: hf, full, visor:K")] = "hf,full,visor:2",
+    repeats: Annotated[int, typer.Option(help="timed runs per method (medians reported)")] = 5,
+    warmup: int = 2,
+    device: Annotated[str, typer.Option(help="auto (cuda if available), cuda, cpu")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")] = "auto",
+    decode: Annotated[str, typer.Option(help="auto (graph on CUDA, else static), dynamic, static, graph, compile")] = (
+        "auto"
+    ),
+    compile: Annotated[bool, typer.Option("--compile", help="decode through torch.compile (--decode compile)")] = False,
+    schedule: ScheduleOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as one JSON object")] = False,
+    out: Annotated[Path | None, typer.Option(help="directory for bench.json")] = None,
+):
+    """Time vision encoder, LM prefill, time to first token and decode: HF vs. VISOR, same weights."""
+    from .bench import BenchConfig, run_bench
+    from .evaluate import _atomic_write
+
+    _quiet_transformers()
+    if arch != "llava-onevision" and config is None and model is None:
+        raise ConfigError(f"no built-in sizes for {arch}: pass --config config.json or --model DIR")
+    cfg = BenchConfig(
+        size=size,
+        config=str(config or ""),
+        model=str(model or ""),
+        visual_tokens=visual_tokens,
+        text_tokens=text_tokens,
+        new_tokens=new_tokens,
+        batch=batch,
+        methods=methods,
+        repeats=repeats,
+        warmup=warmup,
+        device=device,
+        dtype=dtype,
+        decode="compile" if compile else decode,
+        schedule=schedule or "",
+    )
+    with console.status("benchmarking") as status:
+        result = run_bench(cfg, lambda name, i: status.update(f"{name}: run {i}/{repeats + warmup}"))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out / "bench.json", json.dumps(result, indent=1) + "\n")
+    if as_json:
+        print(json.dumps(result))
+        return
+    shape = f"{visual_tokens} visual + {text_tokens} text tokens"
+    table = Table(title=f"{result['device']} · {result['config']['dtype']} · {shape}")
+    columns = ["method", "vision ms", "prefill ms", "TTFT ms", "decode ms/tok", "KV MB", "prefill TFLOP/s"]
+    columns += ["prefill vs hf", "TTFT vs hf", "decode vs hf"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for r in result["methods"]:
+        up = r["speedup_vs_hf"] or {}
+        table.add_row(
+            r["method"],
+            f"{r['vision_ms']:.2f}",
+            f"{r['prefill_ms']:.2f}",
+            f"{r['ttft_ms']:.2f}",
+            f"{r['decode_ms']:.2f}",
+            f"{r['kv_cache_bytes'] / 2**20:.1f}",
+            f"{r['tflops_per_s']['prefill'] or 0:.3f}",
+            *(f"{up[k]:.2f}x" if up.get(k) else "" for k in ("prefill_ms", "ttft_ms", "decode_ms")),
+        )
+    console.print(table)
+    if out is not None:
+        console.print(f"wrote {out / 'bench.json'}")
 
 
 @app.command()

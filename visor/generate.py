@@ -8,7 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from .backbone import Sample
+from .cache import KVCache
+from .errors import ConfigError
 from .model import Tokens, VisorLM
+
+DECODE_MODES = ("dynamic", "static", "graph", "compile")
 
 
 @dataclass
@@ -18,6 +22,7 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: int = 0
     stop_on_eos: bool = True
+    decode: str = "dynamic"  # one of DECODE_MODES, see Decoder
 
 
 def collate(samples: list[Sample], image_token_id: int, device) -> Tokens:
@@ -61,6 +66,67 @@ def pick_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Gene
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+class Decoder:
+    """Decode steps over one prefilled cache, ``decoder(token_ids) -> logits``.
+
+    Modes: ``dynamic`` attends over the slots filled so far; ``static`` over the whole
+    preallocated cache with unfilled slots masked (same shapes every step, no host sync);
+    ``graph`` is ``static`` captured once as a CUDA graph and replayed (CUDA only: one launch per
+    token instead of hundreds); ``compile`` is ``static`` through ``torch.compile``. All four
+    give the same tokens. With ``graph`` the returned logits live in a buffer the next step
+    overwrites.
+    """
+
+    def __init__(self, lm: VisorLM, cache: KVCache, mode: str = "dynamic"):
+        if mode not in DECODE_MODES:
+            raise ConfigError(f"unknown decode mode {mode!r}; choose from {', '.join(DECODE_MODES)}")
+        if mode == "graph" and not cache.slot.is_cuda:
+            raise ConfigError("decode mode 'graph' (CUDA graphs) needs a CUDA device")
+        self.lm, self.cache, self.mode = lm, cache, mode
+        self.graph = None
+        self.step = None
+        if mode == "compile":
+            self.step = torch.compile(lm.decode_one_token, fullgraph=True)
+
+    def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.mode == "dynamic":
+            return self.lm.decode_one_token(token_ids, self.cache)
+        if self.mode == "static":
+            logits = self.lm.decode_one_token(token_ids, self.cache, static=True)
+        elif self.mode == "compile":
+            logits = self.step(token_ids, self.cache, static=True)
+        else:
+            if self.graph is None:
+                self._capture(token_ids)
+            self.ids.copy_(token_ids)
+            self.graph.replay()
+            logits = self.logits
+        self.cache.length += 1  # the step advanced the device-side slot; keep the host's count
+        return logits
+
+    def _capture(self, token_ids: torch.Tensor) -> None:
+        cache = self.cache
+        saved = (cache.slot.clone(), cache.next_pos.clone(), cache.text_valid.clone())
+
+        def restore():  # undo a step's bookkeeping; its K/V write is overwritten by the real step
+            cache.slot.copy_(saved[0])
+            cache.next_pos.copy_(saved[1])
+            cache.text_valid.copy_(saved[2])
+
+        self.ids = token_ids.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
+            for _ in range(2):
+                self.lm.decode_one_token(self.ids, cache, static=True)
+                restore()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.lm.decode_one_token(self.ids, cache, static=True)
+        restore()
+
+
 @torch.no_grad()
 def generate(
     lm: VisorLM,
@@ -88,6 +154,7 @@ def generate(
         if logits.is_cuda:
             torch.cuda.synchronize()
         stats["prefill_s"] = stats.get("prefill_s", 0.0) + time.perf_counter() - start
+    decoder = Decoder(lm, cache, cfg.decode)
     eos = torch.tensor(sorted(eos_ids), device=device, dtype=torch.long)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(batch)]
@@ -99,5 +166,5 @@ def generate(
             finished |= torch.isin(next_ids, eos)
         if bool(finished.all()) or step == max_new - 1:
             break
-        logits = lm.decode_one_token(next_ids, cache)
+        logits = decoder(next_ids)
     return out, cache.budgets

@@ -24,6 +24,8 @@ from torch import nn
 from .cache import KVCache
 from .errors import CheckpointError, ConfigError
 
+_SDPA_GQA = torch.__version__ >= "2.5"  # scaled_dot_product_attention(..., enable_gqa=True)
+
 # ---------------------------------------------------------------------------------------------
 # configuration
 
@@ -116,23 +118,28 @@ def attend(q, k, v, mask=None, explicit: bool = False):
     ``mask`` (B, Sq, Sk), True = may attend; None = causal over a square, which lets SDPA skip
     the masked half. Query rows with no key to attend to (e.g. text before the first image, in a
     CA layer) return zeros. ``explicit`` runs plain matmuls so that FLOP counters see them.
+    Grouped-query attention never copies K/V: the query heads that share a K/V head are stacked
+    along the query axis instead (or SDPA's own ``enable_gqa`` does it, for the causal case).
     """
     n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1:
-        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
     if mask is None and not explicit:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if n_rep > 1 and not _SDPA_GQA:
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **({"enable_gqa": True} if _SDPA_GQA else {}))
     if mask is None:
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()[None]
     has_key = mask.any(-1, keepdim=True)  # (B, Sq, 1)
     mask = (mask | ~has_key)[:, None]  # (B, 1, Sq, Sk)
+    b, h, sq, hd = q.shape
+    q = q.reshape(b, k.shape[1], n_rep * sq, hd)  # head g*n_rep + r -> K/V head g, query row r*sq + s
+    mask = mask.repeat(1, 1, n_rep, 1) if n_rep > 1 else mask
     if explicit:
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
         scores = scores.masked_fill(~mask, float("-inf"))
         out = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out * has_key[:, None].to(out.dtype)
+    return out.view(b, h, sq, hd) * has_key[:, None].to(out.dtype)
 
 
 def last_token_attention(q_last, k, valid):
@@ -441,29 +448,37 @@ class VisorLM(nn.Module):
         cache.next_pos = tok.text_pos.gather(1, last[:, None])[:, 0] + 1
         return self.logits(t[torch.arange(batch, device=t.device), last]), cache
 
-    def decode_one_token(self, token_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def decode_one_token(self, token_ids: torch.Tensor, cache: KVCache, static: bool = False) -> torch.Tensor:
         """One new token per sample (B,) -> logits (B, V). Touches only cached K/V: a sample sees
-        visual keys at layer i only where its prefill stored them (SA or CA, per its budget)."""
+        visual keys at layer i only where its prefill stored them (SA or CA, per its budget).
+        ``static``: attend over the whole preallocated cache with the unfilled slots masked, so
+        that every step has the same shapes and no host sync (see ``visor.generate.Decoder``)."""
         dtype, explicit = self.lm_head.weight.dtype, self.explicit_attention
         t = self.embed_tokens(token_ids[:, None])  # (B, 1, D)
         rope = self.rotary(cache.next_pos[:, None], dtype)
         ca_rope = None if self.pos_conv is not None else rope
-        cache.text_valid[:, cache.length] = True
-        text_mask = cache.text_mask(1)[:, None, :]  # (B, 1, length+1)
+        if static:
+            cache.text_valid.index_fill_(1, cache.slot, True)
+            text_mask = cache.text_valid[:, None, :]  # (B, 1, capacity)
+        else:
+            cache.text_valid[:, cache.length] = True
+            text_mask = cache.text_mask(1)[:, None, :]  # (B, 1, length+1)
 
         for i, layer in enumerate(self.layers):
             if cache.ca_kv[i] is not None:
                 t = self.cross[str(i)](t, cache.ca_kv[i], ca_rope, cache.ca_mask[i][:, None, :], explicit)
             q, k, val = layer.qkv(t, rope)
-            k, val = cache.write_text(i, k, val)
+            k, val = cache.write_slot(i, k, val) if static else cache.write_text(i, k, val)
             mask = text_mask
             if cache.sa_kv[i] is not None:
                 k, val = torch.cat([cache.sa_kv[i][0], k], 2), torch.cat([cache.sa_kv[i][1], val], 2)
                 mask = torch.cat([cache.sa_mask[i][:, None, :], text_mask], 2)
             t = layer.finish(t, attend(q, k, val, mask, explicit))
 
-        cache.advance(1)
-        cache.next_pos = cache.next_pos + 1
+        if not static:
+            cache.length += 1  # static steps leave the host-side count to their caller (no Python state in a graph)
+        cache.slot.add_(1)
+        cache.next_pos.add_(1)
         return self.logits(t[:, 0])
 
 

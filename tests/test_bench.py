@@ -1,0 +1,94 @@
+"""`visor bench` on tiny shapes: every field of its JSON, and the numbers that can be checked."""
+
+import json
+
+import pytest
+from test_cli import visor_cli
+
+from visor.backbone import read_config
+from visor.bench import BenchConfig, builtin_config, run_bench
+from visor.errors import VisorError
+from visor.model import LMConfig
+
+PHASES = {"vision_ms", "prefill_ms", "ttft_ms", "decode_ms", "first_step_ms"}
+ROW_FIELDS = PHASES | {
+    "method",
+    "budget",
+    "spread_ms",
+    "peak_memory_bytes",
+    "kv_cache_bytes",
+    "flops",
+    "tflops_per_s",
+    "tokens",
+    "speedup_vs_hf",
+    "speedup_vs_full",
+    "same_tokens_as_hf",
+}
+V, T, NEW = 40, 12, 6
+
+
+def test_bench_cli_emits_the_whole_schema(checkpoints, tmp_path):
+    config = checkpoints["llava-onevision"] / "config.json"
+    args = ["--config", config, "--visual-tokens", V, "--text-tokens", T, "--new-tokens", NEW, "--batch", 2]
+    args += ["--methods", "hf,full,visor:0,visor:2", "--repeats", 2, "--warmup", 1, "--json", "--out", tmp_path]
+    result = json.loads(visor_cli("bench", *args))
+    assert json.loads((tmp_path / "bench.json").read_text()) == result
+    assert set(result) == {"device", "versions", "config", "model", "methods"}
+    assert set(result["versions"]) == {"visor", "torch", "transformers"}
+    assert result["config"]["decode"] == "static" and result["config"]["dtype"] == "float32"
+    assert [r["method"] for r in result["methods"]] == ["hf", "full", "visor:0", "visor:2"]
+    for row in result["methods"]:
+        assert set(row) == ROW_FIELDS
+        assert all(row[k] > 0 for k in PHASES)
+        assert all(len(row["spread_ms"][k]) == 2 and row["spread_ms"][k][0] <= row[k] for k in PHASES)
+        assert set(row["flops"]) == {"vision", "lm_prefill", "decode_per_token"}
+        assert set(row["tflops_per_s"]) == {"vision", "prefill", "decode"}
+        expected = row["flops"]["lm_prefill"] / (row["prefill_ms"] * 1e-3) / 1e12
+        assert row["tflops_per_s"]["prefill"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
+        assert len(row["tokens"]) == NEW
+        assert row["peak_memory_bytes"] is None  # CPU: no allocator statistics
+        for ref in ("hf", "full"):
+            assert set(row[f"speedup_vs_{ref}"]) == PHASES
+    rows = {r["method"]: r for r in result["methods"]}
+    assert rows["hf"]["speedup_vs_hf"]["prefill_ms"] == 1.0 and rows["full"]["speedup_vs_full"]["decode_ms"] == 1.0
+    ratio = rows["hf"]["prefill_ms"] / rows["visor:0"]["prefill_ms"]
+    assert rows["visor:0"]["speedup_vs_hf"]["prefill_ms"] == pytest.approx(ratio, rel=1e-2)
+    # our full forward is the base model: the same greedy tokens as transformers' own (float32)
+    assert rows["full"]["same_tokens_as_hf"] is True and rows["visor:0"]["same_tokens_as_hf"] is None
+    # FLOPs: fewer SA layers, fewer FLOPs; hf and full do the same work
+    assert rows["hf"]["flops"] == rows["full"]["flops"]
+    prefill = {m: rows[m]["flops"]["lm_prefill"] for m in rows}
+    assert prefill["visor:0"] < prefill["visor:2"] < prefill["full"]
+
+
+def test_kv_cache_bytes_match_a_count_by_hand(checkpoints):
+    """transformers' cache holds every prompt token in every layer; ours preallocates the text
+    for the prompt and the new tokens and keeps visual K/V only where a layer reads them."""
+    config = checkpoints["llava-onevision"] / "config.json"
+    cfg = BenchConfig(config=str(config), visual_tokens=V, text_tokens=T, new_tokens=NEW, methods="hf,full,visor:0")
+    cfg.repeats, cfg.warmup = 1, 0
+    rows = {r["method"]: r for r in run_bench(cfg)["methods"]}
+    lm = LMConfig.from_hf(read_config(config).text_config)
+    per_token = 2 * lm.n_kv_heads * lm.head_dim * 4  # K and V, float32
+    assert rows["hf"]["kv_cache_bytes"] == lm.n_layers * per_token * (V + T)
+    assert rows["full"]["kv_cache_bytes"] == lm.n_layers * per_token * (V + T + NEW)
+    n_ca = 2  # default schedule of 6 layers: CA at layers 1 and 4; budget 0 runs no SA layer
+    assert rows["visor:0"]["kv_cache_bytes"] == lm.n_layers * per_token * (T + NEW) + n_ca * per_token * V
+
+
+def test_bench_errors(checkpoints):
+    config = str(checkpoints["llava-onevision"] / "config.json")
+    with pytest.raises(VisorError, match="unknown method"):
+        run_bench(BenchConfig(config=config, methods="hf,fastest", visual_tokens=V, text_tokens=T))
+    with pytest.raises(VisorError, match="budget"):
+        run_bench(BenchConfig(config=config, methods="visor:9", visual_tokens=V, text_tokens=T))
+    with pytest.raises(VisorError, match="unknown --size"):
+        builtin_config("70b")
+    with pytest.raises(VisorError, match="context"):
+        run_bench(BenchConfig(config=config, visual_tokens=10**6, text_tokens=T))
+
+
+@pytest.mark.parametrize("size", ["0.5b", "7b"])
+def test_builtin_sizes_ship_with_the_package(size):
+    config = read_config(builtin_config(size))
+    assert config.model_type == "llava_onevision" and config.text_config.model_type == "qwen2"

@@ -1,0 +1,326 @@
+"""`visor bench`: wall-clock of every inference phase, VISOR vs. Hugging Face, on the same weights.
+
+The model is built at a real shape with random weights directly on the device (``--size``, or
+``--config`` for any config.json; nothing is downloaded), or loaded from a checkpoint
+(``--model``). A prompt is ``text_tokens`` text tokens with ``visual_tokens`` image tokens after
+the first few; the vision encoder (tower + projector) is timed on the crops that yield that many
+tokens. For each method, each a median over ``repeats`` runs after ``warmup`` runs:
+
+    vision_ms      vision tower + projector on the crops
+    prefill_ms     language-model prefill (all layers, KV cache filled, last token's logits)
+    ttft_ms        time to first token: vision + prefill + picking the token
+    decode_ms      per new token after the second (greedy, cached, no host sync inside the loop)
+    first_step_ms  the first decode step, which also sets decoding up (captures the CUDA graph)
+    peak_memory_bytes, kv_cache_bytes, FLOPs per phase (visor.flops) and achieved TFLOP/s,
+    and speed-ups over ``hf`` and ``full`` measured in the same run.
+
+Methods: ``hf`` (transformers' own language model, its attention implementation and dynamic
+cache), ``full`` (our forward, every layer full self-attention) and ``visor:K`` (budget K).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+SIZES = {"0.5b": "llava-onevision-qwen2-0.5b.json", "7b": "llava-onevision-qwen2-7b.json"}
+TIMES = ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms", "first_step_ms")
+
+
+@dataclass
+class BenchConfig:
+    size: str = "0.5b"  # a built-in LLaVA-OneVision shape (SIZES)
+    config: str = ""  # or any config.json (random weights)
+    model: str = ""  # or a checkpoint directory (its weights)
+    visual_tokens: int = 7290
+    text_tokens: int = 64
+    new_tokens: int = 32
+    batch: int = 1
+    methods: str = "hf,full,visor:2"
+    repeats: int = 5
+    warmup: int = 2
+    device: str = "auto"  # cuda if available, else cpu
+    dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU
+    decode: str = "auto"  # visor decode mode (visor.generate.DECODE_MODES); auto: graph on CUDA, else static
+    schedule: str = ""  # a schedule spec for random-weight models ("" = the default rule)
+    seed: int = 0
+
+
+def builtin_config(size: str) -> Path:
+    if size not in SIZES:
+        raise ConfigError(f"unknown --size {size!r}; choose from {', '.join(SIZES)} or pass --config")
+    return Path(str(resources.files("visor") / "configs" / SIZES[size]))
+
+
+def parse_methods(spec: str, schedule) -> list[tuple[str, object]]:
+    """'hf,full,visor:2' -> [("hf", "full"), ("full", "full"), ("visor:2", 2)]."""
+    methods = []
+    for name in (m.strip() for m in spec.split(",") if m.strip()):
+        if name in ("hf", "full"):
+            methods.append((name, "full"))
+        elif name.startswith("visor:"):
+            methods.append((name, schedule.parse_budget(name.split(":", 1)[1])))
+        else:
+            raise ConfigError(f"unknown method {name!r}: use hf, full or visor:K (K a budget of the schedule)")
+    if not methods:
+        raise ConfigError("--methods is empty")
+    return methods
+
+
+class Clock:
+    """Wall-clock of a block, with the device synchronised at both ends."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn):
+        if self.cuda:
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        out = fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return out, 1e3 * (time.perf_counter() - began)
+
+
+def build(cfg: BenchConfig, device: torch.device, dtype: torch.dtype):
+    """(HF model, VisorLM) with random weights at the config's shape, or a checkpoint's."""
+    import transformers
+
+    from .api import load
+    from .backbone import ARCHITECTURES, read_config
+    from .model import VisorLM
+    from .schedule import Schedule
+
+    if cfg.model:
+        model = load(cfg.model, schedule=cfg.schedule or None, dtype=dtype, device=str(device))
+        return model.backbone.hf, model.lm
+    config = read_config(cfg.config or builtin_config(cfg.size))
+    hf_cls = getattr(transformers, ARCHITECTURES[config.model_type])
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
+        hf = hf_cls._from_config(config, attn_implementation="sdpa", dtype=dtype)
+    hf.eval()
+    schedule = Schedule.from_spec(cfg.schedule or None, config.text_config.num_hidden_layers)
+    lm = VisorLM(hf, schedule).to(device)
+    for ca in lm.cross.values():  # a trained model's gates are not zero: let CA change the states
+        torch.nn.init.constant_(ca.gate, 0.5)
+    return hf, lm
+
+
+def vision_encoder(hf, n_crops: int, device, dtype):
+    """Tower + projector on n_crops random crops, as the checkpoint's feature selection does."""
+    vc = hf.config.vision_config
+    pixels = torch.randn(n_crops, vc.num_channels, vc.image_size, vc.image_size, device=device, dtype=dtype)
+    layers = hf.config.vision_feature_layer
+    layers = layers if isinstance(layers, list) else [layers]
+    tower, projector = hf.model.vision_tower, hf.model.multi_modal_projector
+
+    def run():
+        states = tower(pixels, output_hidden_states=True).hidden_states
+        feats = torch.cat([states[i] for i in layers], -1)
+        if hf.config.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]
+        return projector(feats)
+
+    return run
+
+
+def prompt(lm, cfg: BenchConfig, device, dtype):
+    """Tokens of a batch of identical-length prompts: 5 text tokens, the image, the rest."""
+    from .model import Tokens
+
+    n_v, n_t, b = cfg.visual_tokens, cfg.text_tokens, cfg.batch
+    positions = torch.arange(n_v + n_t, device=device)
+    image_at = min(5, n_t)
+    is_visual = (positions >= image_at) & (positions < image_at + n_v)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    return Tokens(
+        visual=torch.randn(b, n_v, lm.cfg.hidden, generator=gen, device=device).to(dtype),
+        visual_pos=positions[is_visual].expand(b, -1),
+        visual_valid=torch.ones(b, n_v, dtype=torch.bool, device=device),
+        text_ids=torch.randint(0, lm.cfg.vocab, (b, n_t), generator=gen, device=device),
+        text_pos=positions[~is_visual].expand(b, -1),
+        text_valid=torch.ones(b, n_t, dtype=torch.bool, device=device),
+    )
+
+
+class Ours:
+    def __init__(self, lm, budget, capacity: int, decode: str):
+        self.lm, self.budget, self.capacity, self.decode = lm, budget, capacity, decode
+
+    def prefill(self, tok):
+        return self.lm.prefill(tok, self.budget, self.capacity)
+
+    def generate(self, tok):
+        """Prefill; returns (token ids so far, one decode step, KV-cache bytes)."""
+        from .generate import Decoder
+
+        logits, cache = self.prefill(tok)
+        decoder = Decoder(self.lm, cache, self.decode)
+        ids = [logits.argmax(-1)]
+        return ids, lambda: ids.append(decoder(ids[-1]).argmax(-1)), cache.nbytes()
+
+
+class HF:
+    """transformers' own language model: inputs_embeds in the original order, its dynamic cache."""
+
+    def __init__(self, hf):
+        self.hf, self.lm = hf, hf.model.language_model
+        # transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version has
+        self.cache_name = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
+
+    def prefill(self, tok):
+        emb = self.embeddings(tok)
+        out = self.lm(inputs_embeds=emb, use_cache=True)
+        return self.hf.lm_head(out.last_hidden_state[:, -1]), getattr(out, self.cache_name)
+
+    def embeddings(self, tok):
+        text = self.hf.get_input_embeddings()(tok.text_ids)
+        b, n = text.shape[0], tok.visual.shape[1] + text.shape[1]
+        emb = text.new_zeros(b, n, text.shape[2])
+        emb[:, tok.visual_pos[0]] = tok.visual.to(text.dtype)
+        emb[:, tok.text_pos[0]] = text
+        return emb
+
+    def generate(self, tok):
+        logits, cache = self.prefill(tok)
+        ids = [logits.argmax(-1)]
+        embed = self.hf.get_input_embeddings()
+
+        def step():
+            out = self.lm(inputs_embeds=embed(ids[-1][:, None]), use_cache=True, **{self.cache_name: cache})
+            ids.append(self.hf.lm_head(out.last_hidden_state[:, -1]).argmax(-1))
+
+        return ids, step, sum(t.numel() * t.element_size() for t in hf_cache_tensors(cache))
+
+
+def hf_cache_tensors(cache) -> list[torch.Tensor]:
+    return [t for layer in cache.layers for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor)]
+
+
+@torch.no_grad()
+def run_bench(cfg: BenchConfig, progress=None) -> dict:
+    """Time every method; returns the JSON-ready result (see the module docstring)."""
+    import transformers
+
+    from . import __version__
+    from .flops import count_flops, decode_flops
+    from .generate import DECODE_MODES
+
+    if cfg.visual_tokens < 0 or cfg.text_tokens < 1 or cfg.new_tokens < 3:
+        raise ConfigError("need --visual-tokens >= 0, --text-tokens >= 1 and --new-tokens >= 3")
+    if cfg.repeats < 1 or cfg.warmup < 0 or cfg.batch < 1:
+        raise ConfigError("need --repeats >= 1, --warmup >= 0 and --batch >= 1")
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype_name not in dtypes:
+        raise ConfigError(f"unknown --dtype {cfg.dtype!r}; choose from auto, {', '.join(dtypes)}")
+    decode = cfg.decode if cfg.decode != "auto" else ("graph" if device.type == "cuda" else "static")
+    if decode not in DECODE_MODES:
+        raise ConfigError(f"unknown --decode {cfg.decode!r}; choose from auto, {', '.join(DECODE_MODES)}")
+    dtype = dtypes[dtype_name]
+
+    hf, lm = build(cfg, device, dtype)
+    methods = parse_methods(cfg.methods, lm.schedule)
+    if cfg.visual_tokens + cfg.text_tokens + cfg.new_tokens > lm.cfg.max_positions:
+        raise ConfigError(f"{cfg.visual_tokens + cfg.text_tokens + cfg.new_tokens} tokens exceed the model's context")
+    vc = hf.config.vision_config
+    per_crop = (vc.image_size // vc.patch_size) ** 2
+    n_crops = math.ceil(cfg.visual_tokens / per_crop) * cfg.batch
+    vision = vision_encoder(hf, n_crops, device, dtype)
+    tok = prompt(lm, cfg, device, dtype)
+    progress = progress or (lambda name, i: None)
+    capacity = cfg.text_tokens + cfg.new_tokens
+
+    rows = []
+    for name, budget in methods:
+        runner = HF(hf) if name == "hf" else Ours(lm, budget, capacity, decode)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        samples, ids, kv_bytes = time_method(runner, vision, tok, cfg, Clock(device), partial(progress, name))
+        flop_budget = "full" if name == "hf" else budget
+        n_v, n_t = cfg.visual_tokens, cfg.text_tokens
+        report = count_flops(hf.config, lm.schedule, flop_budget, n_v, n_t, n_crops)
+        step_flops = decode_flops(hf.config, lm.schedule, flop_budget, n_v, n_t, cfg.new_tokens) // (cfg.new_tokens - 1)
+        flops = {
+            "vision": cfg.batch * (report.prefill - report.lm_prefill) if n_crops else 0,
+            "lm_prefill": cfg.batch * report.lm_prefill,
+            "decode_per_token": cfg.batch * step_flops,
+        }
+        times = {k: statistics.median(v) for k, v in samples.items()}
+        rows.append(
+            {
+                "method": name,
+                "budget": budget,
+                **{k: round(v, 4) for k, v in times.items()},
+                "spread_ms": {k: [round(min(v), 4), round(max(v), 4)] for k, v in samples.items()},
+                "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                "kv_cache_bytes": kv_bytes,
+                "flops": flops,
+                "tflops_per_s": {
+                    "vision": _rate(flops["vision"], times["vision_ms"]),
+                    "prefill": _rate(flops["lm_prefill"], times["prefill_ms"]),
+                    "decode": _rate(flops["decode_per_token"], times["decode_ms"]),
+                },
+                "tokens": ids,
+            }
+        )
+    for reference in ("hf", "full"):
+        ref = next((r for r in rows if r["method"] == reference), None)
+        for row in rows:
+            row[f"speedup_vs_{reference}"] = (
+                None if ref is None else {k: round(ref[k] / row[k], 3) if row[k] else None for k in TIMES}
+            )
+    hf_row = next((r for r in rows if r["method"] == "hf"), None)
+    for row in rows:
+        comparable = hf_row is not None and row["budget"] == "full"
+        row["same_tokens_as_hf"] = row["tokens"] == hf_row["tokens"] if comparable else None
+    cpu = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "versions": {"visor": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "config": asdict(cfg) | {"device": str(device), "dtype": dtype_name, "decode": decode, "crops": n_crops},
+        "model": {
+            "layers": lm.cfg.n_layers,
+            "hidden": lm.cfg.hidden,
+            "schedule": lm.schedule.to_dict(),
+            "parameters": sum(p.numel() for p in hf.parameters()),
+        },
+        "methods": rows,
+    }
+
+
+def time_method(runner, vision, tok, cfg: BenchConfig, clock: Clock, progress) -> tuple[dict, list[int], int]:
+    """Per-phase times of every timed run, the first sample's greedy tokens, KV-cache bytes."""
+    samples = {k: [] for k in TIMES}
+    for i in range(cfg.warmup + cfg.repeats):
+        _, t_vision = clock(vision)
+        _, t_prefill = clock(lambda: runner.prefill(tok))
+        _, t_first = clock(lambda: (vision(), runner.prefill(tok)[0].argmax(-1)))
+        ids, step, kv_bytes = runner.generate(tok)
+        _, t_setup = clock(step)  # the first step also sets decoding up (e.g. captures the CUDA graph)
+        _, t_steps = clock(lambda: [step() for _ in range(cfg.new_tokens - 2)])  # noqa: B023 - called right here
+        if i >= cfg.warmup:
+            values = (t_vision, t_prefill, t_first, t_steps / (cfg.new_tokens - 2), t_setup)
+            for key, value in zip(TIMES, values):
+                samples[key].append(value)
+        progress(i + 1)
+    return samples, torch.stack(ids, 1)[0].tolist(), kv_bytes
+
+
+def _rate(flops: int, ms: float) -> float | None:
+    return round(flops / (ms * 1e-3) / 1e12, 4) if ms else None
