@@ -65,3 +65,20 @@ def test_compare_writes_a_table_and_a_plot(model, bench, tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert len(data["results"]) == len(result["results"]) >= 10
     assert {r["method"] for r in data["results"]} >= {"base", "visor", "fastv", "pdrop", "visionzip"}
+
+
+def test_compare_runs_base_and_baselines_on_the_base_weights(model, checkpoints, bench, tmp_path):
+    """With base_model, the rows at budget "full" (base, token reduction) come from it, VISOR's from the model."""
+    import torch
+
+    retrained = visor.load(checkpoints["llava-onevision"])
+    with torch.no_grad():  # stands in for the weights VISOR's stage 2 changed
+        for p in retrained.backbone.hf.model.language_model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    data = bench / "test.jsonl"
+    settings = [Setting("base"), Setting("fastv", "full", Reduction("fastv", layer=1, keep=0.5)), Setting("visor", 1)]
+    rows = compare(retrained, data, tmp_path, settings=settings, max_new_tokens=4, base_model=model)
+    predictions = lambda r: [x["prediction"] for x in r["rows"]]  # noqa: E731
+    for result, setting, source in zip(rows["results"], settings, [model, model, retrained]):
+        assert predictions(result) == predictions(evaluate(source, data, None, setting, 8, 4))
+    assert predictions(rows["results"][0]) != predictions(evaluate(retrained, data, None, settings[0], 8, 4))

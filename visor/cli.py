@@ -406,13 +406,17 @@ def compare(
     batch_size: int = 8,
     max_new_tokens: int = 16,
     limit: Annotated[int | None, typer.Option(help="only the first N records")] = None,
+    base: Annotated[
+        Path | None, typer.Option(help="the checkpoint VISOR was trained from: the base and baselines run on it")
+    ] = None,
 ):
     """Sweep VISOR budgets and the baselines' knobs; write a table at matched FLOPs and a Pareto plot."""
     from .api import load
     from .evaluate import compare as run
 
     _quiet_transformers()
-    result = run(load(model), data, out, images, None, batch_size, max_new_tokens, limit)
+    base_model = load(base) if base is not None else None
+    result = run(load(model), data, out, images, None, batch_size, max_new_tokens, limit, base_model)
     print(Path(result["report"]).read_text())
     console.print(f"plot: [bold]{result['plot']}[/]")
 

@@ -185,12 +185,25 @@ def compare(
     batch_size: int = 8,
     max_new_tokens: int = 16,
     limit: int | None = None,
+    base_model=None,
 ) -> dict:
+    """Every setting on one data set; ``base_model`` (the checkpoint VISOR was trained from), when
+    given, runs the settings at budget "full" (the base and the token-reduction baselines, which
+    need no training) so that they see the original weights, not VISOR's retrained ones."""
     from tqdm.auto import tqdm
 
     settings = settings or default_settings(model)
     results = [
-        evaluate(model, data, images, s, batch_size, max_new_tokens, limit) for s in tqdm(settings, desc="compare")
+        evaluate(
+            base_model if base_model is not None and (s.method == "base" or s.budget == "full") else model,
+            data,
+            images,
+            s,
+            batch_size,
+            max_new_tokens,
+            limit,
+        )
+        for s in tqdm(settings, desc="compare")
     ]
     base = next((r for r in results if r["method"] == "base"), results[0])
     base_flops = base["summary"]["overall"]["lm_prefill_flops"]

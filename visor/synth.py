@@ -4,7 +4,7 @@ Two families of tasks on rendered images (DejaVu fonts from matplotlib, handwrit
 scikit-learn's ``load_digits``):
 
 - hard (fine-grained; the answer lives in a small region): the value in a named row of a table,
-  the digit in cell (r, c) of a grid of handwritten digits, the digit inside the red box, the
+  the digit in cell (r, c) of a grid of handwritten digits, the digit inside the red box (8 x 8 grid), the
   value printed on a named bar of a chart, the k-th word of line l of a text page;
 - easy (global; the gist is enough): the dominant colour, the number of large shapes, chart or
   table, the quadrant holding the only object.
@@ -149,9 +149,10 @@ def grid_digit(rng: random.Random, size: int) -> Item:
 
 
 def marked_digit(rng: random.Random, size: int) -> Item:
-    im, labels, indices = _digit_grid(rng, size)
-    r, c = rng.randrange(4), rng.randrange(4)
-    cell = size // 4
+    """One cell of an 8 x 8 grid of handwritten digits has a red box: 64 candidates, one read."""
+    im, labels, indices = _digit_grid(rng, size, n=8)
+    r, c = rng.randrange(8), rng.randrange(8)
+    cell = size // 8
     ImageDraw.Draw(im).rectangle(
         [c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1], outline=COLOURS["red"], width=max(1, size // 96)
     )
