@@ -8,7 +8,9 @@ from test_cli import visor_cli
 from visor.backbone import read_config
 from visor.bench import BenchConfig, builtin_config, run_bench
 from visor.errors import VisorError
+from visor.flops import count_flops
 from visor.model import LMConfig
+from visor.schedule import Schedule
 
 PHASES = {"vision_ms", "prefill_ms", "ttft_ms", "decode_ms", "first_step_ms"}
 ROW_FIELDS = PHASES | {
@@ -55,8 +57,11 @@ def test_bench_cli_emits_the_whole_schema(checkpoints, tmp_path):
     assert rows["visor:0"]["speedup_vs_hf"]["prefill_ms"] == pytest.approx(ratio, rel=1e-2)
     # our full forward is the base model: the same greedy tokens as transformers' own (float32)
     assert rows["full"]["same_tokens_as_hf"] is True and rows["visor:0"]["same_tokens_as_hf"] is None
-    # FLOPs: fewer SA layers, fewer FLOPs; hf and full do the same work
+    # FLOPs: fewer SA layers, fewer FLOPs; hf and full do the same work; a batch of 2 counts twice
     assert rows["hf"]["flops"] == rows["full"]["flops"]
+    one = count_flops(read_config(config), Schedule.default(6), "full", V, T)
+    assert rows["full"]["flops"]["lm_prefill"] == 2 * one.lm_prefill
+    assert rows["full"]["flops"]["vision"] == 2 * (one.prefill - one.lm_prefill)
     prefill = {m: rows[m]["flops"]["lm_prefill"] for m in rows}
     assert prefill["visor:0"] < prefill["visor:2"] < prefill["full"]
 

@@ -239,8 +239,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         raise ConfigError(f"{cfg.visual_tokens + cfg.text_tokens + cfg.new_tokens} tokens exceed the model's context")
     vc = hf.config.vision_config
     per_crop = (vc.image_size // vc.patch_size) ** 2
-    n_crops = math.ceil(cfg.visual_tokens / per_crop) * cfg.batch
-    vision = vision_encoder(hf, n_crops, device, dtype)
+    n_crops = math.ceil(cfg.visual_tokens / per_crop)  # per sample
+    vision = vision_encoder(hf, n_crops * cfg.batch, device, dtype)
     tok = prompt(lm, cfg, device, dtype)
     progress = progress or (lambda name, i: None)
     capacity = cfg.text_tokens + cfg.new_tokens
@@ -293,7 +293,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "versions": {"visor": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
-        "config": asdict(cfg) | {"device": str(device), "dtype": dtype_name, "decode": decode, "crops": n_crops},
+        "config": asdict(cfg)
+        | {"device": str(device), "dtype": dtype_name, "decode": decode, "crops_per_sample": n_crops},
         "model": {
             "layers": lm.cfg.n_layers,
             "hidden": lm.cfg.hidden,

@@ -118,6 +118,8 @@ def pretrain_vision(model, data_dir: Path, steps: int, batch_size: int, seed: in
     rows = [r for r in rows if "labels" in r["meta"]]
     if not rows or steps == 0:
         return {"steps": 0}
+    cells = max(len(r["meta"]["labels"]) for r in rows)  # one grid size: the finest
+    rows = [r for r in rows if len(r["meta"]["labels"]) == cells]
     bb = model.backbone
     tower = bb.hf.model.vision_tower
     head = nn.Linear(bb.config.vision_config.hidden_size, 10 + 2)
@@ -133,15 +135,13 @@ def pretrain_vision(model, data_dir: Path, steps: int, batch_size: int, seed: in
         crops = [(0, 1, 0, 0)] + [(k, grid, (k - 1) // grid, (k - 1) % grid) for k in range(1, pixels.shape[1])]
         feats, targets = [], []
         for k, g, a, b in crops:
-            cells = len(batch[0]["meta"]["labels"])
             if cells > g * side:  # a patch would straddle cells
                 continue
             feats.append(tower(pixels[:, k], output_hidden_states=True).hidden_states[-1])  # (B, side*side, hidden)
             for r in batch:
-                n = len(r["meta"]["labels"])
                 for i in range(side):
                     for j in range(side):
-                        rr, cc = int((a + (i + 0.5) / side) / g * n), int((b + (j + 0.5) / side) / g * n)
+                        rr, cc = int((a + (i + 0.5) / side) / g * cells), int((b + (j + 0.5) / side) / g * cells)
                         marked = r["task"] == "marked_digit" and (rr, cc) == (r["meta"]["row"], r["meta"]["col"])
                         targets.append([r["meta"]["labels"][rr][cc], int(marked)])
         logits = head(torch.stack(feats, 1).reshape(-1, head.in_features))  # (image, crop, patch) order
