@@ -216,6 +216,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     import transformers
 
     from . import __version__
+    from .api import DTYPES
     from .flops import count_flops, decode_flops
     from .generate import DECODE_MODES
 
@@ -224,14 +225,13 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     if cfg.repeats < 1 or cfg.warmup < 0 or cfg.batch < 1:
         raise ConfigError("need --repeats >= 1, --warmup >= 0 and --batch >= 1")
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    if dtype_name not in dtypes:
-        raise ConfigError(f"unknown --dtype {cfg.dtype!r}; choose from auto, {', '.join(dtypes)}")
+    if dtype_name not in DTYPES:
+        raise ConfigError(f"unknown --dtype {cfg.dtype!r}; choose from auto, {', '.join(DTYPES)}")
     decode = cfg.decode if cfg.decode != "auto" else ("graph" if device.type == "cuda" else "static")
     if decode not in DECODE_MODES:
         raise ConfigError(f"unknown --decode {cfg.decode!r}; choose from auto, {', '.join(DECODE_MODES)}")
-    dtype = dtypes[dtype_name]
+    dtype = DTYPES[dtype_name]
 
     hf, lm = build(cfg, device, dtype)
     methods = parse_methods(cfg.methods, lm.schedule)

@@ -475,9 +475,10 @@ class VisorLM(nn.Module):
                 mask = torch.cat([cache.sa_mask[i][:, None, :], text_mask], 2)
             t = layer.finish(t, attend(q, k, val, mask, explicit))
 
-        if not static:
-            cache.length += 1  # static steps leave the host-side count to their caller (no Python state in a graph)
-        cache.slot.add_(1)
+        if static:
+            cache.slot.add_(1)  # the host-side count is the caller's to keep (no Python state in a graph)
+        else:
+            cache.advance(1)
         cache.next_pos.add_(1)
         return self.logits(t[:, 0])
 
