@@ -25,6 +25,7 @@ ROW_FIELDS = PHASES | {
     "speedup_vs_hf",
     "speedup_vs_full",
     "same_tokens_as_hf",
+    "prefill_logits_diff_vs_hf",
 }
 V, T, NEW = 40, 12, 6
 
@@ -57,6 +58,8 @@ def test_bench_cli_emits_the_whole_schema(checkpoints, tmp_path):
     assert rows["visor:0"]["speedup_vs_hf"]["prefill_ms"] == pytest.approx(ratio, rel=1e-2)
     # our full forward is the base model: the same greedy tokens as transformers' own (float32)
     assert rows["full"]["same_tokens_as_hf"] is True and rows["visor:0"]["same_tokens_as_hf"] is None
+    assert 0 <= rows["full"]["prefill_logits_diff_vs_hf"] <= 1e-5 and rows["hf"]["prefill_logits_diff_vs_hf"] == 0
+    assert rows["visor:0"]["prefill_logits_diff_vs_hf"] is None
     # FLOPs: fewer SA layers, fewer FLOPs; hf and full do the same work; a batch of 2 counts twice
     assert rows["hf"]["flops"] == rows["full"]["flops"]
     one = count_flops(read_config(config), Schedule.default(6), "full", V, T)

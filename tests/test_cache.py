@@ -147,5 +147,25 @@ def test_unknown_decode_mode_and_graph_without_cuda(visor_model, images):
 
     with pytest.raises(VisorError, match="unknown decode mode"):
         visor_model.generate(images[0], "What is shown?", decode="fast")
-    with pytest.raises(VisorError, match="needs a CUDA device"):
-        visor_model.generate(images[0], "What is shown?", decode="graph")
+    for mode in ("graph", "compile-graph"):
+        with pytest.raises(VisorError, match="needs a CUDA device"):
+            visor_model.generate(images[0], "What is shown?", decode=mode)
+
+
+def test_one_image_without_padding_joins_by_concatenation(visor_model, images):
+    """The SA layers' fast path (a concat instead of a scatter) is taken exactly where it is valid;
+    the HF-equivalence and batched-vs-one-by-one tests check both paths' numbers."""
+    from visor.model import Context
+
+    bb, lm = visor_model.backbone, visor_model.lm
+
+    def block(samples):
+        tok = collate(samples, bb.image_token_id, "cpu")
+        return Context.build(tok, lm.rotary, torch.float32, with_rope=True).block
+
+    one = bb.encode("What is shown?", [images[0]])
+    assert block([one]) == one.ids.index(bb.image_token_id)
+    assert block([one, one]) == block([one])  # same layout in every row
+    assert block([one, bb.encode("Which colour dominates here?", [images[0]])]) is None  # padded text
+    assert block([bb.encode("Compare the two.", [images[1], images[2]])]) is None  # two runs of visual tokens
+    assert block([bb.encode("Is there a table?", [])]) is None

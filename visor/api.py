@@ -62,8 +62,8 @@ class VisorModel:
     ) -> Generation | list[Generation]:
         """Answer one prompt (str; images = a path/PIL image or a list of them) or a batch of
         prompts (list; images = one entry per prompt, each an image or a list of images).
-        ``decode``: how decode steps run, "dynamic", "static", "graph" (CUDA graphs) or "compile"
-        (see ``visor.generate.Decoder``); the tokens are the same."""
+        ``decode``: how decode steps run, "dynamic", "static", "graph" (CUDA graphs), "compile" or
+        "compile-graph" (see ``visor.generate.Decoder``); the tokens are the same."""
         single = isinstance(prompts, str)
         prompts_list = [prompts] if single else list(prompts)
         images_list = [images] if single else list(images)

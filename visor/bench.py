@@ -10,9 +10,11 @@ tokens. For each method, each a median over ``repeats`` runs after ``warmup`` ru
     prefill_ms     language-model prefill (all layers, KV cache filled, last token's logits)
     ttft_ms        time to first token: vision + prefill + picking the token
     decode_ms      per new token after the second (greedy, cached, no host sync inside the loop)
-    first_step_ms  the first decode step, which also sets decoding up (captures the CUDA graph)
+    first_step_ms  the first decode step, which also sets decoding up (compiles, captures the CUDA graph)
     peak_memory_bytes, kv_cache_bytes, FLOPs per phase (visor.flops) and achieved TFLOP/s,
-    and speed-ups over ``hf`` and ``full`` measured in the same run.
+    speed-ups over ``hf`` and ``full`` measured in the same run, and for ``full`` the greedy tokens
+    and prefill logits against ``hf`` (same_tokens_as_hf, prefill_logits_diff_vs_hf: max |diff|
+    over max |logit|).
 
 Methods: ``hf`` (transformers' own language model, its attention implementation and dynamic
 cache), ``full`` (our forward, every layer full self-attention) and ``visor:K`` (budget K).
@@ -52,7 +54,7 @@ class BenchConfig:
     warmup: int = 2
     device: str = "auto"  # cuda if available, else cpu
     dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU
-    decode: str = "auto"  # visor decode mode (visor.generate.DECODE_MODES); auto: graph on CUDA, else static
+    decode: str = "auto"  # visor decode mode (visor.generate.DECODE_MODES); auto: compile-graph on CUDA, else static
     schedule: str = ""  # a schedule spec for random-weight models ("" = the default rule)
     seed: int = 0
 
@@ -228,7 +230,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     if dtype_name not in DTYPES:
         raise ConfigError(f"unknown --dtype {cfg.dtype!r}; choose from auto, {', '.join(DTYPES)}")
-    decode = cfg.decode if cfg.decode != "auto" else ("graph" if device.type == "cuda" else "static")
+    decode = cfg.decode if cfg.decode != "auto" else ("compile-graph" if device.type == "cuda" else "static")
     if decode not in DECODE_MODES:
         raise ConfigError(f"unknown --decode {cfg.decode!r}; choose from auto, {', '.join(DECODE_MODES)}")
     dtype = DTYPES[dtype_name]
@@ -245,13 +247,13 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     progress = progress or (lambda name, i: None)
     capacity = cfg.text_tokens + cfg.new_tokens
 
-    rows = []
+    rows, logits = [], {}
     for name, budget in methods:
         runner = HF(hf) if name == "hf" else Ours(lm, budget, capacity, decode)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        samples, ids, kv_bytes = time_method(runner, vision, tok, cfg, Clock(device), partial(progress, name))
+        samples, ids, kv_bytes, logits[name] = time_method(runner, vision, tok, cfg, Clock(device), partial(progress, name))
         flop_budget = "full" if name == "hf" else budget
         n_v, n_t = cfg.visual_tokens, cfg.text_tokens
         report = count_flops(hf.config, lm.schedule, flop_budget, n_v, n_t, n_crops)
@@ -286,9 +288,12 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
                 None if ref is None else {k: round(ref[k] / row[k], 3) if row[k] else None for k in TIMES}
             )
     hf_row = next((r for r in rows if r["method"] == "hf"), None)
-    for row in rows:
+    for row in rows:  # random bf16 weights give near-ties between logits: tokens may differ where logits agree
         comparable = hf_row is not None and row["budget"] == "full"
         row["same_tokens_as_hf"] = row["tokens"] == hf_row["tokens"] if comparable else None
+        if comparable:
+            diff = (logits[row["method"]] - logits["hf"]).abs().max() / logits["hf"].abs().max()
+        row["prefill_logits_diff_vs_hf"] = round(diff.item(), 6) if comparable else None
     cpu = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
@@ -305,12 +310,13 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     }
 
 
-def time_method(runner, vision, tok, cfg: BenchConfig, clock: Clock, progress) -> tuple[dict, list[int], int]:
-    """Per-phase times of every timed run, the first sample's greedy tokens, KV-cache bytes."""
+def time_method(runner, vision, tok, cfg: BenchConfig, clock: Clock, progress) -> tuple:
+    """Per-phase times of every timed run, the first sample's greedy tokens, KV-cache bytes and
+    prefill logits."""
     samples = {k: [] for k in TIMES}
     for i in range(cfg.warmup + cfg.repeats):
         _, t_vision = clock(vision)
-        _, t_prefill = clock(lambda: runner.prefill(tok))
+        (logits, _), t_prefill = clock(lambda: runner.prefill(tok))
         _, t_first = clock(lambda: (vision(), runner.prefill(tok)[0].argmax(-1)))
         ids, step, kv_bytes = runner.generate(tok)
         _, t_setup = clock(step)  # the first step also sets decoding up (e.g. captures the CUDA graph)
@@ -320,7 +326,7 @@ def time_method(runner, vision, tok, cfg: BenchConfig, clock: Clock, progress) -
             for key, value in zip(TIMES, values):
                 samples[key].append(value)
         progress(i + 1)
-    return samples, torch.stack(ids, 1)[0].tolist(), kv_bytes
+    return samples, torch.stack(ids, 1)[0].tolist(), kv_bytes, logits[0].float().cpu()
 
 
 def _rate(flops: int, ms: float) -> float | None:

@@ -82,7 +82,7 @@ def generate(
     schedule: ScheduleOpt = None,
     dtype: str = "float32",
     device: str = "cpu",
-    decode: Annotated[str, typer.Option(help="decode steps: dynamic, static, graph (CUDA graphs), compile")] = (
+    decode: Annotated[str, typer.Option(help="decode steps: dynamic, static, graph (CUDA graphs), compile, compile-graph")] = (
         "dynamic"
     ),
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
@@ -186,7 +186,7 @@ def bench(
     warmup: int = 2,
     device: Annotated[str, typer.Option(help="auto (cuda if available), cuda, cpu")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")] = "auto",
-    decode: Annotated[str, typer.Option(help="auto (graph on CUDA, else static), dynamic, static, graph, compile")] = (
+    decode: Annotated[str, typer.Option(help="auto (compile-graph on CUDA, else static), dynamic, static, graph, compile, compile-graph")] = (
         "auto"
     ),
     compile: Annotated[bool, typer.Option("--compile", help="decode through torch.compile (--decode compile)")] = False,

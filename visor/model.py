@@ -71,11 +71,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight, self.eps = weight, eps
 
-    def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x):  # normalised in float32, scaled in the input's dtype, as transformers does
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -139,7 +136,7 @@ def attend(q, k, v, mask=None, explicit: bool = False):
         out = scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.view(b, h, sq, hd) * has_key[:, None].to(out.dtype)
+    return out.reshape(b, h, sq, hd) * has_key[:, None].to(out.dtype)
 
 
 def last_token_attention(q_last, k, valid):
@@ -398,20 +395,18 @@ class VisorLM(nn.Module):
     def sa_layer(self, i, v, t, ctx: Context, cache, rows):
         """The original layer over the original sequence order (right-padded): causal attention."""
         layer = self.layers[i]
-        x = v.new_zeros(v.shape[0], ctx.seq + 1, v.shape[2])  # (B, S+1, D), slot S collects padding
-        x = x.scatter(1, ctx.v_index[..., None].expand_as(v), v).scatter(1, ctx.t_index[..., None].expand_as(t), t)
-        x = x[:, : ctx.seq]
+        x = ctx.join(v, t)
         q, k, val = layer.qkv(x, ctx.rope_x)
         if cache is not None:
-            cache.store_visual("sa", i, take(k, ctx.v_index, 2), take(val, ctx.v_index, 2), ctx.visual_valid, rows)
-            cache.write_text(i, take(k, ctx.t_index, 2), take(val, ctx.t_index, 2), rows)
+            (k_v, k_t), (val_v, val_t) = ctx.split(k, 2), ctx.split(val, 2)
+            cache.store_visual("sa", i, k_v, val_v, ctx.visual_valid, rows)
+            cache.write_text(i, k_t, val_t, rows)
         if i in ctx.score_at:  # attention of the last text token over the visual tokens, head-averaged
             last = ctx.t_index.gather(1, ctx.last_text[:, None])  # (B, 1) its slot
             q_last = take(q, last, 2)  # (B, H, 1, hd)
             probs = last_token_attention(q_last, k, torch.arange(ctx.seq, device=x.device)[None] <= last)
             ctx.scores[i] = take(probs, ctx.v_index, 3).mean(1)[:, 0]  # (B, Nv)
-        x = layer.finish(x, attend(q, k, val, None, self.explicit_attention))
-        return take(x, ctx.v_index, 1), take(x, ctx.t_index, 1)
+        return ctx.split(layer.finish(x, attend(q, k, val, None, self.explicit_attention)), 1)
 
     def text_layer(self, i, v, t, ctx: Context, cache, rows):
         """Cross-attention to the visual states (at CA layers), then the layer on text alone."""
@@ -499,6 +494,9 @@ class Context:
     rope_x: tuple  # RoPE of the slots 0..seq-1 (SA layers)
     ca_rope_t: tuple | None  # None: CA without RoPE (conv positional code)
     ca_rope_v: tuple | None
+    # slot of the first visual token when every sample is unpadded with its visual tokens in one
+    # run at the same slot (one image, no batch padding): then the original order is a concat
+    block: int | None = None
     score_at: frozenset = frozenset()  # layers whose last-token attention ranks visual tokens
     scores: dict = field(default_factory=dict)  # layer -> (B, Nv) scores, filled by those layers
 
@@ -507,7 +505,6 @@ class Context:
         visual_pos = tok.visual_pos if visual_pos is None else visual_pos
         visual_valid = tok.visual_valid if visual_valid is None else visual_valid
         n_visual = visual_pos.shape[1]
-        seq = int((visual_valid.sum(1) + tok.text_valid.sum(1)).max())
         # every token's slot = its rank among the sample's tokens in original order
         big = torch.iinfo(torch.long).max
         pos = torch.cat([visual_pos.masked_fill(~visual_valid, big), tok.text_pos.masked_fill(~tok.text_valid, big)], 1)
@@ -515,6 +512,15 @@ class Context:
         rank = torch.empty_like(order).scatter_(
             1, order, torch.arange(pos.shape[1], device=pos.device).expand_as(order)
         )
+        # one run of visual tokens at the same slot in every sample, text around it in order, no padding
+        first = rank[:1, :1] if n_visual else torch.zeros(1, 1, dtype=torch.long, device=pos.device)
+        slots = torch.arange(pos.shape[1], device=pos.device)
+        text_slots = slots[: pos.shape[1] - n_visual]
+        expected = torch.cat([first + slots[:n_visual], text_slots + n_visual * (text_slots >= first)], 1)
+        block_ok = (rank == expected).all() & visual_valid.all() & tok.text_valid.all()
+        seq, block_ok, first = torch.stack(  # one host sync for all three
+            [(visual_valid.sum(1) + tok.text_valid.sum(1)).max(), block_ok.long(), first[0, 0]]
+        ).tolist()
         slot_pos = pos.gather(1, order)[:, :seq]
         slot_pos = slot_pos.masked_fill(slot_pos == big, 0)
         rope_t = rotary(tok.text_pos, dtype)
@@ -530,7 +536,24 @@ class Context:
             rope_x=rotary(slot_pos, dtype),
             ca_rope_t=rope_t if with_rope else None,
             ca_rope_v=rotary(visual_pos, dtype) if with_rope else None,
+            block=first if block_ok and n_visual else None,
         )
+
+    def join(self, v, t):
+        """Visual (B, Nv, D) and text (B, Nt, D) states -> the sequence in original order (B, S, D)."""
+        if self.block is not None:
+            return torch.cat([t[:, : self.block], v, t[:, self.block :]], 1)
+        x = v.new_zeros(v.shape[0], self.seq + 1, v.shape[2])  # slot S collects padding
+        x = x.scatter(1, self.v_index[..., None].expand_as(v), v).scatter(1, self.t_index[..., None].expand_as(t), t)
+        return x[:, : self.seq]
+
+    def split(self, x, dim: int):
+        """The inverse of ``join`` along the token dimension ``dim`` (1: states, 2: K/V): (visual, text)."""
+        if self.block is not None:
+            a, n = self.block, self.v_index.shape[1]
+            text = torch.cat([x.narrow(dim, 0, a), x.narrow(dim, a + n, x.shape[dim] - a - n)], dim)
+            return x.narrow(dim, a, n), text
+        return take(x, self.v_index, dim), take(x, self.t_index, dim)
 
     def select(self, rows: torch.Tensor) -> Context:
         pick = lambda x: None if x is None else (tuple(y[rows] for y in x) if isinstance(x, tuple) else x[rows])  # noqa: E731
@@ -546,4 +569,4 @@ class Context:
             "ca_rope_t",
             "ca_rope_v",
         )
-        return Context(self.seq, *(pick(getattr(self, f)) for f in names))
+        return Context(self.seq, *(pick(getattr(self, f)) for f in names), block=self.block)
