@@ -25,7 +25,7 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = BenchConfig(size=size, visual_tokens=n_visual, text_tokens=64, methods=method)
     _, lm = build(cfg, device, dtype)
-    (_, budget), = parse_methods(method, lm.schedule)
+    ((_, budget),) = parse_methods(method, lm.schedule)
     tok = prompt(lm, cfg, device, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3):

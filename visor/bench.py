@@ -253,7 +253,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        samples, ids, kv_bytes, logits[name] = time_method(runner, vision, tok, cfg, Clock(device), partial(progress, name))
+        timed = time_method(runner, vision, tok, cfg, Clock(device), partial(progress, name))
+        samples, ids, kv_bytes, logits[name] = timed
         flop_budget = "full" if name == "hf" else budget
         n_v, n_t = cfg.visual_tokens, cfg.text_tokens
         report = count_flops(hf.config, lm.schedule, flop_budget, n_v, n_t, n_crops)

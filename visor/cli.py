@@ -13,6 +13,8 @@ from rich.table import Table
 
 from .errors import ConfigError, VisorError
 
+DECODE_HELP = "dynamic, static, graph (CUDA graphs), compile, compile-graph"  # visor.generate.DECODE_MODES
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -82,9 +84,7 @@ def generate(
     schedule: ScheduleOpt = None,
     dtype: str = "float32",
     device: str = "cpu",
-    decode: Annotated[str, typer.Option(help="decode steps: dynamic, static, graph (CUDA graphs), compile, compile-graph")] = (
-        "dynamic"
-    ),
+    decode: Annotated[str, typer.Option(help="decode steps: " + DECODE_HELP)] = "dynamic",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ):
     """Answer a prompt about one or more images."""
@@ -186,9 +186,7 @@ def bench(
     warmup: int = 2,
     device: Annotated[str, typer.Option(help="auto (cuda if available), cuda, cpu")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")] = "auto",
-    decode: Annotated[str, typer.Option(help="auto (compile-graph on CUDA, else static), dynamic, static, graph, compile, compile-graph")] = (
-        "auto"
-    ),
+    decode: Annotated[str, typer.Option(help="auto (compile-graph on CUDA, else static), " + DECODE_HELP)] = ("auto"),
     compile: Annotated[bool, typer.Option("--compile", help="decode through torch.compile (--decode compile)")] = False,
     schedule: ScheduleOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as one JSON object")] = False,
