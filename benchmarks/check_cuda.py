@@ -1,9 +1,11 @@
 """Correctness of the CUDA fast path, run on a GPU machine (the CPU test suite covers the shared code).
 
-1. A tiny checkpoint, float32: the CUDA forward equals the CPU reference (prefill and every decode
-   step, every budget) and transformers' own greedy tokens for `full`.
-2. The same in bfloat16 against the float32 CPU reference, at bf16 tolerance.
-3. Every decode mode (dynamic, static, graph, compile, compile-graph) gives the dynamic mode's tokens.
+1. A tiny checkpoint, float32: for every budget and every decode mode (dynamic, static, graph,
+   compile, compile-graph) and the CUDA-graph prefill, the logits of every step equal the CPU
+   reference's, fed the same tokens (teacher-forced); free-running greedy decoding gives the
+   CPU's tokens, and `full` gives transformers' own generate tokens.
+2. The same in bfloat16 against the float32 CPU reference, at bf16 tolerance (teacher-forced:
+   bf16 may break a near-tie differently, after which free-running tokens rightly differ).
 
     python benchmarks/check_cuda.py            # exits 1 and says what differs, if anything does
     python benchmarks/check_cuda.py cpu        # the same checks on the CPU (no CUDA graphs there)
@@ -18,17 +20,25 @@ import torch
 
 import visor
 from visor.backbone import load_image
-from visor.generate import DECODE_MODES, Decoder, collate
+from visor.generate import DECODE_MODES, Decoder, GraphedPrefill, collate
 from visor.tiny import TinySpec, build_tiny
 
+N_NEW = 8
 
-def greedy(model, tok, budget, n_new, mode="dynamic"):
+
+def greedy(model, tok, budget, mode="dynamic", force=None, graphed=False):
+    """Greedy tokens and every step's logits (CPU float32); ``force``: feed these tokens instead."""
+    capacity = tok.text_ids.shape[1] + N_NEW
     with torch.no_grad():
-        logits, cache = model.lm.prefill(tok, budget, capacity=tok.text_ids.shape[1] + n_new)
+        if graphed:
+            logits, cache = GraphedPrefill(model.lm, budget, capacity)(tok)
+        else:
+            logits, cache = model.lm.prefill(tok, budget, capacity=capacity)
         decoder = Decoder(model.lm, cache, mode)
         steps, ids = [logits.float().cpu()], [logits.argmax(-1)]
-        for _ in range(n_new - 1):
-            logits = decoder(ids[-1])
+        for step in range(N_NEW - 1):
+            fed = ids[-1] if force is None else force[:, step].to(ids[-1].device).clone()  # contiguous, as argmax's
+            logits = decoder(fed)
             steps.append(logits.float().cpu())
             ids.append(logits.argmax(-1))
     return torch.stack(ids, 1).cpu(), torch.stack(steps, 1)
@@ -62,31 +72,33 @@ def main() -> int:
     for p in reference.lm.cross.values():  # non-zero gates: CA layers change the result
         torch.nn.init.constant_(p.gate, 0.7)
     state = reference.lm.visor_state_dict()
+    tok_cpu = collate([reference.backbone.encode(prompt, [image])], reference.backbone.image_token_id, "cpu")
+    expected = {b: greedy(reference, tok_cpu, b) for b in [0, 1, 2, "full"]}
     for dtype, atol in (("float32", 1e-4), ("bfloat16", 5e-2)):
+        torch._dynamo.reset()  # each dtype compiles its own steps (4 budgets), within the recompile limit
         model = visor.load(path, dtype=dtype, device=device)
         model.lm.load_state_dict(state, strict=False)
-        samples_cpu = [reference.backbone.encode(prompt, [image])]
-        samples_gpu = [model.backbone.encode(prompt, [image])]
-        tok_cpu = collate(samples_cpu, reference.backbone.image_token_id, "cpu")
-        tok_gpu = collate(samples_gpu, model.backbone.image_token_id, device)
-        for budget in [0, 1, 2, "full"]:
-            ids_cpu, logits_cpu = greedy(reference, tok_cpu, budget, 8)
-            ids_gpu, logits_gpu = greedy(model, tok_gpu, budget, 8)
-            diff = (logits_cpu - logits_gpu).abs().max().item()
-            scale = logits_cpu.abs().max().item()
-            ok = diff <= atol * max(1.0, scale)
-            print(f"{dtype} budget {budget}: max |logit diff| {diff:.2e} (scale {scale:.1f}) {'ok' if ok else 'FAIL'}")
-            if not ok:
-                failures.append(f"{dtype} budget {budget}: logits differ by {diff:.2e}")
-            for mode in modes:
-                ids_mode, _ = greedy(model, tok_gpu, budget, 8, mode)
-                same = torch.equal(ids_mode, ids_gpu)
-                print(f"  decode {mode}: {'same tokens' if same else 'DIFFERENT tokens'}")
+        tok = collate([model.backbone.encode(prompt, [image])], model.backbone.image_token_id, device)
+        for budget, (ref_ids, ref_logits) in expected.items():
+            scale = ref_logits.abs().max().item()
+            runs = [(mode, False) for mode in modes] + ([("graph", True)] if device == "cuda" else [])
+            for mode, graphed in runs:
+                _, logits = greedy(model, tok, budget, mode, force=ref_ids, graphed=graphed)
+                diff = (logits - ref_logits).abs().max().item()
+                ok = diff <= atol * max(1.0, scale)
+                name = f"{dtype} budget {budget} {'graph prefill + ' if graphed else ''}decode {mode}"
+                print(f"{name}: max |logit diff| {diff:.2e} (scale {scale:.1f}) {'ok' if ok else 'FAIL'}")
+                if not ok:
+                    failures.append(f"{name}: logits differ by {diff:.2e}")
+            if dtype == "float32":
+                ids, _ = greedy(model, tok, budget, modes[-1], graphed=device == "cuda")  # the fastest path
+                same = torch.equal(ids, ref_ids)
+                print(f"{dtype} budget {budget} free-running {modes[-1]}: {'same' if same else 'DIFFERENT'} tokens")
                 if not same:
-                    failures.append(f"{dtype} budget {budget}: decode {mode} changes the tokens")
+                    failures.append(f"{dtype} budget {budget}: tokens {ids.tolist()} vs the CPU's {ref_ids.tolist()}")
         if dtype == "float32":
-            ours, _ = greedy(model, tok_gpu, "full", 8)
-            theirs = hf_greedy(model, image, prompt, 8)
+            ours, _ = greedy(model, tok, "full")
+            theirs = hf_greedy(model, image, prompt, N_NEW)
             same = torch.equal(ours[0], theirs)
             print(f"full vs transformers' generate: {'same tokens' if same else 'DIFFERENT tokens'}")
             if not same:

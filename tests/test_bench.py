@@ -39,6 +39,7 @@ def test_bench_cli_emits_the_whole_schema(checkpoints, tmp_path):
     assert set(result) == {"device", "versions", "config", "model", "methods"}
     assert set(result["versions"]) == {"visor", "torch", "transformers"}
     assert result["config"]["decode"] == "static" and result["config"]["dtype"] == "float32"
+    assert result["config"]["prefill"] == "eager"
     assert [r["method"] for r in result["methods"]] == ["hf", "full", "visor:0", "visor:2"]
     for row in result["methods"]:
         assert set(row) == ROW_FIELDS
@@ -94,6 +95,8 @@ def test_bench_errors(checkpoints):
         builtin_config("70b")
     with pytest.raises(VisorError, match="context"):
         run_bench(BenchConfig(config=config, visual_tokens=10**6, text_tokens=T))
+    with pytest.raises(VisorError, match="graph needs CUDA"):
+        run_bench(BenchConfig(config=config, visual_tokens=V, text_tokens=T, prefill="graph"))
 
 
 @pytest.mark.parametrize("size", ["0.5b", "7b"])

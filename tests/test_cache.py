@@ -169,3 +169,37 @@ def test_one_image_without_padding_joins_by_concatenation(visor_model, images):
     assert block([one, bb.encode("Which colour dominates here?", [images[0]])]) is None  # padded text
     assert block([bb.encode("Compare the two.", [images[1], images[2]])]) is None  # two runs of visual tokens
     assert block([bb.encode("Is there a table?", [])]) is None
+
+
+def test_prefill_with_a_known_layout_skips_the_host_sync(visor_model, images, monkeypatch):
+    """What a CUDA-graph prefill captures: with ``tok.layout`` given, the Context is built without
+    the one host sync (``Context.layout`` is not called) and the prefill is the same."""
+    import dataclasses
+
+    from visor.model import Context
+
+    bb, lm = visor_model.backbone, visor_model.lm
+    one = bb.encode("What is shown?", [images[0]])
+    for samples in ([one], [one, bb.encode("Compare the two.", [images[1], images[2]])]):  # concat / scatter
+        tok = collate(samples, bb.image_token_id, "cpu")
+        ctx = Context.build(tok, lm.rotary, torch.float32, with_rope=True)
+        known = dataclasses.replace(tok, layout=(ctx.seq, ctx.block))
+        with torch.no_grad():
+            expected = {b: lm.prefill(tok, b, capacity=40)[0] for b in BUDGETS}
+            with monkeypatch.context() as m:
+                m.setattr(Context, "layout", lambda *a: pytest.fail("host sync with a known layout"))
+                for budget in BUDGETS:
+                    assert torch.equal(lm.prefill(known, budget, capacity=40)[0], expected[budget])
+
+
+def test_graphed_prefill_needs_cuda_and_a_fixed_budget(visor_model, images):
+    from visor.errors import VisorError
+    from visor.generate import GraphedPrefill
+
+    tok = collate(
+        [visor_model.backbone.encode("What is shown?", [images[0]])], visor_model.backbone.image_token_id, "cpu"
+    )
+    with pytest.raises(VisorError, match="needs a CUDA device"):
+        GraphedPrefill(visor_model.lm, 1, capacity=40)(tok)
+    with pytest.raises(VisorError, match="fixed budget"):
+        GraphedPrefill(visor_model.lm, "auto", capacity=40)

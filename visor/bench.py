@@ -7,7 +7,8 @@ the first few; the vision encoder (tower + projector) is timed on the crops that
 tokens. For each method, each a median over ``repeats`` runs after ``warmup`` runs:
 
     vision_ms      vision tower + projector on the crops
-    prefill_ms     language-model prefill (all layers, KV cache filled, last token's logits)
+    prefill_ms     language-model prefill (all layers, KV cache filled, last token's logits);
+                   on CUDA ours is replayed as a CUDA graph (``--prefill eager`` to not)
     ttft_ms        time to first token: vision + prefill + picking the token
     decode_ms      per new token after the second (greedy, cached, no host sync inside the loop)
     first_step_ms  the first decode step, which also sets decoding up (compiles, captures the CUDA graph)
@@ -55,6 +56,7 @@ class BenchConfig:
     device: str = "auto"  # cuda if available, else cpu
     dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU
     decode: str = "auto"  # visor decode mode (visor.generate.DECODE_MODES); auto: compile-graph on CUDA, else static
+    prefill: str = "auto"  # visor prefill: eager, or graph (visor.generate.GraphedPrefill); auto: graph on CUDA
     schedule: str = ""  # a schedule spec for random-weight models ("" = the default rule)
     seed: int = 0
 
@@ -159,10 +161,15 @@ def prompt(lm, cfg: BenchConfig, device, dtype):
 
 
 class Ours:
-    def __init__(self, lm, budget, capacity: int, decode: str):
+    def __init__(self, lm, budget, capacity: int, decode: str, prefill: str):
+        from .generate import GraphedPrefill
+
         self.lm, self.budget, self.capacity, self.decode = lm, budget, capacity, decode
+        self.graphed = GraphedPrefill(lm, budget, capacity) if prefill == "graph" else None
 
     def prefill(self, tok):
+        if self.graphed is not None:
+            return self.graphed(tok)
         return self.lm.prefill(tok, self.budget, self.capacity)
 
     def generate(self, tok):
@@ -234,6 +241,9 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     if decode not in DECODE_MODES:
         raise ConfigError(f"unknown --decode {cfg.decode!r}; choose from auto, {', '.join(DECODE_MODES)}")
     dtype = DTYPES[dtype_name]
+    prefill = cfg.prefill if cfg.prefill != "auto" else ("graph" if device.type == "cuda" else "eager")
+    if prefill not in ("eager", "graph") or (prefill == "graph" and device.type != "cuda"):
+        raise ConfigError(f"--prefill {cfg.prefill!r}: choose auto, eager or graph (graph needs CUDA)")
 
     hf, lm = build(cfg, device, dtype)
     methods = parse_methods(cfg.methods, lm.schedule)
@@ -249,7 +259,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
 
     rows, logits = [], {}
     for name, budget in methods:
-        runner = HF(hf) if name == "hf" else Ours(lm, budget, capacity, decode)
+        runner = HF(hf) if name == "hf" else Ours(lm, budget, capacity, decode, prefill)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -300,7 +310,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "versions": {"visor": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "config": asdict(cfg)
-        | {"device": str(device), "dtype": dtype_name, "decode": decode, "crops_per_sample": n_crops},
+        | {"device": str(device), "dtype": dtype_name, "decode": decode, "prefill": prefill}
+        | {"crops_per_sample": n_crops},
         "model": {
             "layers": lm.cfg.n_layers,
             "hidden": lm.cfg.hidden,

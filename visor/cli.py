@@ -187,6 +187,7 @@ def bench(
     device: Annotated[str, typer.Option(help="auto (cuda if available), cuda, cpu")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")] = "auto",
     decode: Annotated[str, typer.Option(help="auto (compile-graph on CUDA, else static), " + DECODE_HELP)] = ("auto"),
+    prefill: Annotated[str, typer.Option(help="auto (graph on CUDA, else eager), eager, graph (CUDA graphs)")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="decode through torch.compile (--decode compile)")] = False,
     schedule: ScheduleOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as one JSON object")] = False,
@@ -213,6 +214,7 @@ def bench(
         device=device,
         dtype=dtype,
         decode="compile" if compile else decode,
+        prefill=prefill,
         schedule=schedule or "",
     )
     with console.status("benchmarking") as status:

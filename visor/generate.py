@@ -10,7 +10,7 @@ import torch
 from .backbone import Sample
 from .cache import KVCache
 from .errors import ConfigError
-from .model import Tokens, VisorLM
+from .model import Context, Tokens, VisorLM
 
 DECODE_MODES = ("dynamic", "static", "graph", "compile", "compile-graph")
 
@@ -86,8 +86,8 @@ class Decoder:
         self.lm, self.cache, self.mode = lm, cache, mode
         self.graph = None
         self.step = lm.decode_one_token
-        if mode.startswith("compile"):
-            self.step = torch.compile(lm.decode_one_token, fullgraph=True)
+        if mode.startswith("compile"):  # one graph (a test holds it to fullgraph); past the recompile limit: eager
+            self.step = torch.compile(lm.decode_one_token)
 
     def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.mode == "dynamic":
@@ -124,6 +124,51 @@ class Decoder:
         with torch.cuda.graph(self.graph):
             self.logits = self.step(self.ids, cache, static=True)
         restore()
+
+
+class GraphedPrefill:
+    """``lm.prefill`` captured as a CUDA graph for one input shape and layout, budget and
+    capacity, and replayed for new inputs of that shape (CUDA only; another shape recaptures).
+    A prefill launches a thousand small kernels from Python, most of them for the text tokens;
+    a replay launches them at once. Every call returns the same cache object with its buffers
+    rewritten: finish decoding one prompt before prefilling the next.
+    """
+
+    FIELDS = ("visual", "visual_pos", "visual_valid", "text_ids", "text_pos", "text_valid")
+
+    def __init__(self, lm: VisorLM, budget, capacity: int):
+        if budget == "auto":
+            raise ConfigError("a CUDA-graph prefill needs a fixed budget ('auto' decides on the device's data)")
+        self.lm, self.budget, self.capacity = lm, budget, capacity
+        self.graph, self.key = None, None
+
+    @torch.no_grad()
+    def __call__(self, tok: Tokens) -> tuple[torch.Tensor, KVCache]:
+        if not tok.text_ids.is_cuda:
+            raise ConfigError("a CUDA-graph prefill needs a CUDA device")
+        ctx = Context.build(tok, self.lm.rotary, torch.float32, with_rope=False)  # the layout: one host sync
+        key = (ctx.seq, ctx.block, *(getattr(tok, f).shape for f in self.FIELDS))
+        if key != self.key:
+            self._capture(tok, (ctx.seq, ctx.block))
+            self.key = key
+        for f in self.FIELDS:
+            getattr(self.static, f).copy_(getattr(tok, f))
+        self.graph.replay()
+        self.cache.length, self.cache.budgets = self.length, list(self.budgets)  # undo the last decode's
+        return self.logits, self.cache
+
+    def _capture(self, tok: Tokens, layout: tuple) -> None:
+        self.static = Tokens(*(getattr(tok, f).clone() for f in self.FIELDS), layout=layout)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
+            for _ in range(2):
+                self.lm.prefill(self.static, self.budget, self.capacity)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits, self.cache = self.lm.prefill(self.static, self.budget, self.capacity)
+        self.length, self.budgets = self.cache.length, list(self.cache.budgets)
 
 
 @torch.no_grad()

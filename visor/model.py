@@ -263,6 +263,7 @@ class Tokens:
     text_ids: torch.Tensor  # (B, Nt)
     text_pos: torch.Tensor  # (B, Nt)
     text_valid: torch.Tensor  # (B, Nt) bool
+    layout: tuple | None = None  # (seq, block) of Context, when known: building the Context then needs no host sync
 
 
 class VisorLM(nn.Module):
@@ -512,15 +513,8 @@ class Context:
         rank = torch.empty_like(order).scatter_(
             1, order, torch.arange(pos.shape[1], device=pos.device).expand_as(order)
         )
-        # one run of visual tokens at the same slot in every sample, text around it in order, no padding
-        first = rank[:1, :1] if n_visual else torch.zeros(1, 1, dtype=torch.long, device=pos.device)
-        slots = torch.arange(pos.shape[1], device=pos.device)
-        text_slots = slots[: pos.shape[1] - n_visual]
-        expected = torch.cat([first + slots[:n_visual], text_slots + n_visual * (text_slots >= first)], 1)
-        block_ok = (rank == expected).all() & visual_valid.all() & tok.text_valid.all()
-        seq, block_ok, first = torch.stack(  # one host sync for all three
-            [(visual_valid.sum(1) + tok.text_valid.sum(1)).max(), block_ok.long(), first[0, 0]]
-        ).tolist()
+        own_layout = tok.layout is not None and visual_valid is tok.visual_valid
+        seq, block = tok.layout if own_layout else cls.layout(rank, visual_valid, tok.text_valid)
         slot_pos = pos.gather(1, order)[:, :seq]
         slot_pos = slot_pos.masked_fill(slot_pos == big, 0)
         rope_t = rotary(tok.text_pos, dtype)
@@ -536,8 +530,23 @@ class Context:
             rope_x=rotary(slot_pos, dtype),
             ca_rope_t=rope_t if with_rope else None,
             ca_rope_v=rotary(visual_pos, dtype) if with_rope else None,
-            block=first if block_ok and n_visual else None,
+            block=block,
         )
+
+    @staticmethod
+    def layout(rank, visual_valid, text_valid) -> tuple[int, int | None]:
+        """(seq, block) from every token's slot ``rank`` (B, Nv + Nt); one host sync."""
+        n_visual = visual_valid.shape[1]
+        # one run of visual tokens at the same slot in every sample, text around it in order, no padding
+        first = rank[:1, :1] if n_visual else torch.zeros(1, 1, dtype=torch.long, device=rank.device)
+        slots = torch.arange(rank.shape[1], device=rank.device)
+        text_slots = slots[: rank.shape[1] - n_visual]
+        expected = torch.cat([first + slots[:n_visual], text_slots + n_visual * (text_slots >= first)], 1)
+        block_ok = (rank == expected).all() & visual_valid.all() & text_valid.all()
+        seq, block_ok, first = torch.stack(
+            [(visual_valid.sum(1) + text_valid.sum(1)).max(), block_ok.long(), first[0, 0]]
+        ).tolist()
+        return seq, first if block_ok and n_visual else None
 
     def join(self, v, t):
         """Visual (B, Nv, D) and text (B, Nt, D) states -> the sequence in original order (B, S, D)."""
