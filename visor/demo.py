@@ -106,10 +106,11 @@ class Stages:
 
 
 def pretrain_vision(model, data_dir: Path, steps: int, batch_size: int, seed: int) -> dict:
-    """A linear head on the tower's patch features learns each patch's digit and whether its cell
-    carries the red mark, on the digit-grid images of the training split. Only crops in which a
-    patch lies within one grid cell are used (AnyRes tiles at full resolution; the downscaled
-    base view too when its cells are patch-sized or larger)."""
+    """A linear head on the tower's patch features learns, on the digit-grid images of the
+    training split, each patch's place in its crop (every crop: in the whole-image view that is
+    where in the image the patch lies, as a real tower's features tell), and each patch's digit
+    and whether its cell carries the red mark where a patch lies within one grid cell (AnyRes
+    tiles at full resolution; the downscaled base view too when its cells are patch-sized)."""
     from torch import nn
 
     from .backbone import load_image
@@ -122,11 +123,11 @@ def pretrain_vision(model, data_dir: Path, steps: int, batch_size: int, seed: in
     rows = [r for r in rows if len(r["meta"]["labels"]) == cells]
     bb = model.backbone
     tower = bb.hf.model.vision_tower
-    head = nn.Linear(bb.config.vision_config.hidden_size, 10 + 2)
+    side = bb.config.vision_config.image_size // bb.config.vision_config.patch_size
+    head = nn.Linear(bb.config.vision_config.hidden_size, 10 + 2 + side * side)
     optimizer = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    side = bb.config.vision_config.image_size // bb.config.vision_config.patch_size
-    losses, accuracy = [], []
+    losses, accuracy, placed = [], [], []
     for _ in range(steps):
         batch = [rows[i] for i in torch.randint(len(rows), (batch_size,), generator=gen).tolist()]
         pixels = bb.image_processor([[load_image(data_dir / r["image"])] for r in batch], return_tensors="pt")
@@ -135,29 +136,32 @@ def pretrain_vision(model, data_dir: Path, steps: int, batch_size: int, seed: in
         crops = [(0, 1, 0, 0)] + [(k, grid, (k - 1) // grid, (k - 1) % grid) for k in range(1, pixels.shape[1])]
         feats, targets = [], []
         for k, g, a, b in crops:
-            if cells > g * side:  # a patch would straddle cells
-                continue
             feats.append(tower(pixels[:, k], output_hidden_states=True).hidden_states[-1])  # (B, side*side, hidden)
+            readable = cells <= g * side  # else a patch straddles cells: no digit target (-100 = ignored)
             for r in batch:
                 for i in range(side):
                     for j in range(side):
                         rr, cc = int((a + (i + 0.5) / side) / g * cells), int((b + (j + 0.5) / side) / g * cells)
                         marked = r["task"] == "marked_digit" and (rr, cc) == (r["meta"]["row"], r["meta"]["col"])
-                        targets.append([r["meta"]["labels"][rr][cc], int(marked)])
+                        digit = [r["meta"]["labels"][rr][cc], int(marked)] if readable else [-100, -100]
+                        targets.append([*digit, i * side + j])
         logits = head(torch.stack(feats, 1).reshape(-1, head.in_features))  # (image, crop, patch) order
-        t = torch.tensor(targets).view(len(feats), len(batch), side * side, 2).transpose(0, 1).reshape(-1, 2)
+        t = torch.tensor(targets).view(len(feats), len(batch), side * side, 3).transpose(0, 1).reshape(-1, 3)
         ce = nn.functional.cross_entropy
-        loss = ce(logits[:, :10], t[:, 0]) + ce(logits[:, 10:], t[:, 1])
+        loss = ce(logits[:, :10], t[:, 0]) + ce(logits[:, 10:12], t[:, 1]) + ce(logits[:, 12:], t[:, 2])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-        accuracy.append((logits[:, :10].argmax(-1) == t[:, 0]).float().mean().item())
+        readable = t[:, 0] >= 0
+        accuracy.append((logits[readable, :10].argmax(-1) == t[readable, 0]).float().mean().item())
+        placed.append((logits[:, 12:].argmax(-1) == t[:, 2]).float().mean().item())
     return {
         "steps": steps,
         "first_loss": round(losses[0], 3),
         "last_loss": round(sum(losses[-20:]) / len(losses[-20:]), 3),
         "patch_digit_accuracy": round(sum(accuracy[-20:]) / len(accuracy[-20:]), 3),
+        "patch_place_accuracy": round(sum(placed[-20:]) / len(placed[-20:]), 3),
     }
 
 
@@ -214,7 +218,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
         model.save(path / "model")
         return summary
 
-    key = _digest("vision", asdict(spec), cfg.vision_steps, cfg.batch_size, key)
+    key = _digest("vision", asdict(spec), cfg.vision_steps, cfg.batch_size, "digits, marks, places", key)
     vision_dir = stages.run("vision", key, vision)
 
     def trainer(name, model_dir, **kw):
