@@ -4,7 +4,8 @@ Stages, each cached under OUT/stages/<name>-<hash of its config and inputs> (``-
 
 1. data      the built-in benchmark, demo-sized (128-pixel images; tasks a tiny model can learn)
 2. vision    a tiny LLaVA-OneVision (SigLIP + Qwen2 classes), its vision tower pre-trained briefly
-             to tell each patch's digit and red mark, then kept fixed (a cheap head start)
+             to tell each patch's digit, red mark and place in its crop, then kept fixed (a cheap
+             head start standing in for a real tower's pre-training)
 3. base      trained as an ordinary LVLM (every layer full self-attention): "the pretrained base"
 4. stage1    converted to VISOR; CA modules only
 5. stage2    universal training, one sampled budget per step
