@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test clean
+.PHONY: demo test test-slow clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(VENV)/.installed
 # pytest exits 5 when it collects no test; make treats every non-zero exit as a failure.
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# the minutes-long tests (the full demo and its targets)
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) runs

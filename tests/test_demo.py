@@ -5,6 +5,7 @@ import json
 import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from visor.demo import run_demo
@@ -46,3 +47,41 @@ def test_vision_pretraining_teaches_each_patch_its_place(tmp_path):
     assert summary["patch_place_accuracy"] >= 0.5  # 16 places: chance is 1/16
     assert summary["patch_digit_accuracy"] >= 0.5  # 10 digits
     assert summary["last_loss"] < summary["first_loss"]
+
+
+def _row(method, budget, flops, hard, easy, setting=None):
+    overall = (hard + 2 * easy) / 300
+    family = {"hard": {"accuracy": hard / 100}, "easy": {"accuracy": easy / 100}}
+    summary = {"family": family, "overall": {"accuracy": overall}}
+    return dict(method=method, budget=budget, relative_lm_flops=flops, summary=summary, setting=setting or method)
+
+
+def test_targets_are_read_off_the_numbers():
+    from visor.demo import check_targets
+
+    results = [
+        _row("base", "full", 1.0, 100, 99),
+        _row("visor", 0, 0.17, 95, 90),
+        _row("visor", 1, 0.31, 99, 98),
+        _row("visor", 2, 0.45, 100, 99),
+        _row("visor", "auto", 0.25, 98, 95),
+        _row("fastv", "full", 0.32, 80, 90),
+        _row("pdrop", "full", 0.30, 60, 90),
+        _row("visionzip", "full", 0.50, 60, 90),  # nothing within ±10% of budget 1's FLOPs
+    ]
+    met = {statement.split(" ")[0]: ok for statement, ok, _ in check_targets(results)}
+    assert met == {"base": True, "VISOR": True, "fastv": True, "pdrop": True, "visionzip": False, "auto": True}
+
+    results[2] = _row("visor", 1, 0.31, 99, 96)  # 3 points below the base on easy
+    results[5] = _row("fastv", "full", 0.29, 92, 90)  # only 7 points behind on hard
+    results[4] = _row("visor", "auto", 0.25, 90, 90)  # below the line through budgets 0 and 1
+    met = {statement.split(" ")[0]: ok for statement, ok, _ in check_targets(results)}
+    assert met == {"base": True, "VISOR": False, "fastv": False, "pdrop": True, "visionzip": False, "auto": False}
+
+
+@pytest.mark.slow
+def test_default_demo_meets_every_target(tmp_path):
+    """The full `make demo` run (~12 min on 2 cores): `make test-slow`."""
+    run_demo(tmp_path)
+    targets = json.loads((tmp_path / "results.json").read_text())["targets"]
+    assert len(targets) == 7 and all(t["met"] for t in targets), targets
