@@ -186,7 +186,7 @@ def bench(
     warmup: int = 2,
     device: Annotated[str, typer.Option(help="auto (cuda if available), cuda, cpu")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")] = "auto",
-    decode: Annotated[str, typer.Option(help="auto (compile-graph on CUDA, else static), " + DECODE_HELP)] = ("auto"),
+    decode: Annotated[str, typer.Option(help="auto (compile-graph on CUDA, else static), " + DECODE_HELP)] = "auto",
     prefill: Annotated[str, typer.Option(help="auto (graph on CUDA, else eager), eager, graph (CUDA graphs)")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="decode through torch.compile (--decode compile)")] = False,
     schedule: ScheduleOpt = None,
