@@ -199,16 +199,15 @@ def generate(
             torch.cuda.synchronize()
         stats["prefill_s"] = stats.get("prefill_s", 0.0) + time.perf_counter() - start
     decoder = Decoder(lm, cache, cfg.decode)
-    eos = torch.tensor(sorted(eos_ids), device=device, dtype=torch.long)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    finished = [False] * batch
     out: list[list[int]] = [[] for _ in range(batch)]
     for step in range(max_new):
         next_ids = pick_next(logits, cfg, generator)
-        for b in (~finished).nonzero()[:, 0].tolist():
-            out[b].append(int(next_ids[b]))
-        if cfg.stop_on_eos:
-            finished |= torch.isin(next_ids, eos)
-        if bool(finished.all()) or step == max_new - 1:
+        for b, token in enumerate(next_ids.tolist()):  # the one host sync per token
+            if not finished[b]:
+                out[b].append(token)
+                finished[b] = cfg.stop_on_eos and token in eos_ids
+        if all(finished) or step == max_new - 1:
             break
         logits = decoder(next_ids)
     return out, cache.budgets
