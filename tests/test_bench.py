@@ -95,8 +95,11 @@ def test_bench_errors(checkpoints):
         builtin_config("70b")
     with pytest.raises(VisorError, match="context"):
         run_bench(BenchConfig(config=config, visual_tokens=10**6, text_tokens=T))
-    with pytest.raises(VisorError, match="graph needs CUDA"):
-        run_bench(BenchConfig(config=config, visual_tokens=V, text_tokens=T, prefill="graph"))
+    for prefill in ("graph", "compile-graph"):
+        with pytest.raises(VisorError, match="graph modes need CUDA"):
+            run_bench(BenchConfig(config=config, visual_tokens=V, text_tokens=T, prefill=prefill))
+    with pytest.raises(VisorError, match="--prefill 'fast'"):
+        run_bench(BenchConfig(config=config, visual_tokens=V, text_tokens=T, prefill="fast"))
 
 
 @pytest.mark.parametrize("size", ["0.5b", "7b"])

@@ -165,6 +165,12 @@ def test_one_image_without_padding_joins_by_concatenation(visor_model, images):
 
     one = bb.encode("What is shown?", [images[0]])
     assert block([one]) == one.ids.index(bb.image_token_id)
+    # there, cross-attention needs no mask: a text token sees every visual token or none
+    tok = collate([one, one], bb.image_token_id, "cpu")
+    ctx = Context.build(tok, lm.rotary, torch.float32, with_rope=True)
+    assert ctx.mask_tv is None
+    by_hand = torch.tensor([[p > one.ids.index(bb.image_token_id) for p in row] for row in tok.text_pos.tolist()])
+    assert torch.equal(ctx.seen[..., 0], by_hand) and 0 < int(ctx.seen.sum()) < ctx.seen.numel()
     assert block([one, one]) == block([one])  # same layout in every row
     assert block([one, bb.encode("Which colour dominates here?", [images[0]])]) is None  # padded text
     assert block([bb.encode("Compare the two.", [images[1], images[2]])]) is None  # two runs of visual tokens
@@ -190,6 +196,49 @@ def test_prefill_with_a_known_layout_skips_the_host_sync(visor_model, images, mo
                 m.setattr(Context, "layout", lambda *a: pytest.fail("host sync with a known layout"))
                 for budget in BUDGETS:
                     assert torch.equal(lm.prefill(known, budget, capacity=40)[0], expected[budget])
+
+
+def test_compiled_layers_give_the_eager_prefill(visor_model, images):
+    """Prefill mode ``compile`` (``lm.compiled``): every layer's pieces through torch.compile, the
+    code compiled once per piece and shape and shared by all layers; the prefill (logits and
+    cache) is the eager one for every budget and both layouts (concat / scatter); outside it the
+    layers are eager again."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from visor.generate import Prefill
+
+    bb, lm = visor_model.backbone, visor_model.lm
+    one = bb.encode("What is shown?", [images[0]])
+    batches = [[one], [one, bb.encode("Compare the two.", [images[1], images[2]])]]
+    toks = [collate(samples, bb.image_token_id, "cpu") for samples in batches]
+    with torch.no_grad():
+        expected = [[lm.prefill(tok, b, capacity=40) for b in BUDGETS] for tok in toks]
+    torch._dynamo.reset()
+    counters.clear()
+    Prefill(lm, "full", 40, "compile")(toks[0])  # every layer SA: one qkv and one finish for all layers
+    assert counters["stats"]["unique_graphs"] == 2 < lm.cfg.n_layers
+    for tok, runs in zip(toks, expected):
+        for budget, (logits, cache) in zip(BUDGETS, runs):
+            got, got_cache = Prefill(lm, budget, 40, "compile")(tok)
+            assert (got - logits).abs().max() <= 1e-5
+            for i in range(lm.cfg.n_layers):
+                assert (got_cache.text_k[i] - cache.text_k[i]).abs().max() <= 1e-5
+    assert not counters["graph_break"]
+    assert "qkv" not in lm.layers[0].__dict__ and "forward" not in next(iter(lm.cross.values())).__dict__
+    with lm.compiled():
+        assert "qkv" in lm.layers[0].__dict__
+
+
+def test_prefill_modes(visor_model):
+    from visor.errors import VisorError
+    from visor.generate import Prefill
+
+    with pytest.raises(VisorError, match="unknown prefill mode"):
+        Prefill(visor_model.lm, 1, 40, "fast")
+    for mode in ("graph", "compile-graph"):
+        with pytest.raises(VisorError, match="needs a CUDA device"):
+            Prefill(visor_model.lm, 1, 40, mode)
 
 
 def test_graphed_prefill_needs_cuda_and_a_fixed_budget(visor_model, images):

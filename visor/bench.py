@@ -8,7 +8,7 @@ tokens. For each method, each a median over ``repeats`` runs after ``warmup`` ru
 
     vision_ms      vision tower + projector on the crops
     prefill_ms     language-model prefill (all layers, KV cache filled, last token's logits);
-                   on CUDA ours is replayed as a CUDA graph (``--prefill eager`` to not)
+                   on CUDA ours is compiled and replayed as a CUDA graph (``--prefill`` to change)
     ttft_ms        time to first token: vision + prefill + picking the token
     decode_ms      per new token after the second (greedy, cached, no host sync inside the loop)
     first_step_ms  the first decode step, which also sets decoding up (compiles, captures the CUDA graph)
@@ -56,7 +56,7 @@ class BenchConfig:
     device: str = "auto"  # cuda if available, else cpu
     dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU
     decode: str = "auto"  # visor decode mode (visor.generate.DECODE_MODES); auto: compile-graph on CUDA, else static
-    prefill: str = "auto"  # visor prefill: eager, or graph (visor.generate.GraphedPrefill); auto: graph on CUDA
+    prefill: str = "auto"  # visor prefill mode (visor.generate.PREFILL_MODES); auto: compile-graph on CUDA, else eager
     schedule: str = ""  # a schedule spec for random-weight models ("" = the default rule)
     seed: int = 0
 
@@ -162,15 +162,10 @@ def prompt(lm, cfg: BenchConfig, device, dtype):
 
 class Ours:
     def __init__(self, lm, budget, capacity: int, decode: str, prefill: str):
-        from .generate import GraphedPrefill
+        from .generate import Prefill
 
-        self.lm, self.budget, self.capacity, self.decode = lm, budget, capacity, decode
-        self.graphed = GraphedPrefill(lm, budget, capacity) if prefill == "graph" else None
-
-    def prefill(self, tok):
-        if self.graphed is not None:
-            return self.graphed(tok)
-        return self.lm.prefill(tok, self.budget, self.capacity)
+        self.lm, self.decode = lm, decode
+        self.prefill = Prefill(lm, budget, capacity, prefill)
 
     def generate(self, tok):
         """Prefill; returns (token ids so far, one decode step, KV-cache bytes)."""
@@ -227,7 +222,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     from . import __version__
     from .api import DTYPES
     from .flops import count_flops, decode_flops
-    from .generate import DECODE_MODES
+    from .generate import DECODE_MODES, PREFILL_MODES
 
     if cfg.visual_tokens < 0 or cfg.text_tokens < 1 or cfg.new_tokens < 3:
         raise ConfigError("need --visual-tokens >= 0, --text-tokens >= 1 and --new-tokens >= 3")
@@ -241,9 +236,9 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     if decode not in DECODE_MODES:
         raise ConfigError(f"unknown --decode {cfg.decode!r}; choose from auto, {', '.join(DECODE_MODES)}")
     dtype = DTYPES[dtype_name]
-    prefill = cfg.prefill if cfg.prefill != "auto" else ("graph" if device.type == "cuda" else "eager")
-    if prefill not in ("eager", "graph") or (prefill == "graph" and device.type != "cuda"):
-        raise ConfigError(f"--prefill {cfg.prefill!r}: choose auto, eager or graph (graph needs CUDA)")
+    prefill = cfg.prefill if cfg.prefill != "auto" else ("compile-graph" if device.type == "cuda" else "eager")
+    if prefill not in PREFILL_MODES or (prefill.endswith("graph") and device.type != "cuda"):
+        raise ConfigError(f"--prefill {cfg.prefill!r}: choose auto, {', '.join(PREFILL_MODES)} (graph modes need CUDA)")
 
     hf, lm = build(cfg, device, dtype)
     methods = parse_methods(cfg.methods, lm.schedule)

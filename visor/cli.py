@@ -14,6 +14,7 @@ from rich.table import Table
 from .errors import ConfigError, VisorError
 
 DECODE_HELP = "dynamic, static, graph (CUDA graphs), compile, compile-graph"  # visor.generate.DECODE_MODES
+PREFILL_HELP = "eager, graph (CUDA graphs), compile, compile-graph"  # visor.generate.PREFILL_MODES
 
 app = typer.Typer(
     add_completion=False,
@@ -187,7 +188,7 @@ def bench(
     device: Annotated[str, typer.Option(help="auto (cuda if available), cuda, cpu")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")] = "auto",
     decode: Annotated[str, typer.Option(help="auto (compile-graph on CUDA, else static), " + DECODE_HELP)] = "auto",
-    prefill: Annotated[str, typer.Option(help="auto (graph on CUDA, else eager), eager, graph (CUDA graphs)")] = "auto",
+    prefill: Annotated[str, typer.Option(help="auto (compile-graph on CUDA, else eager), " + PREFILL_HELP)] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="decode through torch.compile (--decode compile)")] = False,
     schedule: ScheduleOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as one JSON object")] = False,

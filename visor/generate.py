@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from .errors import ConfigError
 from .model import Context, Tokens, VisorLM
 
 DECODE_MODES = ("dynamic", "static", "graph", "compile", "compile-graph")
+PREFILL_MODES = ("eager", "graph", "compile", "compile-graph")
 
 
 @dataclass
@@ -126,9 +128,36 @@ class Decoder:
         restore()
 
 
+class Prefill:
+    """``prefill(tok) -> (logits, cache)`` for one budget and cache capacity.
+
+    Modes: ``eager`` is ``lm.prefill``; ``graph`` replays it as a CUDA graph (``GraphedPrefill``);
+    ``compile`` runs each layer's pieces through ``torch.compile`` (``lm.compiled``);
+    ``compile-graph`` captures the compiled prefill as a CUDA graph (fewest, fused kernels and no
+    launch overhead: the fastest on a GPU). All give the same logits and cache.
+    """
+
+    def __init__(self, lm: VisorLM, budget, capacity: int, mode: str = "eager"):
+        if mode not in PREFILL_MODES:
+            raise ConfigError(f"unknown prefill mode {mode!r}; choose from {', '.join(PREFILL_MODES)}")
+        if mode.endswith("graph") and not lm.lm_head.weight.is_cuda:
+            raise ConfigError(f"prefill mode {mode!r} (CUDA graphs) needs a CUDA device")
+        self.lm, self.budget, self.capacity, self.mode = lm, budget, capacity, mode
+        compiled = mode.startswith("compile")
+        self.graphed = GraphedPrefill(lm, budget, capacity, compiled) if mode.endswith("graph") else None
+
+    @torch.no_grad()
+    def __call__(self, tok: Tokens) -> tuple[torch.Tensor, KVCache]:
+        if self.graphed is not None:
+            return self.graphed(tok)
+        with self.lm.compiled() if self.mode == "compile" else contextlib.nullcontext():
+            return self.lm.prefill(tok, self.budget, self.capacity)
+
+
 class GraphedPrefill:
     """``lm.prefill`` captured as a CUDA graph for one input shape and layout, budget and
     capacity, and replayed for new inputs of that shape (CUDA only; another shape recaptures).
+    ``compiled``: capture the prefill with the layers' compiled pieces (``lm.compiled``).
     A prefill launches a thousand small kernels from Python, most of them for the text tokens;
     a replay launches them at once. Every call returns the same cache object with its buffers
     rewritten: finish decoding one prompt before prefilling the next.
@@ -136,10 +165,10 @@ class GraphedPrefill:
 
     FIELDS = ("visual", "visual_pos", "visual_valid", "text_ids", "text_pos", "text_valid")
 
-    def __init__(self, lm: VisorLM, budget, capacity: int):
+    def __init__(self, lm: VisorLM, budget, capacity: int, compiled: bool = False):
         if budget == "auto":
             raise ConfigError("a CUDA-graph prefill needs a fixed budget ('auto' decides on the device's data)")
-        self.lm, self.budget, self.capacity = lm, budget, capacity
+        self.lm, self.budget, self.capacity, self.compiled = lm, budget, capacity, compiled
         self.graph, self.key = None, None
 
     @torch.no_grad()
@@ -149,7 +178,8 @@ class GraphedPrefill:
         ctx = Context.build(tok, self.lm.rotary, torch.float32, with_rope=False)  # the layout: one host sync
         key = (ctx.seq, ctx.block, *(getattr(tok, f).shape for f in self.FIELDS))
         if key != self.key:
-            self._capture(tok, (ctx.seq, ctx.block))
+            with self.lm.compiled() if self.compiled else contextlib.nullcontext():
+                self._capture(tok, (ctx.seq, ctx.block))
             self.key = key
         for f in self.FIELDS:
             getattr(self.static, f).copy_(getattr(tok, f))

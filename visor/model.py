@@ -13,6 +13,7 @@ is exactly the original layer there; text-only layers attend causally over the t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
@@ -20,11 +21,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .cache import KVCache
 from .errors import CheckpointError, ConfigError
 
 _SDPA_GQA = torch.__version__ >= "2.5"  # scaled_dot_product_attention(..., enable_gqa=True)
+_FEW_QUERIES = 256  # see _sdpa
 
 # ---------------------------------------------------------------------------------------------
 # configuration
@@ -109,22 +112,24 @@ def apply_rope(x, rope):
     return x * cos + rotated * sin
 
 
-def attend(q, k, v, mask=None, explicit: bool = False):
+def attend(q, k, v, mask=None, explicit: bool = False, causal: bool = True):
     """Attention. q (B, Hq, Sq, hd), k/v (B, Hkv, Sk, hd).
 
-    ``mask`` (B, Sq, Sk), True = may attend; None = causal over a square, which lets SDPA skip
-    the masked half. Query rows with no key to attend to (e.g. text before the first image, in a
-    CA layer) return zeros. ``explicit`` runs plain matmuls so that FLOP counters see them.
-    Grouped-query attention never copies K/V: the query heads that share a K/V head are stacked
-    along the query axis instead (or SDPA's own ``enable_gqa`` does it, for the causal case).
+    ``mask`` (B, Sq, Sk), True = may attend; None = causal over a square (``causal``, which lets
+    SDPA skip the masked half) or every key. Query rows with no key to attend to (e.g. text
+    before the first image, in a CA layer) return zeros. ``explicit`` runs plain matmuls so that
+    FLOP counters see them. Grouped-query attention never copies K/V: the query heads that share
+    a K/V head are stacked along the query axis instead (or SDPA's own ``enable_gqa`` does it,
+    without a mask).
     """
     n_rep = q.shape[1] // k.shape[1]
     if mask is None and not explicit:
         if n_rep > 1 and not _SDPA_GQA:
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **({"enable_gqa": True} if _SDPA_GQA else {}))
+        return _sdpa(q, k, v, is_causal=causal, **({"enable_gqa": True} if _SDPA_GQA else {}))
     if mask is None:
-        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()[None]
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
+        mask = (mask.tril() if causal else mask)[None]
     has_key = mask.any(-1, keepdim=True)  # (B, Sq, 1)
     mask = (mask | ~has_key)[:, None]  # (B, 1, Sq, Sk)
     b, h, sq, hd = q.shape
@@ -137,6 +142,16 @@ def attend(q, k, v, mask=None, explicit: bool = False):
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.reshape(b, h, sq, hd) * has_key[:, None].to(out.dtype)
+
+
+def _sdpa(q, k, v, **kwargs):
+    """SDPA without a mask. On CUDA, few queries (text-only and CA layers) go to flash or
+    memory-efficient attention: cuDNN's, which PyTorch may prefer, costs ~40 µs a call even for 64
+    tokens on an H200, several times the work; long sequences keep PyTorch's choice."""
+    if q.is_cuda and q.shape[2] <= _FEW_QUERIES:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 def last_token_attention(q_last, k, valid):
@@ -224,11 +239,14 @@ class CrossAttention(nn.Module):
         k = apply_rope(split_heads(self.k_proj(h), self.n_kv_heads), rope)
         return k, split_heads(self.v_proj(h), self.n_kv_heads)
 
-    def forward(self, t, kv, rope, mask, explicit=False):  # t (B, Nt, D), mask (B, Nt, Nv)
+    def forward(self, t, kv, rope, mask, seen=None, explicit=False):
+        """t (B, Nt, D); mask (B, Nt, Nv) or None: every row sees every visual token; ``seen``
+        (B, Nt, 1): the rows that see any (from the mask if not given). Unseen rows (text with no
+        visual token before it) are not updated."""
         q = apply_rope(split_heads(self.q_proj(self.norm(t)), self.n_heads), rope)
-        out = self.o_proj(merge_heads(attend(q, *kv, mask, explicit)))
-        seen = mask.any(-1, keepdim=True).to(out.dtype)  # text with no visual token before it: no update
-        return t + torch.tanh(self.gate) * out * seen
+        out = self.o_proj(merge_heads(attend(q, *kv, mask, explicit, causal=False)))
+        seen = mask.any(-1, keepdim=True) if seen is None else seen
+        return t + torch.tanh(self.gate) * out * seen.to(out.dtype)
 
 
 class VisualPosConv(nn.Module):
@@ -285,6 +303,7 @@ class VisorLM(nn.Module):
         self.policy = None  # a visor.policy.Policy once trained: picks budgets for "auto"
         self.explicit_attention = False  # True: matmul attention, visible to FLOP counters
         self.gradient_checkpointing = False  # training: recompute each layer in backward
+        self._compiled = None  # see compiled()
 
     def visor_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters VISOR adds to the base checkpoint (CA modules, conv positional code)."""
@@ -421,7 +440,7 @@ class VisorLM(nn.Module):
                 t_last = take(t, ctx.last_text[:, None], 1)  # (B, 1, D)
                 q_last = apply_rope(split_heads(ca.q_proj(ca.norm(t_last)), ca.n_heads), _rows(ctx.ca_rope_t, ctx))
                 ctx.scores[i] = last_token_attention(q_last, kv[0], ctx.visual_valid).mean(1)[:, 0]
-            t = ca(t, kv, ctx.ca_rope_t, ctx.mask_tv, self.explicit_attention)
+            t = ca(t, kv, ctx.ca_rope_t, ctx.mask_tv, ctx.seen, self.explicit_attention)
         q, k, val = layer.qkv(t, ctx.rope_t)
         if cache is not None:
             cache.write_text(i, k, val, rows)
@@ -431,6 +450,23 @@ class VisorLM(nn.Module):
         return self.lm_head(self.norm(t))
 
     # ---- inference --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def compiled(self):
+        """Within: each layer's pieces (``qkv``, ``finish``, cross-attention) run through
+        ``torch.compile``, so that a piece's norms, RoPE and elementwise work fuse into a few
+        kernels. Each piece is compiled once per input shape and dtype and shared by all layers."""
+        if self._compiled is None:
+            pieces = [(layer, name) for layer in self.layers for name in ("qkv", "finish")]
+            pieces += [(ca, name) for ca in self.cross.values() for name in ("visual_kv", "forward")]
+            self._compiled = [(m, name, torch.compile(getattr(m, name), dynamic=False)) for m, name in pieces]
+        for module, name, fn in self._compiled:
+            setattr(module, name, fn)  # shadows the class's method
+        try:
+            yield
+        finally:
+            for module, name, _ in self._compiled:
+                del module.__dict__[name]
+
     def prefill(self, tok: Tokens, budget, capacity: int, drops: dict | None = None) -> tuple[torch.Tensor, KVCache]:
         """Run the prompt; return the last text token's logits (B, V) and the filled cache.
         ``budget``: one for the batch, or a list with one per sample."""
@@ -462,7 +498,7 @@ class VisorLM(nn.Module):
 
         for i, layer in enumerate(self.layers):
             if cache.ca_kv[i] is not None:
-                t = self.cross[str(i)](t, cache.ca_kv[i], ca_rope, cache.ca_mask[i][:, None, :], explicit)
+                t = self.cross[str(i)](t, cache.ca_kv[i], ca_rope, cache.ca_mask[i][:, None, :], explicit=explicit)
             q, k, val = layer.qkv(t, rope)
             k, val = cache.write_slot(i, k, val) if static else cache.write_text(i, k, val)
             mask = text_mask
@@ -490,13 +526,15 @@ class Context:
     visual_pos: torch.Tensor  # (B, Nv) original positions
     visual_valid: torch.Tensor  # (B, Nv)
     last_text: torch.Tensor  # (B,) index of each sample's last text token
-    mask_tv: torch.Tensor  # (B, Nt, Nv) visual token k precedes text token q
+    mask_tv: torch.Tensor | None  # (B, Nt, Nv) visual token k precedes text token q; None: see ``block``
+    seen: torch.Tensor  # (B, Nt, 1) text token q has a visual token before it
     rope_t: tuple
     rope_x: tuple  # RoPE of the slots 0..seq-1 (SA layers)
     ca_rope_t: tuple | None  # None: CA without RoPE (conv positional code)
     ca_rope_v: tuple | None
     # slot of the first visual token when every sample is unpadded with its visual tokens in one
-    # run at the same slot (one image, no batch padding): then the original order is a concat
+    # run at the same slot (one image, no batch padding): then the original order is a concat,
+    # and cross-attention needs no mask
     block: int | None = None
     score_at: frozenset = frozenset()  # layers whose last-token attention ranks visual tokens
     scores: dict = field(default_factory=dict)  # layer -> (B, Nv) scores, filled by those layers
@@ -518,6 +556,11 @@ class Context:
         slot_pos = pos.gather(1, order)[:, :seq]
         slot_pos = slot_pos.masked_fill(slot_pos == big, 0)
         rope_t = rotary(tok.text_pos, dtype)
+        if block is None:
+            mask_tv = (visual_pos[:, None, :] < tok.text_pos[:, :, None]) & visual_valid[:, None, :]
+            seen = mask_tv.any(-1, keepdim=True)
+        else:  # one run of visual tokens: a text token sees all of them or none (attention needs no mask)
+            mask_tv, seen = None, (tok.text_pos > visual_pos[:, :1])[..., None]
         return cls(
             seq=seq,
             v_index=torch.where(visual_valid, rank[:, :n_visual], seq),
@@ -525,7 +568,8 @@ class Context:
             visual_pos=visual_pos,
             visual_valid=visual_valid,
             last_text=tok.text_valid.sum(1) - 1,
-            mask_tv=(visual_pos[:, None, :] < tok.text_pos[:, :, None]) & visual_valid[:, None, :],
+            mask_tv=mask_tv,
+            seen=seen,
             rope_t=rope_t,
             rope_x=rotary(slot_pos, dtype),
             ca_rope_t=rope_t if with_rope else None,
@@ -573,6 +617,7 @@ class Context:
             "visual_valid",
             "last_text",
             "mask_tv",
+            "seen",
             "rope_t",
             "rope_x",
             "ca_rope_t",
