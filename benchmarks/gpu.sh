@@ -19,7 +19,7 @@ bench() {  # size methods seconds; if the compiled prefill fails, the plain CUDA
   $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
   bench 0.5b hf,full,visor:2 ${T05B:-150}
   bench 7b hf,full,visor:2 ${T7B:-180}
-  echo "== check_cuda ($(date +%T))"  # bf16 then float32, about 1.5 min each on an H200
+  echo "== check_cuda ($(date +%T))"  # bf16 then float32, about a minute each on an H200
   timeout "${TCHECK:-200}" $PY benchmarks/check_cuda.py
   for mode in graph compile-graph; do
     echo "== profile 0.5b visor:2 prefill $mode ($(date +%T))"

@@ -178,8 +178,9 @@ def test_one_image_without_padding_joins_by_concatenation(visor_model, images):
 
 
 def test_prefill_with_a_known_layout_skips_the_host_sync(visor_model, images, monkeypatch):
-    """What a CUDA-graph prefill captures: with ``tok.layout`` given, the Context is built without
-    the one host sync (``Context.layout`` is not called) and the prefill is the same."""
+    """What a CUDA-graph prefill captures: with ``tok.layout`` given (``Context.layout_of``, what
+    GraphedPrefill reads, is the built Context's), the Context is built without the one host sync
+    (``Context.layout`` is not called) and the prefill is the same."""
     import dataclasses
 
     from visor.model import Context
@@ -189,7 +190,8 @@ def test_prefill_with_a_known_layout_skips_the_host_sync(visor_model, images, mo
     for samples in ([one], [one, bb.encode("Compare the two.", [images[1], images[2]])]):  # concat / scatter
         tok = collate(samples, bb.image_token_id, "cpu")
         ctx = Context.build(tok, lm.rotary, torch.float32, with_rope=True)
-        known = dataclasses.replace(tok, layout=(ctx.seq, ctx.block))
+        assert Context.layout_of(tok) == (ctx.seq, ctx.block)
+        known = dataclasses.replace(tok, layout=Context.layout_of(tok))
         with torch.no_grad():
             expected = {b: lm.prefill(tok, b, capacity=40)[0] for b in BUDGETS}
             with monkeypatch.context() as m:

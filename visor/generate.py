@@ -175,11 +175,11 @@ class GraphedPrefill:
     def __call__(self, tok: Tokens) -> tuple[torch.Tensor, KVCache]:
         if not tok.text_ids.is_cuda:
             raise ConfigError("a CUDA-graph prefill needs a CUDA device")
-        ctx = Context.build(tok, self.lm.rotary, torch.float32, with_rope=False)  # the layout: one host sync
-        key = (ctx.seq, ctx.block, *(getattr(tok, f).shape for f in self.FIELDS))
+        layout = Context.layout_of(tok)  # one host sync
+        key = (layout, *(getattr(tok, f).shape for f in self.FIELDS))
         if key != self.key:
             with self.lm.compiled() if self.compiled else contextlib.nullcontext():
-                self._capture(tok, (ctx.seq, ctx.block))
+                self._capture(tok, layout)
             self.key = key
         for f in self.FIELDS:
             getattr(self.static, f).copy_(getattr(tok, f))

@@ -28,6 +28,7 @@ from .errors import CheckpointError, ConfigError
 
 _SDPA_GQA = torch.__version__ >= "2.5"  # scaled_dot_product_attention(..., enable_gqa=True)
 _FEW_QUERIES = 256  # see _sdpa
+_PADDING = torch.iinfo(torch.long).max  # the position of padding tokens: after every real one
 
 # ---------------------------------------------------------------------------------------------
 # configuration
@@ -352,8 +353,7 @@ class VisorLM(nn.Module):
         width = max(1, int(n_keep.max()))
         top = scores.masked_fill(~ctx.visual_valid, float("-inf")).topk(width, dim=1).indices  # (B, K)
         kept = torch.arange(width, device=v.device)[None] < n_keep[:, None]
-        big = torch.iinfo(torch.long).max
-        order = ctx.visual_pos.gather(1, top).masked_fill(~kept, big).argsort(dim=1)  # back to original order
+        order = ctx.visual_pos.gather(1, top).masked_fill(~kept, _PADDING).argsort(dim=1)  # back to original order
         top, kept = top.gather(1, order), kept.gather(1, order)
         if trace is not None:
             trace.setdefault("kept", {})[layer] = [row[m].tolist() for row, m in zip(top, kept)]
@@ -544,17 +544,11 @@ class Context:
         visual_pos = tok.visual_pos if visual_pos is None else visual_pos
         visual_valid = tok.visual_valid if visual_valid is None else visual_valid
         n_visual = visual_pos.shape[1]
-        # every token's slot = its rank among the sample's tokens in original order
-        big = torch.iinfo(torch.long).max
-        pos = torch.cat([visual_pos.masked_fill(~visual_valid, big), tok.text_pos.masked_fill(~tok.text_valid, big)], 1)
-        order = pos.argsort(dim=1, stable=True)
-        rank = torch.empty_like(order).scatter_(
-            1, order, torch.arange(pos.shape[1], device=pos.device).expand_as(order)
-        )
+        pos, order, rank = cls.slots(visual_pos, visual_valid, tok.text_pos, tok.text_valid)
         own_layout = tok.layout is not None and visual_valid is tok.visual_valid
         seq, block = tok.layout if own_layout else cls.layout(rank, visual_valid, tok.text_valid)
         slot_pos = pos.gather(1, order)[:, :seq]
-        slot_pos = slot_pos.masked_fill(slot_pos == big, 0)
+        slot_pos = slot_pos.masked_fill(slot_pos == _PADDING, 0)
         rope_t = rotary(tok.text_pos, dtype)
         if block is None:
             mask_tv = (visual_pos[:, None, :] < tok.text_pos[:, :, None]) & visual_valid[:, None, :]
@@ -576,6 +570,22 @@ class Context:
             ca_rope_v=rotary(visual_pos, dtype) if with_rope else None,
             block=block,
         )
+
+    @staticmethod
+    def slots(visual_pos, visual_valid, text_pos, text_valid):
+        """Every token's slot, its rank among the sample's tokens in original order (padding
+        last): (positions with padding at _PADDING, argsort, rank), each (B, Nv + Nt)."""
+        padded = visual_pos.masked_fill(~visual_valid, _PADDING), text_pos.masked_fill(~text_valid, _PADDING)
+        pos = torch.cat(padded, 1)
+        order = pos.argsort(dim=1, stable=True)
+        slots = torch.arange(pos.shape[1], device=pos.device).expand_as(order)
+        return pos, order, torch.empty_like(order).scatter_(1, order, slots)
+
+    @classmethod
+    def layout_of(cls, tok: Tokens) -> tuple[int, int | None]:
+        """(seq, block) of a batch, without building the rest of a Context; one host sync."""
+        _, _, rank = cls.slots(tok.visual_pos, tok.visual_valid, tok.text_pos, tok.text_valid)
+        return cls.layout(rank, tok.visual_valid, tok.text_valid)
 
     @staticmethod
     def layout(rank, visual_valid, text_valid) -> tuple[int, int | None]:
