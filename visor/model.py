@@ -147,7 +147,7 @@ def attend(q, k, v, mask=None, explicit: bool = False, causal: bool = True):
 
 def _sdpa(q, k, v, **kwargs):
     """SDPA without a mask. On CUDA, few queries (text-only and CA layers) go to flash or
-    memory-efficient attention: cuDNN's, which PyTorch may prefer, costs ~40 µs a call even for 64
+    memory-efficient attention: cuDNN's, which PyTorch may prefer, costs ~50 µs a call even for 64
     tokens on an H200, several times the work; long sequences keep PyTorch's choice."""
     if q.is_cuda and q.shape[2] <= _FEW_QUERIES:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
@@ -465,7 +465,7 @@ class VisorLM(nn.Module):
             yield
         finally:
             for module, name, _ in self._compiled:
-                del module.__dict__[name]
+                module.__dict__.pop(name, None)
 
     def prefill(self, tok: Tokens, budget, capacity: int, drops: dict | None = None) -> tuple[torch.Tensor, KVCache]:
         """Run the prompt; return the last text token's logits (B, V) and the filled cache.
