@@ -42,7 +42,9 @@ def test_save_replaces_an_existing_checkpoint_atomically(checkpoints, tmp_path):
     model = visor.load(out)
     set_visor_weights(model, scale=0.3)
     model.save(tmp_path / "v2")
-    visor.load(tmp_path / "v2").save(out)  # overwrite the first one
+    with pytest.raises(visor.OutputError, match="pass --overwrite"):
+        visor.load(tmp_path / "v2").save(out)  # an earlier checkpoint is replaced only when asked
+    visor.load(tmp_path / "v2").save(out, overwrite=True)
     gates = {k: v for k, v in load_file(out / "visor.safetensors").items() if k.endswith("gate")}
     assert all(v.item() == pytest.approx(0.3) for v in gates.values())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
@@ -56,8 +58,9 @@ def test_a_visor_checkpoint_keeps_its_schedule(checkpoints, tmp_path):
 
 
 def test_convert_refuses_to_overwrite_its_source(checkpoints):
-    with pytest.raises(visor.ConfigError, match="refusing to overwrite"):
-        visor.convert(checkpoints["llava"], checkpoints["llava"])
+    for overwrite in (False, True):
+        with pytest.raises(visor.OutputError, match="is the input"):
+            visor.convert(checkpoints["llava"], checkpoints["llava"], overwrite=overwrite)
 
 
 def test_converting_a_visor_checkpoint_copies_it(checkpoints, tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -61,26 +62,29 @@ def test_budgets_are_sampled_and_logged(checkpoints, dataset, tmp_path):
 
 
 def test_bad_records_are_skipped_and_counted(checkpoints, dataset, tmp_path):
-    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    shutil.copytree(dataset / "img", tmp_path / "img")
+    (tmp_path / "img" / "broken.png").write_bytes(b"not a png at all")
     good = (dataset / "train.jsonl").read_text().splitlines()[:3]
     bad = [
         json.dumps({"image": "missing.png", "question": "q", "answer": "a"}),
-        json.dumps({"image": str(tmp_path / "broken.png"), "question": "q", "answer": "a"}),
+        json.dumps({"image": "broken.png", "question": "q", "answer": "a"}),
         json.dumps({"image": "0.png", "question": "q"}),
         "{not json",
         json.dumps({"image": "0.png", "conversations": [{"from": "human", "value": "<image> hi"}]}),
     ]
     (tmp_path / "mixed.jsonl").write_text("\n".join(good + bad) + "\n")
-    records, skipped = read_records(tmp_path / "mixed.jsonl", dataset / "img")
+    records, skipped = read_records(tmp_path / "mixed.jsonl", tmp_path / "img")
     assert len(records) == 3 and len(skipped) == 5
     assert any("image not found" in s for s in skipped) and any("unreadable image" in s for s in skipped)
     run = tmp_path / "run"
-    train(config(checkpoints, dataset, run, data=str(tmp_path / "mixed.jsonl"), stage=1, steps=1))
+    mixed = dict(data=str(tmp_path / "mixed.jsonl"), images=str(tmp_path / "img"))
+    train(config(checkpoints, dataset, run, stage=1, steps=1, **mixed))
     log = (run / "train.log").read_text()
     assert "3 usable records, 5 skipped" in log and "missing.png" in log
     (tmp_path / "bad.jsonl").write_text("\n".join(bad) + "\n")
     with pytest.raises(visor.InputError, match="no usable record"):
-        train(config(checkpoints, dataset, tmp_path / "run2", data=str(tmp_path / "bad.jsonl"), stage=1, steps=1))
+        bad_set = dict(data=str(tmp_path / "bad.jsonl"), images=str(tmp_path / "img"))
+        train(config(checkpoints, dataset, tmp_path / "run2", stage=1, steps=1, **bad_set))
 
 
 def test_llava_json_and_jsonl_tokenize_alike(checkpoints, dataset):

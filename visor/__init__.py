@@ -1,7 +1,7 @@
 """VISOR (VISion On Request): sparse vision-language inference over Hugging Face LVLMs."""
 
 from .api import Generation, VisorModel, convert, load
-from .errors import CheckpointError, ConfigError, InputError, VisorError
+from .errors import CheckpointError, ConfigError, InputError, OutputError, VisorError
 from .flops import FlopReport
 from .flops import count_flops as flops
 from .schedule import Schedule
@@ -13,6 +13,7 @@ __all__ = [
     "FlopReport",
     "Generation",
     "InputError",
+    "OutputError",
     "Schedule",
     "VisorError",
     "VisorModel",

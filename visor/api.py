@@ -7,17 +7,18 @@ from pathlib import Path
 
 import torch
 
+from . import checks
 from .backbone import Backbone, Sample, read_config
 from .checkpoint import load_visor_weights, read_visor_json, write_checkpoint
+from .checks import DTYPES  # noqa: F401 - the dtype names, for bench and the CLI
 from .errors import ConfigError, InputError
 from .flops import FlopReport, count_flops, decode_flops
 from .generate import GenerationConfig, collate, generate
 from .model import VisorLM
+from .outputs import claim
 from .policy import Policy
 from .reduce import Reduction
 from .schedule import Budget, Schedule
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -64,14 +65,21 @@ class VisorModel:
         prompts (list; images = one entry per prompt, each an image or a list of images).
         ``decode``: how decode steps run, "dynamic", "static", "graph" (CUDA graphs), "compile" or
         "compile-graph" (see ``visor.generate.Decoder``); the tokens are the same."""
+        cfg = GenerationConfig(max_new_tokens, temperature, top_p, seed, decode=decode)
+        budget = self.parse_budget(budget)
         single = isinstance(prompts, str)
-        prompts_list = [prompts] if single else list(prompts)
-        images_list = [images] if single else list(images)
+        prompts_list, images_list = ([prompts], [images]) if single else (prompts, images)
+        if not isinstance(prompts_list, (list, tuple)) or not all(isinstance(p, str) for p in prompts_list):
+            raise InputError("prompts must be a string or a list of strings")
+        if images_list is None or any(ims is None for ims in images_list):
+            raise InputError("images is None: pass an image (path or PIL image), a list of them, or [] for none")
+        if not isinstance(images_list, (list, tuple)):
+            raise InputError(
+                f"{len(prompts_list)} prompts need a list of image entries, one per prompt, not {images_list!r}"
+            )
         if len(images_list) != len(prompts_list):
             raise InputError(f"{len(prompts_list)} prompt(s) but {len(images_list)} image entries")
         images_list = [ims if isinstance(ims, (list, tuple)) else [ims] for ims in images_list]
-        budget = self.parse_budget(budget)
-        cfg = GenerationConfig(max_new_tokens, temperature, top_p, seed, decode=decode)
         samples = self.encode(prompts_list, images_list, reduction)
         tokens = collate(samples, self.backbone.image_token_id, self.backbone.device)
         drops = reduction.drops(self.lm.cfg.n_layers) if reduction else None
@@ -95,6 +103,8 @@ class VisorModel:
     def parse_budget(self, budget: Budget | str) -> Budget | str:
         """A schedule budget, or "auto" when this checkpoint has a trained policy."""
         if isinstance(budget, str) and budget.strip().lower() == "auto":
+            if not self.schedule.sa_candidates:
+                raise ConfigError("budget 'auto' chooses among SA layers, and this schedule has none")
             if self.lm.policy is None:
                 raise ConfigError("budget 'auto' needs a trained policy: run `visor train-policy` on this checkpoint")
             return "auto"
@@ -103,12 +113,14 @@ class VisorModel:
     def flops(
         self, n_visual: int, n_text: int, budget: Budget | str = "full", n_crops: int | None = None, reduction=None
     ) -> FlopReport:
+        """FLOPs of one sample: n_visual image tokens and n_text text tokens, n_crops tower crops."""
         return count_flops(self.config, self.schedule, budget, n_visual, n_text, n_crops, reduction)
 
     # ---- persistence --------------------------------------------------------------------
-    def save(self, out: str | Path, state_dict: dict | None = None) -> Path:
+    def save(self, out: str | Path, state_dict: dict | None = None, overwrite: bool = False) -> Path:
         """Write a VISOR checkpoint. ``state_dict``: full tensors gathered from a sharded
-        (FSDP) copy of this model, keyed "hf.*" / "lm.*"; default: this model's own tensors."""
+        (FSDP) copy of this model, keyed "hf.*" / "lm.*"; default: this model's own tensors.
+        ``overwrite``: replace an earlier checkpoint written by visor at ``out`` (never anything else)."""
         meta = {"base_architecture": self.config.model_type, "schedule": self.schedule.to_dict()}
         if self.lm.policy is not None:
             meta["policy"] = self.lm.policy.config
@@ -118,22 +130,21 @@ class VisorModel:
             hf_state = {k[3:]: v for k, v in state_dict.items() if k.startswith("hf.")}
             hf_state = {k: v for k, v in hf_state.items() if not (tied and k == "lm_head.weight")}
             visor_state = {k[3:]: state_dict[k] for k in (f"lm.{name}" for name in visor_state)}
-        return write_checkpoint(Path(out), self.backbone.path, self.backbone.hf, meta, visor_state, hf_state)
+        return write_checkpoint(Path(out), self.backbone.path, self.backbone.hf, meta, visor_state, hf_state, overwrite)
 
 
 def load(
     path: str | Path,
     schedule: Schedule | str | dict | None = None,
     dtype: str | torch.dtype = "float32",
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
 ) -> VisorModel:
-    """Load a VISOR checkpoint, or a base LLaVA / LLaVA-OneVision checkpoint (default schedule)."""
+    """Load a VISOR checkpoint, or a base LLaVA / LLaVA-OneVision checkpoint (default schedule).
+    ``device``: auto, cpu, cuda, cuda:N; ``dtype``: auto (bfloat16 on a GPU), float32, bfloat16, float16."""
     path = Path(path)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
+    device = checks.device(device)
+    dtype = checks.dtype(dtype, device)
     config = read_config(path)  # fail fast on unsupported architectures, before loading weights
     n_layers = config.text_config.num_hidden_layers
     meta = read_visor_json(path) if path.is_dir() else None
@@ -154,16 +165,20 @@ def load(
     return model
 
 
-def convert(base: str | Path, out: str | Path, schedule=None, position_encoding: str | None = None) -> Path:
+def convert(
+    base: str | Path, out: str | Path, schedule=None, position_encoding: str | None = None, overwrite: bool = False
+) -> Path:
     """Make a VISOR checkpoint from a base checkpoint (CA modules initialised, gates at zero).
-    A VISOR checkpoint is copied as it is (its schedule can't change: its CA weights belong to it)."""
+    A VISOR checkpoint is copied as it is (its schedule can't change: its CA weights belong to it).
+    ``out`` must be new, empty, or (with ``overwrite``) an earlier checkpoint written by visor."""
     config = read_config(base)
+    claim(out, "checkpoint", inputs=[base], overwrite=overwrite, mark=False)  # before minutes of loading
     if read_visor_json(Path(base)) is not None:
         if schedule is not None or position_encoding is not None:
             raise ConfigError(f"{base} is already a VISOR checkpoint; its schedule and position encoding are fixed")
-        return load(base).save(out)
+        return load(base).save(out, overwrite=overwrite)
     n_layers = config.text_config.num_hidden_layers
     sched = schedule if isinstance(schedule, Schedule) else Schedule.from_spec(schedule, n_layers)
     if position_encoding is not None:
         sched = Schedule(sched.roles, position_encoding)
-    return load(base, sched).save(out)
+    return load(base, sched).save(out, overwrite=overwrite)

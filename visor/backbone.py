@@ -10,6 +10,8 @@ first, and each image placeholder is expanded to as many tokens as the vision pa
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,16 +69,44 @@ def find_chat_template(path: Path, tokenizer) -> str:
 
 
 def load_image(image: str | Path | Image.Image) -> Image.Image:
+    """An RGB image from a path or a PIL image; InputError for a missing, unreadable or huge file."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     path = Path(image)
     if not path.is_file():
         raise InputError(f"image not found: {path}")
+    limit = Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        with warnings.catch_warnings():  # between 1x and 2x the limit PIL only warns: we refuse below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            if limit and im.width * im.height > limit:
+                raise _too_large(path, f"{im.width} x {im.height} = {im.width * im.height:,}", limit)
+            return to_rgb(im)
+    except Image.DecompressionBombError as e:  # over twice the limit: PIL refuses to open it
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        raise _too_large(path, f"{int(pixels[1]):,}" if pixels else "too many", limit) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"cannot read image {path}: {e.__class__.__name__}: {e}") from None
+
+
+def _too_large(path: Path, pixels: str, limit: int) -> InputError:
+    return InputError(
+        f"image {path} has {pixels} pixels, over PIL's decompression-bomb limit of {limit:,}: "
+        "resize it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
+    )
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB. 16- and 32-bit greyscale (mode I;16*, I) is scaled to 8 bits, not clipped."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        import numpy as np
+
+        pixels = np.asarray(im).astype(np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255.0
+        im = Image.fromarray(np.clip(np.rint(pixels * (255.0 / top)), 0, 255).astype(np.uint8))
+    return im.convert("RGB")
 
 
 @dataclass
@@ -108,6 +138,7 @@ class Backbone:
         except Exception as e:  # noqa: BLE001 - corrupt/truncated weights surface as many types
             raise CheckpointError(f"cannot load the weights in {path}: {e.__class__.__name__}: {e}") from None
         problems = [f"{k} (missing from the file)" for k in info["missing_keys"]]
+        problems += [f"{k} (in the file, not in the config)" for k in info["unexpected_keys"]]
         problems += [f"{k}: {tuple(a)} in the file, {tuple(b)} by the config" for k, a, b in info["mismatched_keys"]]
         if problems:
             more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""

@@ -9,7 +9,6 @@ A directory without ``visor.json`` is a base checkpoint and loads with a default
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -17,23 +16,38 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
+from .outputs import MARKER, write_dir
 
 FORMAT_VERSION = 1
 VISOR_JSON, VISOR_WEIGHTS = "visor.json", "visor.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+POLICY_KEYS = ("n_budgets", "width", "cost_weight")
 
 
 def read_visor_json(path: Path) -> dict | None:
+    """The checkpoint's visor.json (checked), or None for a base checkpoint."""
     file = path / VISOR_JSON
     if not file.is_file():
         return None
     try:
         meta = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from None
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{file} has format version {meta['format_version']}; upgrade visor-lvlm to read it")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{file} must hold a JSON object, not a {type(meta).__name__}")
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{file}: format_version must be an integer, not {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{file} has format version {version}; upgrade visor-lvlm to read it")
+    if not isinstance(meta.get("schedule"), dict):
+        raise CheckpointError(f'{file} has no "schedule" object (the layer roles); is the checkpoint complete?')
+    policy = meta.get("policy")
+    if policy is not None and not (
+        isinstance(policy, dict) and all(isinstance(policy.get(k), (int, float)) for k in POLICY_KEYS)
+    ):
+        raise CheckpointError(f'{file}: "policy" must be an object with numbers {", ".join(POLICY_KEYS)}')
     return meta
 
 
@@ -59,32 +73,24 @@ def load_visor_weights(path: Path, module: torch.nn.Module, expected: dict[str, 
 
 
 def write_checkpoint(
-    out: Path, source: Path, hf_model, visor_meta: dict, visor_tensors: dict, hf_state: dict | None = None
+    out: Path,
+    source: Path,
+    hf_model,
+    visor_meta: dict,
+    visor_tensors: dict,
+    hf_state: dict | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write a complete VISOR checkpoint to a temporary directory, then move it into place."""
-    out = Path(out)
-    if out.resolve() == Path(source).resolve():
-        raise ConfigError(f"refusing to overwrite the checkpoint being read ({out}); choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    """Write a complete VISOR checkpoint beside ``out``, then swap it in (see visor.outputs)."""
+
+    def build(tmp: Path) -> None:
         for f in Path(source).iterdir():  # tokenizer, processor, chat template, ...
             if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and "index.json" not in f.name:
-                shutil.copy2(f, tmp / f.name)
-        (tmp / VISOR_JSON).unlink(missing_ok=True)
+                if f.name not in (VISOR_JSON, MARKER):
+                    shutil.copy2(f, tmp / f.name)
         hf_model.save_pretrained(tmp, state_dict=hf_state)
         if visor_tensors:
             save_file({k: v.detach().contiguous().cpu() for k, v in visor_tensors.items()}, tmp / VISOR_WEIGHTS)
         (tmp / VISOR_JSON).write_text(json.dumps({"format_version": FORMAT_VERSION, **visor_meta}, indent=2) + "\n")
-        if out.exists():  # swap: nothing complete is ever lost
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return write_dir(out, "checkpoint", build, inputs=[source], overwrite=overwrite)

@@ -29,6 +29,11 @@ ScheduleOpt = Annotated[
     str | None, typer.Option(help="layer roles for a base checkpoint: JSON/YAML file or 'sa,ca,text,...'")
 ]
 BudgetOpt = Annotated[str, typer.Option(help="active SA layers: 0..n, 'full' (the base model), 'auto' (policy)")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="replace an earlier output of this command at --out (never other files)")
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto (the GPU if there is one), cpu, cuda, cuda:N")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 on a GPU, else float32), float32, bfloat16, float16")]
 
 
 def _quiet_transformers():
@@ -52,6 +57,7 @@ def tiny_model(
     image_size: Annotated[int, typer.Option(help="vision tower input size (AnyRes tiles)")] = 32,
     patch_size: int = 8,
     seed: int = 0,
+    overwrite: OverwriteOpt = False,
 ):
     """Write a tiny random checkpoint (config, safetensors, tokenizer, processor, chat template), offline."""
     from .tiny import TinySpec, build_tiny
@@ -68,7 +74,7 @@ def tiny_model(
         patch_size=patch_size,
         seed=seed,
     )
-    path = build_tiny(out, spec)
+    path = build_tiny(out, spec, overwrite)
     console.print(f"wrote a tiny {arch} checkpoint to [bold]{path}[/]")
 
 
@@ -83,15 +89,17 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     schedule: ScheduleOpt = None,
-    dtype: str = "float32",
-    device: str = "cpu",
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
     decode: Annotated[str, typer.Option(help="decode steps: " + DECODE_HELP)] = "dynamic",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ):
     """Answer a prompt about one or more images."""
     from .api import load
+    from .generate import GenerationConfig
 
     _quiet_transformers()
+    GenerationConfig(max_new_tokens, temperature, top_p, seed, decode=decode)  # checked before loading
     m = load(model, schedule=schedule, dtype=dtype, device=device)
     g = m.generate(
         [str(p) for p in image],
@@ -193,12 +201,17 @@ def bench(
     schedule: ScheduleOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as one JSON object")] = False,
     out: Annotated[Path | None, typer.Option(help="directory for bench.json")] = None,
+    overwrite: OverwriteOpt = False,
 ):
     """Time vision encoder, LM prefill, time to first token and decode: HF vs. VISOR, same weights."""
     from .bench import BenchConfig, run_bench
-    from .evaluate import _atomic_write
+    from .outputs import atomic_write, claim
 
     _quiet_transformers()
+    if out is not None:  # refuse a bad --out before minutes of benchmarking
+        from .outputs import claim
+
+        claim(out, "bench", ["bench.json"], [model, config], overwrite, mark=False)
     if arch != "llava-onevision" and config is None and model is None:
         raise ConfigError(f"no built-in sizes for {arch}: pass --config config.json or --model DIR")
     cfg = BenchConfig(
@@ -221,8 +234,8 @@ def bench(
     with console.status("benchmarking") as status:
         result = run_bench(cfg, lambda name, i: status.update(f"{name}: run {i}/{repeats + warmup}"))
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "bench.json", json.dumps(result, indent=1) + "\n")
+        claim(out, "bench", ["bench.json"], [model, config], overwrite)
+        atomic_write(out / "bench.json", json.dumps(result, indent=1) + "\n")
     if as_json:
         print(json.dumps(result))
         return
@@ -257,12 +270,13 @@ def convert(
     position_encoding: Annotated[
         str | None, typer.Option(help="rope (original positions, the default) or conv (the paper's PEG)")
     ] = None,
+    overwrite: OverwriteOpt = False,
 ):
     """Make a VISOR checkpoint from a base checkpoint (new CA layers, gates at zero)."""
     from .api import convert as convert_checkpoint
 
     _quiet_transformers()
-    path = convert_checkpoint(model, out, schedule, position_encoding)
+    path = convert_checkpoint(model, out, schedule, position_encoding, overwrite)
     console.print(f"wrote a VISOR checkpoint to [bold]{path}[/]")
 
 
@@ -286,10 +300,18 @@ def train(
     freeze_vision: Annotated[bool | None, typer.Option("--freeze-vision", help="stage 2: keep the tower")] = None,
     activation_checkpointing: Annotated[bool | None, typer.Option("--activation-checkpointing")] = None,
     save_every: Annotated[int | None, typer.Option(help="checkpoint every N steps (0: only final)")] = None,
-    resume: Annotated[bool | None, typer.Option("--resume", help="continue from the newest checkpoint")] = None,
+    resume: Annotated[
+        bool | None, typer.Option("--resume", help="continue the run in --out from its newest checkpoint")
+    ] = None,
+    overwrite: Annotated[
+        bool | None,
+        typer.Option("--overwrite", help="start again in --out; the earlier run is kept until this one ends"),
+    ] = None,
     seed: int | None = None,
     fsdp: Annotated[bool | None, typer.Option("--fsdp", help="FSDP2 instead of DDP (several processes)")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto (cuda:LOCAL_RANK if there is a GPU), cpu, cuda, cuda:N")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML/JSON file of these options; flags override it")] = None,
 ):
     """Train a universal VISOR network (stage 1 or 2); runs under torchrun as well."""
@@ -323,6 +345,7 @@ def train_policy(
     lr: float = 3e-3,
     batch_size: int = 8,
     seed: int = 0,
+    overwrite: OverwriteOpt = False,
 ):
     """Label every sample with its cheapest good-enough budget and train the router for `--budget auto`."""
     from .policy import PolicyTrainConfig
@@ -330,7 +353,7 @@ def train_policy(
 
     _quiet_transformers()
     cfg = PolicyTrainConfig(width=width, epochs=epochs, lr=lr, cost_weight=cost_weight, seed=seed)
-    result = run(model, data, images or data.parent, out, cfg, batch_size=batch_size)
+    result = run(model, data, images or data.parent, out, cfg, batch_size=batch_size, overwrite=overwrite)
     table = Table(title=f"budgets on {result['n_samples']} samples (score: exact match / answer likelihood)")
     for column in ["budget", "score", "mean prefill GFLOPs"]:
         table.add_column(column, justify="right")
@@ -351,7 +374,9 @@ def _setting(
 
     if method not in METHODS:
         raise ConfigError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
-    stage_list = [int(x) for x in stages.split(",")] if stages else []
+    from .checks import int_list
+
+    stage_list = int_list("--stages", stages) if stages else []
     reduction = None
     if method in ("fastv", "pdrop", "visionzip"):
         reduction = Reduction(
@@ -377,21 +402,27 @@ def eval_command(
     max_new_tokens: int = 16,
     limit: Annotated[int | None, typer.Option(help="only the first N records")] = None,
     out: Annotated[Path | None, typer.Option(help="write result.json and result.md here")] = None,
+    overwrite: OverwriteOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ):
     """Accuracy (exact match, ANLS), FLOPs and time of one method on a data set."""
     from .api import load
-    from .evaluate import evaluate, markdown
+    from .evaluate import RESULT_ENTRIES, check_options, evaluate, markdown, skipped_note, write_result
+    from .outputs import claim
 
     _quiet_transformers()
-    m = load(model)
+    check_options(batch_size, max_new_tokens, limit)
     setting = _setting(method, budget, layer, keep, stages, ratio, dominant, contextual)
+    inputs = [model, data, images]
+    if out is not None:  # refuse a bad --out before the evaluation, not after
+        claim(out, "eval", RESULT_ENTRIES, inputs, overwrite, mark=False)
+    m = load(model)
     setting.budget = m.parse_budget(budget) if method != "base" else "full"
     result = evaluate(m, data, images, setting, batch_size, max_new_tokens, limit)
+    if result["n_skipped"]:
+        console.print(f"[yellow]warning:[/] {skipped_note(result)}", highlight=False)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        (out / "result.md").write_text(markdown(result))
+        write_result(out, result, inputs, overwrite)
     if as_json:
         print(json.dumps({k: v for k, v in result.items() if k != "rows"}, default=str))
     else:
@@ -410,14 +441,18 @@ def compare(
     base: Annotated[
         Path | None, typer.Option(help="the checkpoint VISOR was trained from: the base and baselines run on it")
     ] = None,
+    overwrite: OverwriteOpt = False,
 ):
     """Sweep VISOR budgets and the baselines' knobs; write a table at matched FLOPs and a Pareto plot."""
     from .api import load
+    from .evaluate import COMPARE_ENTRIES
     from .evaluate import compare as run
+    from .outputs import claim
 
     _quiet_transformers()
+    claim(out, "compare", COMPARE_ENTRIES, [model, data, images, base], overwrite, mark=False)  # before loading
     base_model = load(base) if base is not None else None
-    result = run(load(model), data, out, images, None, batch_size, max_new_tokens, limit, base_model)
+    result = run(load(model), data, out, images, None, batch_size, max_new_tokens, limit, base_model, overwrite)
     print(Path(result["report"]).read_text())
     console.print(f"plot: [bold]{result['plot']}[/]")
 
@@ -453,21 +488,48 @@ def data_make(
     image_size: Annotated[int, typer.Option(help="image side in pixels")] = 384,
     tasks: Annotated[str | None, typer.Option(help="comma-separated subset of the tasks")] = None,
     workers: int = 2,
+    overwrite: OverwriteOpt = False,
 ):
     """Generate the built-in fine-grained (hard) and global (easy) benchmark, deterministically."""
     from .synth import make_dataset
 
-    chosen = [t.strip() for t in tasks.split(",")] if tasks else None
-    card = make_dataset(out, seed, {"train": train, "val": val, "test": test}, chosen, image_size, workers)
+    chosen = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    sizes = {"train": train, "val": val, "test": test}
+    card = make_dataset(out, seed, sizes, chosen, image_size, workers, overwrite=overwrite)
     console.print(f"wrote {card['total']} samples of {len(card['tasks'])} tasks to [bold]{out}[/]")
 
 
 def main() -> None:
+    """Run the CLI: a user's mistake (ours or a bad option) is one `error:` line and exit code 2."""
+    click = _click_exceptions()
     try:
-        app()
+        app(standalone_mode=False)
     except VisorError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
+    except getattr(click, "NoArgsIsHelpError", ()) as e:  # `visor` or `visor data` alone: the help
+        print(e.ctx.get_help())
+    except click.UsageError as e:
+        command = e.ctx.command_path if e.ctx else "visor"
+        _fail(f"{command}: {e.format_message()} (see {command} --help)")
+    except click.ClickException as e:
+        _fail(e.format_message())
+    except click.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _click_exceptions():
+    """click's exception module (typer >= 0.25 carries its own copy of click)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+def _fail(message: str) -> None:
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
                                 {"from": "gpt", "value": "A cat."}, ...]}, ...]
     JSONL:  {"image": "a.png", "question": "What is it?", "answer": "A cat."}   (one per line)
 
-Images resolve under ``images_dir``. Every turn is rendered with the checkpoint's chat template
+Images resolve under ``images_dir`` and must lie inside it (``..`` or an absolute path is refused;
+symbolic links inside it are followed). Every turn is rendered with the checkpoint's chat template
 (images first in the first user turn); the loss covers the assistant tokens only, including the
 template's end-of-turn token, so the model learns to stop. A bad record (malformed, no assistant
 turn, missing or unreadable image) is skipped and reported; a set with no usable record is an error.
@@ -14,6 +15,7 @@ turn, missing or unreadable image) is skipped and reported; a set with no usable
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +72,12 @@ def _parse(item, images_dir: Path) -> Record | str:
     if turns[0][0] != "user":
         return "the conversation must start with a user turn"
     paths = [images_dir / n for n in names]
+    for n, p in zip(names, paths):
+        if not Path(os.path.normpath(p)).is_relative_to(os.path.normpath(images_dir)):
+            raise InputError(
+                f"image {n!r} lies outside the images directory {images_dir}; "
+                "image paths must be relative to --images (point --images at a directory that holds them)"
+            )
     for p in paths:
         if not p.is_file():
             return f"image not found: {p}"
@@ -105,7 +113,10 @@ def read_records(path: str | Path, images_dir: str | Path) -> tuple[list[Record]
         items = [(f"{path.name}[{i}]", item) for i, item in enumerate(data)]
     records, skipped = [], []
     for where, item in items:
-        parsed = item if isinstance(item, str) else _parse(item, images_dir)
+        try:
+            parsed = item if isinstance(item, str) else _parse(item, images_dir)
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
         if isinstance(parsed, str):
             skipped.append(f"{where}: {parsed}")
         else:

@@ -31,7 +31,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from .outputs import atomic_write, claim
+
 console = Console()
+DEMO_ENTRIES = ("stages", "report.md", "results.json", "pareto.png")
 
 
 @dataclass
@@ -85,7 +88,7 @@ class Stages:
 
     def __init__(self, out: Path, fresh: bool):
         self.root = out / "stages"
-        if fresh:
+        if fresh:  # `out` is the demo's own (claimed by run_demo): its stages are ours to redo
             shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
@@ -100,7 +103,7 @@ class Stages:
             began = time.perf_counter()
             summary = fn(path) or {}
             summary["seconds"] = round(time.perf_counter() - began, 1)
-            (path / "DONE").write_text(json.dumps(summary, default=str) + "\n")
+            atomic_write(path / "DONE", json.dumps(summary, default=str) + "\n")
             console.print(f"[bold]{name}[/]: {summary}")
         self.timings[name] = json.loads((path / "DONE").read_text())["seconds"]  # as computed, even if cached
         return path
@@ -178,7 +181,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
 
     torch.manual_seed(0)
     cfg = DemoConfig.quick() if quick else DemoConfig()
-    out = Path(out)
+    out = claim(out, "demo", DEMO_ENTRIES, resume=True)  # a demo of ours is continued: its stages are a cache
     stages = Stages(out, fresh)
     tasks = cfg.hard_tasks + cfg.easy_tasks
     sizes = {"train": cfg.train_per_task, "val": cfg.val_per_task, "test": cfg.test_per_task}
@@ -193,7 +196,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
             seen[task] = seen.get(task, 0) + 1
             if task not in cfg.easy_tasks or seen[task] <= cfg.easy_train_per_task:
                 kept.append(line)
-        (path / "train.jsonl").write_text("\n".join(kept) + "\n")
+        atomic_write(path / "train.jsonl", "\n".join(kept) + "\n")
         return card | {"train_records": len(kept)}
 
     key = _digest("data", cfg.seed, cfg.image_size, tasks, sizes, cfg.easy_train_per_task)
@@ -373,7 +376,7 @@ def check_targets(results: list[dict]) -> list[tuple[str, bool, str]]:
 def write_report(out: Path, results, cfg, quick, timings, elapsed, version, compared) -> dict:
     import transformers
 
-    shutil.copy(compared / "pareto.png", out / "pareto.png")
+    atomic_write(out / "pareto.png", (compared / "pareto.png").read_bytes())
     checks = check_targets(results)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     checks.append(
@@ -423,7 +426,7 @@ def write_report(out: Path, results, cfg, quick, timings, elapsed, version, comp
         "```",
     ]
     report = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(report)
+    atomic_write(out / "report.md", report)
     summary = {
         "config": asdict(cfg),
         "quick": quick,
@@ -432,5 +435,5 @@ def write_report(out: Path, results, cfg, quick, timings, elapsed, version, comp
         "targets": [{"target": t, "met": ok, "numbers": nums} for t, ok, nums in checks],
         "results": [{k: v for k, v in r.items() if k != "rows"} for r in results],
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write(out / "results.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary

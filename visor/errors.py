@@ -15,3 +15,7 @@ class CheckpointError(VisorError):
 
 class InputError(VisorError):
     """An image, prompt or data record that cannot be used."""
+
+
+class OutputError(VisorError):
+    """An output path that can't be written without losing data, or a write that failed."""

@@ -14,13 +14,14 @@ nearest FLOPs) and ``pareto.png`` (accuracy vs. relative LM prefill FLOPs, hard 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import checks
 from .data import read_records
+from .outputs import atomic_write, claim
 from .policy import normalise
 from .reduce import Reduction
 
@@ -77,6 +78,13 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def check_options(batch_size: int, max_new_tokens: int, limit: int | None) -> None:
+    checks.count("batch_size", batch_size, 1)
+    checks.count("max_new_tokens", max_new_tokens, 1)
+    if limit is not None:
+        checks.count("limit", limit, 1)
+
+
 def evaluate(
     model,
     data,
@@ -91,6 +99,7 @@ def evaluate(
     from tqdm.auto import tqdm
 
     setting = setting or Setting()
+    check_options(batch_size, max_new_tokens, limit)
     records, skipped = read_records(data, images or Path(data).parent)
     records = records[:limit] if limit else records
     rows, stats, began = [], {}, time.perf_counter()
@@ -132,6 +141,7 @@ def evaluate(
         "seconds": seconds,
         "prefill_seconds": stats.get("prefill_s", 0.0),
         "n_skipped": len(skipped),
+        "skipped": skipped,  # why each unusable record was left out
         "rows": rows,
     }
 
@@ -152,7 +162,26 @@ def markdown(result: dict) -> str:
             f"{g['prefill_flops'] / 1e9:.3f} | {g['lm_prefill_flops'] / 1e9:.3f} |"
         )
     lines.append(f"\n{result['seconds']:.1f} s in all, prefill {result['prefill_seconds']:.1f} s.")
+    if result["n_skipped"]:
+        lines.append(f"\n{skipped_note(result)}")
     return "\n".join(lines) + "\n"
+
+
+def skipped_note(result: dict) -> str:
+    first = result["skipped"][0] if result.get("skipped") else ""
+    return f"{result['n_skipped']} unusable record(s) left out (first: {first})."
+
+
+RESULT_ENTRIES = ("result.json", "result.md")
+COMPARE_ENTRIES = ("results.json", "report.md", "pareto.png")
+
+
+def write_result(out, result: dict, inputs=(), overwrite: bool = False) -> Path:
+    """OUT/result.json and OUT/result.md, each replaced atomically (OUT: see visor.outputs)."""
+    out = claim(out, "eval", RESULT_ENTRIES, inputs, overwrite)
+    atomic_write(out / "result.json", json.dumps(result, indent=2, default=str) + "\n")
+    atomic_write(out / "result.md", markdown(result))
+    return out
 
 
 # ---- the sweep ------------------------------------------------------------------------------------
@@ -186,12 +215,16 @@ def compare(
     max_new_tokens: int = 16,
     limit: int | None = None,
     base_model=None,
+    overwrite: bool = False,
 ) -> dict:
     """Every setting on one data set; ``base_model`` (the checkpoint VISOR was trained from), when
     given, runs the settings at budget "full" (the base and the token-reduction baselines, which
-    need no training) so that they see the original weights, not VISOR's retrained ones."""
+    need no training) so that they see the original weights, not VISOR's retrained ones.
+    ``out``: new, empty, or (``overwrite``) an earlier compare output of visor."""
     from tqdm.auto import tqdm
 
+    inputs = [data, images, model.backbone.path, base_model.backbone.path if base_model is not None else None]
+    out = claim(out, "compare", COMPARE_ENTRIES, inputs, overwrite)  # before the minutes of the sweep
     settings = settings or default_settings(model)
     results = [
         evaluate(
@@ -209,10 +242,8 @@ def compare(
     base_flops = base["summary"]["overall"]["lm_prefill_flops"]
     for r in results:
         r["relative_lm_flops"] = r["summary"]["overall"]["lm_prefill_flops"] / base_flops
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "results.json", json.dumps({"results": results}, indent=2, default=str) + "\n")
-    _atomic_write(out / "report.md", report_markdown(results))
+    atomic_write(out / "results.json", json.dumps({"results": results}, indent=2, default=str) + "\n")
+    atomic_write(out / "report.md", report_markdown(results))
     pareto_plot(results, out / "pareto.png")
     return {"results": results, "report": str(out / "report.md"), "plot": str(out / "pareto.png")}
 
@@ -306,13 +337,5 @@ def pareto_plot(results: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

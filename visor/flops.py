@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from . import checks
 from .model import LMConfig
 from .schedule import Budget, Schedule
 
@@ -93,6 +94,10 @@ def count_flops(
 ) -> FlopReport:
     """FLOPs of one sample with n_visual image tokens entering the language model (after
     VisionZip, if used) and n_text text tokens at this budget; ``reduction``: a visor.reduce.Reduction."""
+    checks.count("visual tokens", n_visual)
+    checks.count("text tokens", n_text, 1)
+    if n_crops is not None:
+        checks.count("crops", n_crops)
     cfg = LMConfig.from_hf(hf_config.text_config)
     schedule.check_depth(cfg.n_layers)
     budget = schedule.parse_budget(budget)

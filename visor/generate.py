@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import checks
 from .backbone import Sample
 from .cache import KVCache
 from .errors import ConfigError
@@ -25,6 +26,14 @@ class GenerationConfig:
     seed: int = 0
     stop_on_eos: bool = True
     decode: str = "dynamic"  # one of DECODE_MODES, see Decoder
+
+    def __post_init__(self):
+        checks.count("max_new_tokens", self.max_new_tokens, 1)
+        checks.number("temperature", self.temperature, 0)
+        checks.number("top_p", self.top_p, 0, 1, low_open=True)
+        checks.count("seed", self.seed)
+        if self.decode not in DECODE_MODES:
+            raise ConfigError(f"unknown decode mode {self.decode!r}; choose from {', '.join(DECODE_MODES)}")
 
 
 def collate(samples: list[Sample], image_token_id: int, device) -> Tokens:

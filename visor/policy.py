@@ -21,6 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import checks
+from .errors import ConfigError
+from .outputs import atomic_write, claim
+
 SHORT_ANSWER_WORDS = 3
 TARGET_FRACTION = 0.99
 
@@ -78,6 +82,13 @@ class PolicyTrainConfig:
     cost_weight: float = 0.0
     seed: int = 0
 
+    def __post_init__(self):
+        checks.count("width", self.width, 1)
+        checks.count("epochs", self.epochs, 1)
+        checks.number("lr", self.lr, 0, low_open=True)
+        checks.number("cost_weight", self.cost_weight, 0)
+        checks.count("seed", self.seed)
+
 
 def fit_policy(features: torch.Tensor, labels: torch.Tensor, n_budgets: int, cfg: PolicyTrainConfig) -> Policy:
     """Full-batch cross-entropy on (features, labels), features standardised."""
@@ -94,8 +105,14 @@ def fit_policy(features: torch.Tensor, labels: torch.Tensor, n_budgets: int, cfg
     return policy
 
 
-def train_policy(model_path, data, images, out, cfg: PolicyTrainConfig, batch_size: int = 8) -> dict:
-    """Score every budget on (data, images), label, fit the router, save ``out/final`` and a report."""
+REPORT_ENTRIES = ("final", "policy_report.json", "policy_report.md")
+
+
+def train_policy(
+    model_path, data, images, out, cfg: PolicyTrainConfig, batch_size: int = 8, overwrite: bool = False
+) -> dict:
+    """Score every budget on (data, images), label, fit the router, save ``out/final`` and a report.
+    ``out``: new, empty, or (``overwrite``) an earlier train-policy output of visor."""
     import json
     from pathlib import Path
 
@@ -106,7 +123,11 @@ def train_policy(model_path, data, images, out, cfg: PolicyTrainConfig, batch_si
     from .generate import GenerationConfig, collate, generate
     from .train import answer_token_losses
 
+    checks.count("batch_size", batch_size, 1)
+    claim(out, "train-policy", REPORT_ENTRIES, [model_path, data, images], overwrite)
     model = load(model_path)
+    if not model.schedule.sa_candidates:
+        raise ConfigError(f"{model_path}: the schedule has no SA candidate, so there is no budget to choose")
     budgets = list(range(len(model.schedule.sa_candidates) + 1))
     records, skipped = read_records(data, images)
     bb, lm = model.backbone, model.lm
@@ -160,7 +181,7 @@ def train_policy(model_path, data, images, out, cfg: PolicyTrainConfig, batch_si
     )
     lm.policy = policy.to(bb.device)
     out = Path(out)
-    final = model.save(out / "final")
+    final = model.save(out / "final", overwrite=True)
     result = {
         "rows": rows,
         "labels": torch.bincount(labels, minlength=len(budgets)).tolist(),
@@ -169,8 +190,8 @@ def train_policy(model_path, data, images, out, cfg: PolicyTrainConfig, batch_si
         "config": cfg.__dict__,
         "rule": __doc__,
     }
-    (out / "policy_report.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write(out / "policy_report.json", json.dumps(result, indent=2) + "\n")
     lines = ["| budget | score | mean prefill GFLOPs |", "|---|---|---|"]
     lines += [f"| {r['budget']} | {r['score']:.3f} | {r['prefill_flops'] / 1e9:.4f} |" for r in rows]
-    (out / "policy_report.md").write_text("\n".join(lines) + "\n")
+    atomic_write(out / "policy_report.md", "\n".join(lines) + "\n")
     return result | {"final": str(final)}

@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from . import checks
 from .errors import ConfigError
+from .outputs import write_dir
 
 COLOURS = {
     "red": (214, 39, 40),
@@ -282,6 +284,9 @@ def _write(job) -> dict:
     }
 
 
+MIN_IMAGE_SIZE = 64  # smaller images can't hold an 8 x 8 digit grid
+
+
 def make_dataset(
     out: str | Path,
     seed: int = 0,
@@ -290,16 +295,34 @@ def make_dataset(
     image_size: int = 384,
     workers: int = 2,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """Generate the benchmark; ``sizes``: samples per task per split. Returns the dataset card."""
-    from tqdm.auto import tqdm
-
+    """Generate the benchmark; ``sizes``: samples per task per split. Returns the dataset card.
+    The set is rendered beside ``out`` and swapped in when complete (``overwrite``: replace an
+    earlier data set of visor's there; anything else at ``out`` is refused, see visor.outputs)."""
     tasks = tasks or list(TASKS)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ConfigError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
     sizes = sizes or {"train": 800, "val": 100, "test": 200}
-    out = Path(out)
+    for split in SPLITS:
+        checks.count(f"samples per task of {split}", sizes.get(split, 0))
+    if sum(sizes.get(split, 0) for split in SPLITS) == 0:
+        raise ConfigError("no samples to make: give --train, --val or --test a positive number")
+    checks.count("image_size", image_size, MIN_IMAGE_SIZE)
+    checks.count("workers", workers, 1)
+    card: dict = {}
+
+    def build(tmp: Path) -> None:
+        card.update(_render(tmp, seed, sizes, tasks, image_size, workers, progress))
+
+    write_dir(out, "data make", build, overwrite=overwrite)
+    return card
+
+
+def _render(out: Path, seed: int, sizes: dict, tasks: list[str], image_size: int, workers: int, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
     jobs = []
     for split in SPLITS:
         (out / "images" / split).mkdir(parents=True, exist_ok=True)

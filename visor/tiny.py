@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
+from . import checks
 from .errors import ConfigError
+from .outputs import write_dir
 
 ARCHS = ("llava-onevision", "llava")
 
@@ -102,8 +104,22 @@ def build_tokenizer(arch: str, vocab_size: int):
     return fast
 
 
-def build_tiny(out: str | Path, spec: TinySpec | None = None) -> Path:
-    """Write a complete random checkpoint of ``spec`` to ``out`` and return the path."""
+def build_tiny(out: str | Path, spec: TinySpec | None = None, overwrite: bool = False) -> Path:
+    """Write a complete random checkpoint of ``spec`` to ``out`` and return the path (``out``:
+    new, empty, or with ``overwrite`` an earlier checkpoint of visor's; see visor.outputs)."""
+    spec = spec or TinySpec()
+    if spec.arch not in ARCHS:
+        raise ConfigError(f"unknown --arch {spec.arch!r}; choose one of {', '.join(ARCHS)}")
+    for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "image_size", "patch_size"):
+        checks.count(name, getattr(spec, name), 1)
+    if spec.hidden % spec.heads or spec.heads % spec.kv_heads:
+        raise ConfigError("hidden must be divisible by heads, and heads by kv_heads")
+    if spec.image_size % spec.patch_size:
+        raise ConfigError(f"image_size {spec.image_size} must be a multiple of patch_size {spec.patch_size}")
+    return write_dir(out, "checkpoint", lambda tmp: _write_tiny(tmp, spec), overwrite=overwrite)
+
+
+def _write_tiny(out: Path, spec: TinySpec) -> None:
     from transformers import (
         LlavaConfig,
         LlavaForConditionalGeneration,
@@ -115,13 +131,6 @@ def build_tiny(out: str | Path, spec: TinySpec | None = None) -> Path:
         LlavaOnevisionImageProcessorPil,
     )
 
-    spec = spec or TinySpec()
-    if spec.arch not in ARCHS:
-        raise ConfigError(f"unknown --arch {spec.arch!r}; choose one of {', '.join(ARCHS)}")
-    if spec.hidden % spec.heads or spec.heads % spec.kv_heads:
-        raise ConfigError("hidden must be divisible by heads, and heads by kv_heads")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec.arch, spec.vocab_size)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     text = dict(
@@ -200,4 +209,3 @@ def build_tiny(out: str | Path, spec: TinySpec | None = None) -> Path:
     image_processor.save_pretrained(out)
     (out / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     (out / "chat_template.jinja").write_text(template)
-    return out

@@ -33,10 +33,12 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from . import checks
 from .api import VisorModel, load
 from .data import Record, read_records, tokenize
 from .errors import ConfigError, InputError
 from .generate import collate
+from .outputs import atomic_write, claim, drop_aside, set_aside, writing
 from .schedule import Schedule
 
 
@@ -60,7 +62,8 @@ class TrainConfig:
     freeze_vision: bool = False  # stage 2: keep the vision tower fixed
     activation_checkpointing: bool = False
     save_every: int = 0  # steps between checkpoints; 0 = only the final model
-    resume: bool = False
+    resume: bool = False  # continue the run in `out` from its newest checkpoint
+    overwrite: bool = False  # start again in `out`, replacing an earlier run there (kept until the new one ends)
     seed: int = 0
     fsdp: bool = False
     device: str = "auto"  # auto: cuda:LOCAL_RANK if available, else cpu
@@ -68,12 +71,19 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
+            data = yaml.safe_load(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise ConfigError(f"cannot read config {path}: {e}") from None
-        unknown = set(data) - {f.name for f in fields(cls)}
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} must hold a mapping of options (key: value), not a {type(data).__name__}")
+        types = {f.name: f.type for f in fields(cls)}
+        unknown = set(data) - set(types)
         if unknown:
             raise ConfigError(f"unknown keys in {path}: {sorted(unknown)}")
+        for key, value in data.items():
+            if not _has_type(value, types[key]):
+                raise ConfigError(f"{path}: {key} must be {types[key]}, not {value!r}")
         return cls(**data)
 
     def check(self) -> None:
@@ -81,8 +91,32 @@ class TrainConfig:
             raise ConfigError("--model and --data are required")
         if self.stage not in (1, 2):
             raise ConfigError(f"--stage must be 1 or 2, not {self.stage}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ConfigError("--batch-size and --grad-accum must be at least 1")
+        for name in ("batch_size", "grad_accum"):
+            checks.count(name, getattr(self, name), 1)
+        for name in ("steps", "warmup_steps", "save_every", "seed"):
+            checks.count(name, getattr(self, name))
+        checks.number("lr", self.lr, 0, low_open=True)
+        checks.number("epochs", self.epochs, 0, low_open=True)
+        checks.number("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        checks.number("clip", self.clip, 0)
+        for w in self.budget_weights:
+            checks.number("a budget weight", w, 0)
+        if self.budget_weights and sum(self.budget_weights) == 0:
+            raise ConfigError("--budget-weights are all zero: no budget could ever be sampled")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --out, --overwrite starts it again: choose one")
+
+
+def _has_type(value, annotation: str) -> bool:
+    """A YAML value against a TrainConfig field's annotation (str, int, float, bool, list[float])."""
+    number = (int, float)
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if annotation == "list[float]":
+        return isinstance(value, list) and all(isinstance(v, number) and not isinstance(v, bool) for v in value)
+    return isinstance(value, {"str": str, "int": int, "float": number}[annotation])
 
 
 def parse_budgets(spec: str, schedule: Schedule) -> list:
@@ -239,19 +273,23 @@ def save_checkpoint(out: Path, step: int, model: VisorModel, trainee, optimizer,
     model_state, optim_state = full_states(trainee, optimizer, fsdp)
     if rank == 0:
         final = out / "checkpoints" / f"step-{step:07d}"
-        tmp = final.with_name(f".{final.name}.tmp")
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        model.save(tmp / "model", model_state)
-        state = {
-            "step": step,
-            "optimizer": optim_state,
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-            "fsdp": fsdp,
-        }
-        torch.save(state, tmp / "state.pt")
-        tmp.rename(final)
+        try:
+            with writing(final):
+                tmp.mkdir(parents=True)
+                model.save(tmp / "model", model_state)
+                state = {
+                    "step": step,
+                    "optimizer": optim_state,
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rng_state(),
+                    "fsdp": fsdp,
+                }
+                torch.save(state, tmp / "state.pt")
+                tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
 
@@ -262,10 +300,9 @@ def save_checkpoint(out: Path, step: int, model: VisorModel, trainee, optimizer,
 def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     local = int(os.environ.get("LOCAL_RANK", 0))
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
+    device = checks.device(cfg.device)
+    if cfg.device == "auto" and device.type == "cuda":
+        device = torch.device(f"cuda:{local}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -277,7 +314,7 @@ def train(cfg: TrainConfig) -> Path:
     """Run (or resume) one training stage; return the path of the final VISOR checkpoint."""
     cfg.check()
     world, rank, device = setup_distributed(cfg)
-    out = Path(cfg.out)
+    out = claim_run(cfg, rank)
     log = _Log(out, rank)
     resume_from = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None:
@@ -299,7 +336,7 @@ def train(cfg: TrainConfig) -> Path:
     per_step = cfg.batch_size * world * cfg.grad_accum
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(records) / per_step))
     if rank == 0:
-        (out / "config.yaml").write_text(yaml.safe_dump(asdict(cfg) | {"total_steps": total_steps, "world": world}))
+        atomic_write(out / "config.yaml", yaml.safe_dump(asdict(cfg) | {"total_steps": total_steps, "world": world}))
 
     named = set_trainable(model, cfg)
     log.line(f"stage {cfg.stage}: training {sum(p.numel() for _, p in named):,} parameters in {len(named)} tensors")
@@ -378,11 +415,46 @@ def train(cfg: TrainConfig) -> Path:
     final = out / "final"
     model_state, _ = full_states(trainee, optimizer, fsdp)
     if rank == 0:
-        model.save(final, model_state)
+        model.save(final, model_state, overwrite=True)
+        drop_aside(out)  # the run --overwrite replaced, kept until now
     log.summary(budgets)
     if world > 1:
         dist.barrier()
     return final
+
+
+RUN_ENTRIES = ("checkpoints", "final", "metrics.jsonl", "train.log", "config.yaml")
+RESUMABLE = {"resume", "overwrite", "device"}  # the settings a resumed run may change
+
+
+def claim_run(cfg: TrainConfig, rank: int) -> Path:
+    """The run directory, checked on every rank before rank 0 changes anything: new or empty, or
+    an earlier run of ours continued (``--resume``: with the same settings) or set aside (``--overwrite``)."""
+    out = Path(cfg.out)
+    inputs = [cfg.model, cfg.data, cfg.images]
+    claim(out, "train", RUN_ENTRIES, inputs, cfg.overwrite, cfg.resume, mark=False)
+    if cfg.resume and (out / "config.yaml").is_file():
+        try:
+            before = yaml.safe_load((out / "config.yaml").read_text())
+        except yaml.YAMLError:
+            before = None
+        if isinstance(before, dict):
+            changed = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and k in before and before[k] != v]
+            if changed:
+                shown = ", ".join(f"{k}: {before[k]!r} -> {getattr(cfg, k)!r}" for k in changed[:4])
+                raise ConfigError(
+                    f"--resume needs the settings of the run in {out}; changed: {shown}. "
+                    "Start a new run with --overwrite or another --out"
+                )
+    if dist.is_initialized():
+        dist.barrier()  # every rank has checked before anything moves
+    if rank == 0:
+        claim(out, "train", RUN_ENTRIES, inputs, cfg.overwrite, cfg.resume)
+        if cfg.overwrite:
+            set_aside(out, RUN_ENTRIES)
+    if dist.is_initialized():
+        dist.barrier()
+    return out
 
 
 def _images(record: Record, log: _Log) -> list | None:
@@ -440,11 +512,12 @@ class _Log:
                 f.write(json.dumps(row) + "\n")
 
     def truncate_metrics(self, step: int) -> None:
-        """After a resume: drop what the interrupted run logged past its checkpoint."""
+        """After a resume: drop what the interrupted run logged past its checkpoint (and a line a
+        kill cut short)."""
         path = self.out / "metrics.jsonl"
         if self.rank == 0 and path.exists():
-            rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
-            path.write_text("".join(r + "\n" for r in rows))
+            rows = [r for r in path.read_text().splitlines() if _step_of(r) is not None and _step_of(r) <= step]
+            atomic_write(path, "".join(r + "\n" for r in rows))
 
     def progress(self, total: int, initial: int):
         from tqdm.auto import tqdm
@@ -454,6 +527,14 @@ class _Log:
     def summary(self, budgets: list) -> None:
         parts = [f"{b}: {np.mean(self.by_budget[b]):.4f}" for b in budgets if b in self.by_budget]
         self.line("mean loss per budget (this run): " + ", ".join(parts))
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row.get("step") if isinstance(row, dict) else None
 
 
 def main() -> None:

@@ -1,0 +1,260 @@
+"""Where visor writes: output directories it owns, files and directories replaced atomically.
+
+Every command that writes takes an ``--out`` directory and claims it first (``claim``):
+
+- a new or empty directory becomes ours: a marker file (``.visor-output``) records the command
+  and the entries (top-level names) it writes there;
+- a directory with our marker holds an earlier output of ours: ``overwrite`` replaces it (only if
+  it holds nothing we did not write), ``resume`` continues it (training), neither is an error;
+- anything else is refused: a file, a directory holding a user's files, an --out that is or
+  contains one of the command's inputs.
+
+Files are written under a temporary name beside their target and renamed over it
+(``atomic_write``); whole directories (a checkpoint, a data set) are built beside their target
+and swapped in (``write_dir``). A kill or a full disk at any moment leaves the previous good
+output where it was, and no half-written file where a good one was.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import OutputError
+
+MARKER = ".visor-output"
+
+
+def read_marker(path: Path) -> dict | None:
+    """The marker of an output directory of ours, or None."""
+    try:
+        marker = json.loads((Path(path) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("entries"), list) else None
+
+
+def _write_marker(path: Path, command: str, entries: Iterable[str]) -> None:
+    atomic_write(path / MARKER, json.dumps({"command": command, "entries": sorted(set(entries))}) + "\n")
+
+
+def _is_scratch(name: str) -> bool:
+    """Temporary names of ours (``.NAME.tmp-PID...``, ``.NAME.old-PID...``) and the marker."""
+    return name == MARKER or (name.startswith(".") and (".tmp-" in name or ".old-" in name))
+
+
+def claim(
+    out: str | Path,
+    command: str,
+    entries: Iterable[str] = (),
+    inputs: Iterable[str | Path | None] = (),
+    overwrite: bool = False,
+    resume: bool = False,
+    mark: bool = True,
+) -> Path:
+    """Check that ``command`` may write ``entries`` into ``out`` and (``mark``) mark it ours.
+    ``resume``: an earlier output of the same command is continued, not an error."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; give a directory")
+    check_not_input(out, inputs)
+    present = sorted(p.name for p in out.iterdir() if not _is_scratch(p.name)) if out.is_dir() else []
+    marker = read_marker(out)
+    if marker is None and present:
+        shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
+        raise OutputError(
+            f"--out {out} is not empty and visor did not write it (it holds {shown}); choose a new or empty directory"
+        )
+    if marker is not None:
+        mine, theirs = set(marker["entries"]), marker.get("command")
+        if present and theirs != command:
+            raise OutputError(
+                f"--out {out} holds the output of `visor {theirs}`, not of `visor {command}`; choose another directory"
+            )
+        if present and not (overwrite or resume):
+            how = "--resume to continue it or --overwrite to start again" if command == "train" else "--overwrite"
+            raise OutputError(
+                f"--out {out} holds an earlier output of `visor {command}`; pass {how}, or choose another directory"
+            )
+        foreign = [name for name in present if name not in mine]
+        if foreign and overwrite:
+            raise OutputError(
+                f"--out {out} holds files visor did not write ({', '.join(foreign[:3])}); "
+                "move them away before --overwrite, or choose another directory"
+            )
+    _clean_scratch(out)
+    if not mark:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    kept = set(marker["entries"]) if marker and resume else set()
+    _write_marker(out, command, kept | set(entries))
+    return out
+
+
+def check_not_input(out: Path, inputs: Iterable[str | Path | None]) -> None:
+    """Refuse an --out that is, or contains, one of the inputs (writing it could destroy them)."""
+    target = Path(out).resolve()
+    for given in inputs:
+        if given is None or str(given) == "":
+            continue
+        source = Path(given).resolve()
+        if target == source or target in source.parents:
+            what = "is" if target == source else "contains"
+            raise OutputError(f"--out {out} {what} the input {given}; choose another directory")
+
+
+def write_dir(
+    out: str | Path,
+    command: str,
+    build: Callable[[Path], object],
+    inputs: Iterable[str | Path | None] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Build a whole directory (a checkpoint, a data set) with ``build(tmp)`` beside ``out``, then
+    swap it in: until the swap ``out`` holds its previous content, after it the complete new one."""
+    out = Path(out)
+    _clean_scratch(out)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty directory (made for us): nothing to keep
+    claim(out, command, (), inputs, overwrite, mark=False) if out.exists() else check_not_input(out, inputs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with writing(out):
+            tmp.mkdir()
+            _write_marker(tmp, command, ())  # a leftover of a killed run is recognisably ours
+            build(tmp)
+            _write_marker(tmp, command, [p.name for p in tmp.iterdir() if p.name != MARKER])
+            _fsync_dir(tmp)
+            _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(new, out)
+    else:
+        if not _exchange(new, out):  # no atomic exchange here: two renames, the old copy kept meanwhile
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(new, out)
+            new = old
+        shutil.rmtree(new)  # the previous content
+    _fsync_dir(out.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], object]) -> Path:
+    """Write a file under a temporary name and rename it over ``path``. ``data``: text, bytes,
+    or a function that writes the file it is given (a plot, a torch.save)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with writing(path):
+            if callable(data):
+                data(tmp)
+            else:
+                with open(tmp, "w" if isinstance(data, str) else "wb") as f:
+                    f.write(data)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@contextmanager
+def writing(target: Path):
+    """A write that fails (full disk, no permission) becomes one OutputError naming the target."""
+    try:
+        yield
+    except OSError as e:
+        reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else e.strerror or str(e)
+        raise OutputError(f"cannot write {target}: {reason}; the previous content is unchanged") from None
+
+
+def set_aside(out: Path, names: Iterable[str]) -> Path | None:
+    """Move earlier entries of ours into OUT/.old-PID (deleted by ``drop_aside`` once the new
+    output is complete): starting again never destroys the previous good output first."""
+    names = [n for n in names if (out / n).exists()]
+    if not names:
+        return None
+    aside = out / f".old-{os.getpid()}"
+    aside.mkdir()
+    for name in names:
+        os.rename(out / name, aside / name)
+    return aside
+
+
+def drop_aside(out: Path) -> None:
+    for path in Path(out).glob(".old-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _clean_scratch(out: Path) -> None:
+    """Tidy what killed runs of ours left beside ``out`` (temporary directories; a previous
+    output caught between the two renames of a swap is put back) and inside it (temporary files)."""
+    stale = []
+    for path in sorted(out.parent.glob(f".{out.name}.old-*")) + sorted(out.parent.glob(f".{out.name}.tmp-*")):
+        if path.is_dir() and read_marker(path) is not None and not _alive(path.name.rsplit("-", 1)[-1]):
+            if ".old-" in path.name and not out.exists():
+                os.rename(path, out)
+            else:
+                stale.append(path)
+    if out.is_dir() and read_marker(out) is not None:
+        stale += [p for p in out.iterdir() if p.name.startswith(".") and ".tmp-" in p.name]
+    for path in stale:
+        if not _alive(path.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return True  # not a name of ours: leave it alone
+    pid = int(pid)
+    if pid == os.getpid():
+        return False  # our own leftovers (an earlier call in this process) are stale too
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
