@@ -10,7 +10,6 @@ import torch
 from . import checks
 from .backbone import Backbone, Sample, read_config
 from .checkpoint import load_visor_weights, read_visor_json, write_checkpoint
-from .checks import DTYPES  # noqa: F401 - the dtype names, for bench and the CLI
 from .errors import ConfigError, InputError
 from .flops import FlopReport, count_flops, decode_flops
 from .generate import GenerationConfig, collate, generate

@@ -38,7 +38,7 @@ def read_config(path: str | Path):
         raise CheckpointError(f"no config.json at {path}: point --model at a checkpoint directory")
     try:
         raw = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from None
     model_type = raw.pop("model_type", None)
     if model_type not in ARCHITECTURES:

@@ -219,8 +219,8 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     """Time every method; returns the JSON-ready result (see the module docstring)."""
     import transformers
 
-    from . import __version__
-    from .api import DTYPES
+    from . import __version__, checks
+    from .checks import DTYPES
     from .flops import count_flops, decode_flops
     from .generate import DECODE_MODES, PREFILL_MODES
 
@@ -228,14 +228,12 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         raise ConfigError("need --visual-tokens >= 0, --text-tokens >= 1 and --new-tokens >= 3")
     if cfg.repeats < 1 or cfg.warmup < 0 or cfg.batch < 1:
         raise ConfigError("need --repeats >= 1, --warmup >= 0 and --batch >= 1")
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype_name = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    if dtype_name not in DTYPES:
-        raise ConfigError(f"unknown --dtype {cfg.dtype!r}; choose from auto, {', '.join(DTYPES)}")
+    device = checks.device(cfg.device)
+    dtype = checks.dtype(cfg.dtype, device)
+    dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
     decode = cfg.decode if cfg.decode != "auto" else ("compile-graph" if device.type == "cuda" else "static")
     if decode not in DECODE_MODES:
         raise ConfigError(f"unknown --decode {cfg.decode!r}; choose from auto, {', '.join(DECODE_MODES)}")
-    dtype = DTYPES[dtype_name]
     prefill = cfg.prefill if cfg.prefill != "auto" else ("compile-graph" if device.type == "cuda" else "eager")
     if prefill not in PREFILL_MODES or (prefill.endswith("graph") and device.type != "cuda"):
         raise ConfigError(f"--prefill {cfg.prefill!r}: choose auto, {', '.join(PREFILL_MODES)} (graph modes need CUDA)")

@@ -420,7 +420,7 @@ def eval_command(
     setting.budget = m.parse_budget(budget) if method != "base" else "full"
     result = evaluate(m, data, images, setting, batch_size, max_new_tokens, limit)
     if result["n_skipped"]:
-        console.print(f"[yellow]warning:[/] {skipped_note(result)}", highlight=False)
+        print(f"warning: {skipped_note(result)}", file=sys.stderr)
     if out is not None:
         write_result(out, result, inputs, overwrite)
     if as_json:
@@ -513,7 +513,7 @@ def main() -> None:
         _fail(f"{command}: {e.format_message()} (see {command} --help)")
     except click.ClickException as e:
         _fail(e.format_message())
-    except click.Abort:
+    except typer.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)
 

@@ -187,14 +187,23 @@ def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], object])
     return path
 
 
+FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+FULL_TEXT = tuple(os.strerror(code) for code in FULL)  # how writers without an errno (safetensors, torch) say it
+
+
 @contextmanager
 def writing(target: Path):
-    """A write that fails (full disk, no permission) becomes one OutputError naming the target."""
+    """A write that fails (full disk, file too large, no permission) becomes one OutputError
+    naming the target; failures of the Rust/C++ writers (safetensors, torch.save) are told by their text."""
     try:
         yield
     except OSError as e:
-        reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else e.strerror or str(e)
+        reason = "the disk is full" if e.errno in FULL else e.strerror or str(e)
         raise OutputError(f"cannot write {target}: {reason}; the previous content is unchanged") from None
+    except Exception as e:
+        if not any(text in str(e) for text in FULL_TEXT):
+            raise
+        raise OutputError(f"cannot write {target}: the disk is full; the previous content is unchanged") from None
 
 
 def set_aside(out: Path, names: Iterable[str]) -> Path | None:
@@ -225,9 +234,15 @@ def _clean_scratch(out: Path) -> None:
                 os.rename(path, out)
             else:
                 stale.append(path)
-    if out.is_dir() and read_marker(out) is not None:
-        stale += [p for p in out.iterdir() if p.name.startswith(".") and ".tmp-" in p.name]
     for path in stale:
+        shutil.rmtree(path)
+    if out.is_dir() and read_marker(out) is not None:
+        remove_stale(out)
+
+
+def remove_stale(directory: Path) -> None:
+    """Delete the temporaries (``.NAME.tmp-PID``) that killed runs left in a directory of ours."""
+    for path in Path(directory).glob(".*.tmp-*"):
         if not _alive(path.name.rsplit("-", 1)[-1]):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 

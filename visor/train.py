@@ -38,7 +38,7 @@ from .api import VisorModel, load
 from .data import Record, read_records, tokenize
 from .errors import ConfigError, InputError
 from .generate import collate
-from .outputs import atomic_write, claim, drop_aside, set_aside, writing
+from .outputs import atomic_write, claim, drop_aside, remove_stale, set_aside, writing
 from .schedule import Schedule
 
 
@@ -359,7 +359,8 @@ def train(cfg: TrainConfig) -> Path:
         set_rng_state(state["rng"])
         start = state["step"]
         log.line(f"resumed from {resume_from} at step {start}")
-        log.truncate_metrics(start)
+    if cfg.resume:
+        log.truncate_metrics(start)  # what the interrupted run logged past its checkpoint
 
     trainee.train()
     bar = log.progress(total_steps, start)
@@ -452,6 +453,8 @@ def claim_run(cfg: TrainConfig, rank: int) -> Path:
         claim(out, "train", RUN_ENTRIES, inputs, cfg.overwrite, cfg.resume)
         if cfg.overwrite:
             set_aside(out, RUN_ENTRIES)
+        elif (out / "checkpoints").is_dir():
+            remove_stale(out / "checkpoints")  # a checkpoint a kill left unfinished
     if dist.is_initialized():
         dist.barrier()
     return out
