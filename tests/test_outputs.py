@@ -148,7 +148,7 @@ def test_swap_cut_between_its_two_renames_is_put_back(project):
 
 def test_overwrite_replaces_only_what_visor_wrote(project):
     root, base, first = project
-    with pytest.raises(visor.OutputError, match="holds an earlier output of `visor checkpoint`; pass --overwrite"):
+    with pytest.raises(visor.OutputError, match="holds a checkpoint written by visor; pass --overwrite"):
         visor.convert(base, first)
     (first / "my-notes.txt").write_text("mine")
     with pytest.raises(visor.OutputError, match="my-notes.txt"):
@@ -293,6 +293,9 @@ def test_train_killed_while_checkpointing_resumes_as_one_run(tmp_path, checkpoin
     a, b = load_file(run / "final" / "visor.safetensors"), load_file(reference / "final" / "visor.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert "resumed from" in (run / "train.log").read_text()
+    final = tree(run / "final")
+    assert cli(*train_args(checkpoints, dataset, run, "--resume")) == 0  # complete: nothing to do
+    assert tree(run / "final") == final and steps(run) == [1, 2, 3, 4, 5, 6]
 
 
 def test_train_overwrite_keeps_the_earlier_run_until_the_new_one_ends(tmp_path, checkpoints, dataset):

@@ -308,7 +308,7 @@ CLI_CASES = [
     ("train-rerun", T + " --out {root}/run", "pass --resume to continue it or --overwrite"),
     ("train-resume-other-lr", T + " --out {root}/run --resume --lr 0.5", "lr: 0.0001 -> 0.5"),
     ("train-resume-eval-output", T + " --out {root}/eval_out --resume", "`visor eval`"),
-    ("train-overwrite-user-file", T + " --out {root}/mixed --overwrite", "`visor checkpoint`"),
+    ("train-overwrite-user-file", T + " --out {root}/mixed --overwrite", "holds a checkpoint, not"),
     # train-policy
     ("policy-out-user-files", P + " --out {user}", "visor did not write it"),
     ("policy-out-is-model", P + " --out {visor}", "is the input"),
@@ -327,7 +327,7 @@ CLI_CASES = [
     ("eval-out-user-files", E + " --out {user}", "visor did not write it"),
     ("eval-out-earlier", E + " --out {root}/eval_out", "pass --overwrite"),
     ("eval-out-contains-data", E + " --out {data}", "contains the input"),
-    ("eval-out-checkpoint", E + " --out {visor} --overwrite", "`visor checkpoint`"),
+    ("eval-out-checkpoint", E + " --out {visor} --overwrite", "holds a checkpoint, not"),
     ("eval-stages-text", E + " --method pdrop --stages abc", "--stages must be integers"),
     ("eval-batch-zero", E + " --batch-size 0", "batch_size must be an integer >= 1"),
     ("eval-limit-zero", E + " --limit 0", "limit must be an integer >= 1"),
@@ -357,7 +357,7 @@ CLI_CASES = [
     ("data-out-is-file", D + " --out {root}/afile.txt", "is a file"),
     ("data-out-user-files", D + " --out {user}", "visor did not write it"),
     ("data-out-earlier", D + " --out {root}/bench", "pass --overwrite"),
-    ("data-out-checkpoint", D + " --out {visor} --overwrite", "`visor checkpoint`"),
+    ("data-out-checkpoint", D + " --out {visor} --overwrite", "holds a checkpoint, not"),
     # bench and demo
     ("bench-out-is-file", "bench --out {root}/afile.txt", "is a file"),
     ("bench-out-user-files", "bench --out {user}", "visor did not write it"),

@@ -74,14 +74,10 @@ def claim(
     if marker is not None:
         mine, theirs = set(marker["entries"]), marker.get("command")
         if present and theirs != command:
-            raise OutputError(
-                f"--out {out} holds the output of `visor {theirs}`, not of `visor {command}`; choose another directory"
-            )
+            raise OutputError(f"--out {out} holds {_what(theirs)}, not {_what(command)}; choose another directory")
         if present and not (overwrite or resume):
             how = "--resume to continue it or --overwrite to start again" if command == "train" else "--overwrite"
-            raise OutputError(
-                f"--out {out} holds an earlier output of `visor {command}`; pass {how}, or choose another directory"
-            )
+            raise OutputError(f"--out {out} holds {_what(command, 'an earlier')}; pass {how}, or choose another directory")
         foreign = [name for name in present if name not in mine]
         if foreign and overwrite:
             raise OutputError(
@@ -95,6 +91,12 @@ def claim(
     kept = set(marker["entries"]) if marker and resume else set()
     _write_marker(out, command, kept | set(entries))
     return out
+
+
+def _what(command: str, which: str = "the") -> str:
+    if command == "checkpoint":  # convert, tiny-model, save
+        return "a checkpoint written by visor" if which == "an earlier" else "a checkpoint"
+    return f"{which} output of `visor {command}`"
 
 
 def check_not_input(out: Path, inputs: Iterable[str | Path | None]) -> None:

@@ -316,6 +316,9 @@ def train(cfg: TrainConfig) -> Path:
     world, rank, device = setup_distributed(cfg)
     out = claim_run(cfg, rank)
     log = _Log(out, rank)
+    if cfg.resume and (out / "final").is_dir():
+        log.line(f"--resume: the run in {out} is complete; its model is {out / 'final'}")
+        return out / "final"
     resume_from = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None:
         log.line("--resume: no checkpoint yet, starting from the beginning")
