@@ -77,7 +77,8 @@ def claim(
             raise OutputError(f"--out {out} holds {_what(theirs)}, not {_what(command)}; choose another directory")
         if present and not (overwrite or resume):
             how = "--resume to continue it or --overwrite to start again" if command == "train" else "--overwrite"
-            raise OutputError(f"--out {out} holds {_what(command, 'an earlier')}; pass {how}, or choose another directory")
+            earlier = _what(command, "an earlier")
+            raise OutputError(f"--out {out} holds {earlier}; pass {how}, or choose another directory")
         foreign = [name for name in present if name not in mine]
         if foreign and overwrite:
             raise OutputError(
