@@ -1,6 +1,6 @@
 """VISOR (VISion On Request): sparse vision-language inference over Hugging Face LVLMs."""
 
-from .api import Generation, VisorModel, convert, load
+from .api import Generation, VisorModel, convert, export, load
 from .errors import CheckpointError, ConfigError, InputError, OutputError, VisorError
 from .flops import FlopReport
 from .flops import count_flops as flops
@@ -18,6 +18,7 @@ __all__ = [
     "VisorError",
     "VisorModel",
     "convert",
+    "export",
     "flops",
     "load",
 ]

@@ -9,8 +9,8 @@ import torch
 
 from . import checks
 from .backbone import Backbone, Sample, read_config
-from .checkpoint import load_visor_weights, read_visor_json, write_checkpoint
-from .errors import ConfigError, InputError
+from .checkpoint import base_weights, checkpoint_dtype, load_visor_weights, read_visor_json, write_checkpoint
+from .errors import CheckpointError, ConfigError, InputError
 from .flops import FlopReport, count_flops, decode_flops
 from .generate import GenerationConfig, collate, generate
 from .model import VisorLM
@@ -116,10 +116,14 @@ class VisorModel:
         return count_flops(self.config, self.schedule, budget, n_visual, n_text, n_crops, reduction)
 
     # ---- persistence --------------------------------------------------------------------
-    def save(self, out: str | Path, state_dict: dict | None = None, overwrite: bool = False) -> Path:
+    def save(
+        self, out: str | Path, state_dict: dict | None = None, overwrite: bool = False, adapter: bool = False
+    ) -> Path:
         """Write a VISOR checkpoint. ``state_dict``: full tensors gathered from a sharded
         (FSDP) copy of this model, keyed "hf.*" / "lm.*"; default: this model's own tensors.
-        ``overwrite``: replace an earlier checkpoint written by visor at ``out`` (never anything else)."""
+        ``overwrite``: replace an earlier checkpoint written by visor at ``out`` (never anything else).
+        ``adapter``: only what VISOR adds, over the base weights this model was loaded from (they
+        must not have changed since: use it when only VISOR's own modules were trained)."""
         meta = {"base_architecture": self.config.model_type, "schedule": self.schedule.to_dict()}
         if self.lm.policy is not None:
             meta["policy"] = self.lm.policy.config
@@ -129,18 +133,24 @@ class VisorModel:
             hf_state = {k[3:]: v for k, v in state_dict.items() if k.startswith("hf.")}
             hf_state = {k: v for k, v in hf_state.items() if not (tied and k == "lm_head.weight")}
             visor_state = {k[3:]: state_dict[k] for k in (f"lm.{name}" for name in visor_state)}
-        return write_checkpoint(Path(out), self.backbone.path, self.backbone.hf, meta, visor_state, hf_state, overwrite)
+        base = self.backbone.weights_path if adapter else None
+        return write_checkpoint(
+            Path(out), self.backbone.path, self.backbone.hf, meta, visor_state, hf_state, overwrite, base
+        )
 
 
 def load(
     path: str | Path,
     schedule: Schedule | str | dict | None = None,
-    dtype: str | torch.dtype = "float32",
-    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
     attn_implementation: str = "sdpa",
+    base: str | Path | None = None,
 ) -> VisorModel:
-    """Load a VISOR checkpoint, or a base LLaVA / LLaVA-OneVision checkpoint (default schedule).
-    ``device``: auto, cpu, cuda, cuda:N; ``dtype``: auto (bfloat16 on a GPU), float32, bfloat16, float16."""
+    """Load a VISOR checkpoint (full or adapter), or a base LLaVA / LLaVA-OneVision checkpoint
+    (default schedule). ``device``: auto (the GPU if there is one), cpu, cuda, cuda:N; ``dtype``:
+    auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16, float16. ``base``: where an
+    adapter's base weights are now, if not where its visor.json says."""
     path = Path(path)
     device = checks.device(device)
     dtype = checks.dtype(dtype, device)
@@ -154,7 +164,12 @@ def load(
     elif not isinstance(schedule, Schedule):
         schedule = Schedule.from_spec(schedule, n_layers)
     schedule.check_depth(n_layers)
-    model = VisorModel(Backbone(path, dtype, device, attn_implementation), schedule)
+    weights = base_weights(path, meta, base)
+    if weights is not None and _shape(read_config(weights)) != _shape(config):
+        raise CheckpointError(
+            f"the base {weights} is not the model {path} was made from: {_shape(read_config(weights))}"
+        )
+    model = VisorModel(Backbone(path, dtype, device, attn_implementation, weights), schedule)
     if meta is not None and meta.get("policy"):
         p = meta["policy"]
         policy = Policy(model.lm.cfg.hidden, p["n_budgets"], p["width"], p["cost_weight"])
@@ -164,20 +179,37 @@ def load(
     return model
 
 
+def _shape(config) -> dict:
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
+    return {k: getattr(config.text_config, k, None) for k in keys}
+
+
 def convert(
     base: str | Path, out: str | Path, schedule=None, position_encoding: str | None = None, overwrite: bool = False
 ) -> Path:
     """Make a VISOR checkpoint from a base checkpoint (CA modules initialised, gates at zero).
     A VISOR checkpoint is copied as it is (its schedule can't change: its CA weights belong to it).
+    The result is an adapter over ``base``'s weights (see visor.checkpoint), in their dtype.
     ``out`` must be new, empty, or (with ``overwrite``) an earlier checkpoint written by visor."""
     config = read_config(base)
     claim(out, "checkpoint", inputs=[base], overwrite=overwrite, mark=False)  # before minutes of loading
+    dtype = checkpoint_dtype(base) or torch.float32  # in the base's own dtype: no float32 copy of a bf16 model
     if read_visor_json(Path(base)) is not None:
         if schedule is not None or position_encoding is not None:
             raise ConfigError(f"{base} is already a VISOR checkpoint; its schedule and position encoding are fixed")
-        return load(base).save(out, overwrite=overwrite)
+        return load(base, dtype=dtype, device="cpu").save(out, overwrite=overwrite, adapter=True)
     n_layers = config.text_config.num_hidden_layers
     sched = schedule if isinstance(schedule, Schedule) else Schedule.from_spec(schedule, n_layers)
     if position_encoding is not None:
         sched = Schedule(sched.roles, position_encoding)
-    return load(base, sched).save(out, overwrite=overwrite)
+    return load(base, sched, dtype=dtype, device="cpu").save(out, overwrite=overwrite, adapter=True)
+
+
+def export(path: str | Path, out: str | Path, overwrite: bool = False, base: str | Path | None = None) -> Path:
+    """A self-contained (full) copy of a VISOR checkpoint: an adapter's base weights are written
+    into it, in their own dtype; ``base``: where the adapter's base is now, if it moved."""
+    path = Path(path)
+    claim(out, "checkpoint", inputs=[path], overwrite=overwrite, mark=False)
+    weights = base_weights(path, read_visor_json(path), base) or path
+    dtype = checkpoint_dtype(weights) or torch.float32
+    return load(path, dtype=dtype, device="cpu", base=base).save(out, overwrite=overwrite)

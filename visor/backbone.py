@@ -109,6 +109,15 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def _device_map(device) -> dict:
+    """Straight onto a GPU where transformers can (it needs accelerate for that), else via the host."""
+    import importlib.util
+
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("accelerate") is not None:
+        return {"device_map": str(device)}
+    return {}
+
+
 @dataclass
 class Sample:
     """One prompt with its images, ready for the language model."""
@@ -120,30 +129,38 @@ class Sample:
 
 
 class Backbone:
-    def __init__(self, path: str | Path, dtype=torch.float32, device="cpu", attn_implementation="sdpa"):
+    """``path``: the checkpoint (config, tokenizer, processor, template); ``weights``: the directory
+    of its language-model weights when they live elsewhere (a VISOR adapter's base)."""
+
+    def __init__(self, path: str | Path, dtype=torch.float32, device="cpu", attn_implementation="sdpa", weights=None):
         import transformers
         from transformers import AutoImageProcessor, AutoTokenizer
 
         self.path = path = Path(path)
+        self.weights_path = Path(weights) if weights is not None else path
         self.config = read_config(path)
         cls = getattr(transformers, ARCHITECTURES[self.config.model_type])
         try:
             hf, info = cls.from_pretrained(
-                path,
-                dtype=dtype,
+                self.weights_path,
+                config=self.config,
+                dtype=dtype,  # in the dtype asked for: no float32 copy of a bf16 checkpoint on the way
                 attn_implementation=attn_implementation,
                 output_loading_info=True,
                 ignore_mismatched_sizes=True,  # reported below, as our error
+                **_device_map(device),
             )
         except Exception as e:  # noqa: BLE001 - corrupt/truncated weights surface as many types
-            raise CheckpointError(f"cannot load the weights in {path}: {e.__class__.__name__}: {e}") from None
+            raise CheckpointError(
+                f"cannot load the weights in {self.weights_path}: {e.__class__.__name__}: {e}"
+            ) from None
         problems = [f"{k} (missing from the file)" for k in info["missing_keys"]]
         problems += [f"{k} (in the file, not in the config)" for k in info["unexpected_keys"]]
         problems += [f"{k}: {tuple(a)} in the file, {tuple(b)} by the config" for k, a, b in info["mismatched_keys"]]
         if problems:
             more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
             raise CheckpointError(
-                f"the weights in {path} do not match its config.json: {'; '.join(problems[:3])}{more}"
+                f"the weights in {self.weights_path} do not match its config.json: {'; '.join(problems[:3])}{more}"
             )
         self.hf = hf.to(device).eval()
         try:

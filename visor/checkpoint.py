@@ -1,9 +1,16 @@
 """VISOR checkpoints: a base HF checkpoint + ``visor.json`` + ``visor.safetensors``.
 
 ``visor.json`` holds the format version and the schedule; ``visor.safetensors`` the parameters
-VISOR adds (cross-attention modules, the optional conv positional code). Everything else is the
-base checkpoint, byte for byte where we did not change it (tokenizer, processor, template).
-A directory without ``visor.json`` is a base checkpoint and loads with a default schedule.
+VISOR adds (cross-attention modules, the optional conv positional code, the policy). Everything
+else is the base checkpoint, byte for byte where we did not change it (tokenizer, processor,
+template). A directory without ``visor.json`` is a base checkpoint and loads with a default schedule.
+
+Two forms:
+- **adapter** (``visor convert``, training stage 1, ``train-policy``): no language-model weights of
+  its own; ``visor.json`` names the directory holding them (``"base"``, absolute path) and
+  ``visor.safetensors`` is stored in the base's dtype. A few MB next to a multi-GB base.
+- **full** (stage 2, ``visor export --merged``, ``VisorModel.save`` by default): the base's
+  weights too (``model.safetensors``), in the dtype they had in memory; self-contained.
 """
 
 from __future__ import annotations
@@ -43,12 +50,41 @@ def read_visor_json(path: Path) -> dict | None:
         raise CheckpointError(f"{file} has format version {version}; upgrade visor-lvlm to read it")
     if not isinstance(meta.get("schedule"), dict):
         raise CheckpointError(f'{file} has no "schedule" object (the layer roles); is the checkpoint complete?')
+    if "base" in meta and not (isinstance(meta["base"], str) and meta["base"]):
+        raise CheckpointError(f'{file}: "base" must name the directory of the base weights')
     policy = meta.get("policy")
     if policy is not None and not (
         isinstance(policy, dict) and all(isinstance(policy.get(k), (int, float)) for k in POLICY_KEYS)
     ):
         raise CheckpointError(f'{file}: "policy" must be an object with numbers {", ".join(POLICY_KEYS)}')
     return meta
+
+
+def base_weights(path: Path, meta: dict | None, override: str | Path | None = None) -> Path | None:
+    """Where an adapter's language-model weights live (None: in ``path`` itself)."""
+    if override is not None:
+        base = Path(override)
+    elif meta is not None and "base" in meta:
+        base = Path(meta["base"])
+        base = base if base.is_absolute() else path / base
+    else:
+        return None
+    if not (base / "config.json").is_file():
+        raise CheckpointError(
+            f"{path} is an adapter over the base checkpoint {base}, which is not there: "
+            "put it back, or say where it is now: visor.load(PATH, base=DIR) or visor.export(PATH, OUT, base=DIR)"
+        )
+    return base
+
+
+def checkpoint_dtype(path: Path) -> torch.dtype | None:
+    """The dtype a checkpoint's config.json gives its weights (``dtype``, older ``torch_dtype``)."""
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = raw.get("dtype") or raw.get("torch_dtype") if isinstance(raw, dict) else None
+    return getattr(torch, name, None) if isinstance(name, str) else None
 
 
 def load_visor_weights(path: Path, module: torch.nn.Module, expected: dict[str, torch.Tensor]) -> None:
@@ -80,17 +116,24 @@ def write_checkpoint(
     visor_tensors: dict,
     hf_state: dict | None = None,
     overwrite: bool = False,
+    base: Path | None = None,
 ) -> Path:
-    """Write a complete VISOR checkpoint beside ``out``, then swap it in (see visor.outputs)."""
+    """Write a complete VISOR checkpoint beside ``out``, then swap it in (see visor.outputs).
+    ``base``: write an adapter over the weights in that directory instead of a full checkpoint."""
+    if base is not None:
+        visor_meta = visor_meta | {"base": str(Path(base).resolve())}
+        dtype = checkpoint_dtype(base)
+        visor_tensors = {k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in visor_tensors.items()}
 
     def build(tmp: Path) -> None:
-        for f in Path(source).iterdir():  # tokenizer, processor, chat template, ...
+        for f in Path(source).iterdir():  # config, tokenizer, processor, chat template, ...
             if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and "index.json" not in f.name:
                 if f.name not in (VISOR_JSON, MARKER):
                     shutil.copy2(f, tmp / f.name)
-        hf_model.save_pretrained(tmp, state_dict=hf_state)
+        if base is None:
+            hf_model.save_pretrained(tmp, state_dict=hf_state)
         if visor_tensors:
             save_file({k: v.detach().contiguous().cpu() for k, v in visor_tensors.items()}, tmp / VISOR_WEIGHTS)
         (tmp / VISOR_JSON).write_text(json.dumps({"format_version": FORMAT_VERSION, **visor_meta}, indent=2) + "\n")
 
-    return write_dir(out, "checkpoint", build, inputs=[source], overwrite=overwrite)
+    return write_dir(out, "checkpoint", build, inputs=[source, base], overwrite=overwrite)

@@ -89,8 +89,8 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     schedule: ScheduleOpt = None,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
     decode: Annotated[str, typer.Option(help="decode steps: " + DECODE_HELP)] = "dynamic",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ):
@@ -281,6 +281,20 @@ def convert(
 
 
 @app.command()
+def export(
+    model: ModelOpt,
+    merged: Annotated[Path, typer.Option(help="directory for the self-contained checkpoint")],
+    overwrite: OverwriteOpt = False,
+):
+    """Write a self-contained copy of a VISOR checkpoint (an adapter's base weights included), in its dtype."""
+    from .api import export as export_checkpoint
+
+    _quiet_transformers()
+    path = export_checkpoint(model, merged, overwrite)
+    console.print(f"wrote a self-contained VISOR checkpoint to [bold]{path}[/]")
+
+
+@app.command()
 def train(
     model: Annotated[str | None, typer.Option("--model", "-m", help="base or VISOR checkpoint to start from")] = None,
     data: Annotated[str | None, typer.Option(help="LLaVA conversation .json or {image,question,answer} .jsonl")] = None,
@@ -345,6 +359,8 @@ def train_policy(
     lr: float = 3e-3,
     batch_size: int = 8,
     seed: int = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     overwrite: OverwriteOpt = False,
 ):
     """Label every sample with its cheapest good-enough budget and train the router for `--budget auto`."""
@@ -353,7 +369,7 @@ def train_policy(
 
     _quiet_transformers()
     cfg = PolicyTrainConfig(width=width, epochs=epochs, lr=lr, cost_weight=cost_weight, seed=seed)
-    result = run(model, data, images or data.parent, out, cfg, batch_size=batch_size, overwrite=overwrite)
+    result = run(model, data, images or data.parent, out, cfg, batch_size, overwrite, device, dtype)
     table = Table(title=f"budgets on {result['n_samples']} samples (score: exact match / answer likelihood)")
     for column in ["budget", "score", "mean prefill GFLOPs"]:
         table.add_column(column, justify="right")
@@ -403,6 +419,8 @@ def eval_command(
     limit: Annotated[int | None, typer.Option(help="only the first N records")] = None,
     out: Annotated[Path | None, typer.Option(help="write result.json and result.md here")] = None,
     overwrite: OverwriteOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ):
     """Accuracy (exact match, ANLS), FLOPs and time of one method on a data set."""
@@ -416,7 +434,7 @@ def eval_command(
     inputs = [model, data, images]
     if out is not None:  # refuse a bad --out before the evaluation, not after
         claim(out, "eval", RESULT_ENTRIES, inputs, overwrite, mark=False)
-    m = load(model)
+    m = load(model, dtype=dtype, device=device)
     setting.budget = m.parse_budget(budget) if method != "base" else "full"
     result = evaluate(m, data, images, setting, batch_size, max_new_tokens, limit)
     if result["n_skipped"]:
@@ -441,6 +459,8 @@ def compare(
     base: Annotated[
         Path | None, typer.Option(help="the checkpoint VISOR was trained from: the base and baselines run on it")
     ] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     overwrite: OverwriteOpt = False,
 ):
     """Sweep VISOR budgets and the baselines' knobs; write a table at matched FLOPs and a Pareto plot."""
@@ -451,8 +471,9 @@ def compare(
 
     _quiet_transformers()
     claim(out, "compare", COMPARE_ENTRIES, [model, data, images, base], overwrite, mark=False)  # before loading
-    base_model = load(base) if base is not None else None
-    result = run(load(model), data, out, images, None, batch_size, max_new_tokens, limit, base_model, overwrite)
+    base_model = load(base, dtype=dtype, device=device) if base is not None else None
+    model_ = load(model, dtype=dtype, device=device)
+    result = run(model_, data, out, images, None, batch_size, max_new_tokens, limit, base_model, overwrite)
     print(Path(result["report"]).read_text())
     console.print(f"plot: [bold]{result['plot']}[/]")
 

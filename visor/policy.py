@@ -109,7 +109,15 @@ REPORT_ENTRIES = ("final", "policy_report.json", "policy_report.md")
 
 
 def train_policy(
-    model_path, data, images, out, cfg: PolicyTrainConfig, batch_size: int = 8, overwrite: bool = False
+    model_path,
+    data,
+    images,
+    out,
+    cfg: PolicyTrainConfig,
+    batch_size: int = 8,
+    overwrite: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> dict:
     """Score every budget on (data, images), label, fit the router, save ``out/final`` and a report.
     ``out``: new, empty, or (``overwrite``) an earlier train-policy output of visor."""
@@ -125,7 +133,7 @@ def train_policy(
 
     checks.count("batch_size", batch_size, 1)
     claim(out, "train-policy", REPORT_ENTRIES, [model_path, data, images], overwrite)
-    model = load(model_path)
+    model = load(model_path, dtype=dtype, device=device)
     if not model.schedule.sa_candidates:
         raise ConfigError(f"{model_path}: the schedule has no SA candidate, so there is no budget to choose")
     budgets = list(range(len(model.schedule.sa_candidates) + 1))
@@ -181,7 +189,7 @@ def train_policy(
     )
     lm.policy = policy.to(bb.device)
     out = Path(out)
-    final = model.save(out / "final", overwrite=True)
+    final = model.save(out / "final", overwrite=True, adapter=True)  # the router is all that changed
     result = {
         "rows": rows,
         "labels": torch.bincount(labels, minlength=len(budgets)).tolist(),

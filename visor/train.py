@@ -268,8 +268,11 @@ def load_optimizer_state(trainee: nn.Module, optimizer, state: dict, fsdp: bool)
     set_optimizer_state_dict(trainee, optimizer, optim_state_dict=state["optimizer"], options=options)
 
 
-def save_checkpoint(out: Path, step: int, model: VisorModel, trainee, optimizer, scheduler, fsdp: bool, rank: int):
-    """checkpoints/step-N/{model/, state.pt}, written under a temporary name, then renamed."""
+def save_checkpoint(
+    out: Path, step: int, model: VisorModel, trainee, optimizer, scheduler, fsdp: bool, rank: int, adapter: bool
+):
+    """checkpoints/step-N/{model/, state.pt}, written under a temporary name, then renamed.
+    ``adapter``: the model as an adapter over its base (stage 1, where the base does not change)."""
     model_state, optim_state = full_states(trainee, optimizer, fsdp)
     if rank == 0:
         final = out / "checkpoints" / f"step-{step:07d}"
@@ -278,7 +281,7 @@ def save_checkpoint(out: Path, step: int, model: VisorModel, trainee, optimizer,
         try:
             with writing(final):
                 tmp.mkdir(parents=True)
-                model.save(tmp / "model", model_state)
+                model.save(tmp / "model", model_state, adapter=adapter)
                 state = {
                     "step": step,
                     "optimizer": optim_state,
@@ -323,7 +326,8 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.resume and resume_from is None:
         log.line("--resume: no checkpoint yet, starting from the beginning")
     torch.manual_seed(cfg.seed)
-    model = load(resume_from / "model" if resume_from else cfg.model, device=str(device))
+    start_from = resume_from / "model" if resume_from else cfg.model
+    model = load(start_from, dtype="float32", device=str(device))  # float32 master weights; autocast on CUDA
     model.lm.gradient_checkpointing = cfg.activation_checkpointing
     budgets = parse_budgets(cfg.budgets, model.schedule)
     if cfg.budget_weights and len(cfg.budget_weights) != len(budgets):
@@ -414,12 +418,12 @@ def train(cfg: TrainConfig) -> Path:
         bar.set_postfix(loss=f"{step_loss:.4f}", budget=budget, tok_s=f"{tokens_done / elapsed:.0f}")
         bar.update(1)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(out, step + 1, model, trainee, optimizer, scheduler, fsdp, rank)
+            save_checkpoint(out, step + 1, model, trainee, optimizer, scheduler, fsdp, rank, cfg.stage == 1)
     bar.close()
     final = out / "final"
     model_state, _ = full_states(trainee, optimizer, fsdp)
     if rank == 0:
-        model.save(final, model_state, overwrite=True)
+        model.save(final, model_state, overwrite=True, adapter=cfg.stage == 1)  # stage 1: the base is unchanged
         drop_aside(out)  # the run --overwrite replaced, kept until now
     log.summary(budgets)
     if world > 1:
