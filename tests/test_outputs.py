@@ -87,7 +87,7 @@ def tree(path: Path) -> dict:
 
 
 def scratch(parent: Path) -> list[str]:
-    return [p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    return [p.name for p in parent.iterdir() if ".visor-tmp-" in p.name or ".visor-old-" in p.name]
 
 
 @pytest.fixture
@@ -107,9 +107,9 @@ def project(tmp_path, checkpoints):
 @pytest.mark.parametrize(
     "event, needle, nth, replaced",
     [
-        ("open", ".v1.tmp-", 4, False),  # while the new checkpoint is being written beside v1
+        ("open", ".v1.visor-tmp-", 4, False),  # while the new checkpoint is being written beside v1
         ("ctypes.dlsym", "renameat2", 1, False),  # complete, just before the swap
-        ("shutil.rmtree", ".v1.tmp-", 2, True),  # swapped in, the previous one not yet deleted
+        ("shutil.rmtree", ".v1.visor-tmp-", 2, True),  # swapped in, the previous one not yet deleted
     ],
 )
 def test_convert_killed_mid_write_keeps_a_whole_checkpoint(project, event, needle, nth, replaced):
@@ -136,10 +136,10 @@ def test_convert_on_a_full_disk_keeps_the_previous_checkpoint(project):
 
 def test_swap_cut_between_its_two_renames_is_put_back(project):
     """Where no atomic exchange exists, a swap is two renames; a kill between them leaves the
-    previous output at .NAME.old-PID, and the next command writing there puts it back first."""
+    previous output at .NAME.visor-old-PID, and the next command writing there puts it back first."""
     root, base, first = project
     before = tree(first)
-    stale = root / ".v1.old-999999999"  # a pid that can't be alive
+    stale = root / ".v1.visor-old-999999999"  # a pid that can't be alive
     first.rename(stale)
     with pytest.raises(visor.OutputError, match="pass --overwrite"):
         visor.convert(base, first)
@@ -159,12 +159,12 @@ def test_overwrite_replaces_only_what_visor_wrote(project):
 
 
 def test_leftovers_are_removed_only_when_they_are_ours(tmp_path):
-    ours = tmp_path / ".out.tmp-999999999"
+    ours = tmp_path / ".out.visor-tmp-999999999"
     ours.mkdir()
     (ours / MARKER).write_text(json.dumps({"command": "checkpoint", "entries": []}))
-    theirs = tmp_path / ".out.tmp-888888888"  # the same kind of name, but no marker: not ours
+    theirs = tmp_path / ".out.visor-tmp-888888888"  # the same kind of name, but no marker: not ours
     theirs.mkdir()
-    alive = tmp_path / f".out.tmp-{os.getppid()}"  # a running process's: not stale
+    alive = tmp_path / f".out.visor-tmp-{os.getppid()}"  # a running process's: not stale
     alive.mkdir()
     (alive / MARKER).write_text(json.dumps({"command": "checkpoint", "entries": []}))
     write_dir(tmp_path / "out", "checkpoint", lambda tmp: (tmp / "a.txt").write_text("a"))
@@ -213,7 +213,7 @@ def test_data_make_killed_while_rendering_keeps_the_previous_set(tmp_path):
     cmd = [sys.executable, "-m", "visor.cli", *map(str, DATA), "--train", "400", "--out", str(out), "--overwrite"]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 120
-    while not list(tmp_path.glob(".data.tmp-*/images/train/*.png")):
+    while not list(tmp_path.glob(".data.visor-tmp-*/images/train/*.png")):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # the command and its rendering workers
@@ -233,11 +233,13 @@ def test_eval_killed_while_writing_its_result_keeps_the_previous_one(tmp_path, c
     out = tmp_path / "eval"
     assert cli(*eval_args(checkpoints, dataset, out)) == 0
     before = tree(out)
-    killed_at("open", ".result.json.tmp-", 1, *eval_args(checkpoints, dataset, out, "--overwrite", "--method", "base"))
+    killed_at(
+        "open", ".result.json.visor-tmp-", 1, *eval_args(checkpoints, dataset, out, "--overwrite", "--method", "base")
+    )
     assert tree(out) == before and json.loads((out / "result.json").read_text())["method"] == "visor"
     assert cli(*eval_args(checkpoints, dataset, out, "--overwrite", "--method", "base")) == 0
     assert json.loads((out / "result.json").read_text())["method"] == "base"
-    assert [p.name for p in out.iterdir() if ".tmp-" in p.name] == []  # the killed run's temporary is gone
+    assert [p.name for p in out.iterdir() if ".visor-tmp-" in p.name] == []  # the killed run's temporary is gone
 
 
 def test_eval_on_a_full_disk_keeps_the_previous_result(tmp_path, checkpoints, dataset):
@@ -246,7 +248,7 @@ def test_eval_on_a_full_disk_keeps_the_previous_result(tmp_path, checkpoints, da
     before = tree(out)
     done = on_a_full_disk(1_000, *eval_args(checkpoints, dataset, out, "--overwrite"))
     assert done.returncode == 2 and "error: cannot write" in done.stderr and "the disk is full" in done.stderr
-    assert tree(out) == before and [p.name for p in out.iterdir() if ".tmp-" in p.name] == []
+    assert tree(out) == before and [p.name for p in out.iterdir() if ".visor-tmp-" in p.name] == []
 
 
 def test_eval_says_how_many_records_it_left_out(tmp_path, checkpoints, dataset, capsys):
@@ -280,7 +282,7 @@ def steps(run: Path) -> list[int]:
 def test_train_killed_while_checkpointing_resumes_as_one_run(tmp_path, checkpoints, dataset):
     reference, run = tmp_path / "reference", tmp_path / "run"
     assert cli(*train_args(checkpoints, dataset, reference)) == 0
-    killed_at("os.rename", ".step-0000004.tmp-", 1, *train_args(checkpoints, dataset, run))  # step 4's, complete
+    killed_at("os.rename", ".step-0000004.visor-tmp-", 1, *train_args(checkpoints, dataset, run))  # step 4's, complete
     assert [p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-0000002"]
     assert not (run / "final").exists()
     with open(run / "metrics.jsonl", "a") as f:
@@ -302,8 +304,10 @@ def test_train_overwrite_keeps_the_earlier_run_until_the_new_one_ends(tmp_path, 
     run = tmp_path / "run"
     assert cli(*train_args(checkpoints, dataset, run)) == 0
     final = tree(run / "final")
-    killed_at("os.rename", ".step-0000002.tmp-", 1, *train_args(checkpoints, dataset, run, "--overwrite", "--seed", 1))
-    kept = [p for p in run.iterdir() if p.name.startswith(".old-")]
+    killed_at(
+        "os.rename", ".step-0000002.visor-tmp-", 1, *train_args(checkpoints, dataset, run, "--overwrite", "--seed", 1)
+    )
+    kept = [p for p in run.iterdir() if p.name.startswith(".visor-old-")]
     assert len(kept) == 1 and tree(kept[0] / "final") == final  # the earlier run, set aside, whole
     assert cli(*train_args(checkpoints, dataset, run, "--resume", "--seed", 1)) == 0  # the new run, from its start
     assert steps(run) == [1, 2, 3, 4, 5, 6] and not kept[0].exists()
@@ -321,3 +325,53 @@ def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):
     expected = np.rint(ramp / 257.0)
     assert rgb.shape == (64, 64, 3) and np.abs(rgb[..., 0] - expected).max() <= 1
     assert 120 < rgb.mean() < 136  # a ramp: mid-grey on average, not 99% white
+
+
+# ---- names and paths a user might have ----------------------------------------------------------------
+
+
+def test_a_users_hidden_files_are_content_not_our_temporaries(tmp_path):
+    """Names that look like ours but are not (no pid, no marker, another tag) count as the user's."""
+    for name in [".old-runs", ".notes.old-2023", ".draft.tmp-99999", ".x.visor-old-abc"]:
+        folder = tmp_path / name.strip(".")
+        folder.mkdir()
+        (folder / name).write_text("mine")
+        with pytest.raises(visor.OutputError, match="visor did not write it"):
+            write_dir(folder, "data make", lambda tmp: (tmp / "a.txt").write_text("a"))
+        assert (folder / name).read_text() == "mine"
+
+
+def test_out_as_a_link_or_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(visor.OutputError, match="is a symbolic link"):
+        write_dir(tmp_path / "link", "data make", lambda tmp: (tmp / "a.txt").write_text("a"))
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    write_dir(".", "data make", lambda tmp: (tmp / "a.txt").write_text("a"))  # an empty current directory
+    assert (tmp_path / "here" / "a.txt").read_text() == "a" and scratch(tmp_path) == []
+
+
+def test_image_paths_may_not_leave_the_current_directory_either(tmp_path, monkeypatch):
+    (tmp_path / "inside").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    (tmp_path / "inside" / "d.jsonl").write_text(
+        json.dumps({"image": "../outside.png", "question": "q", "answer": "a"})
+    )
+    monkeypatch.chdir(tmp_path / "inside")
+    from visor.data import read_records
+
+    with pytest.raises(visor.InputError, match="lies outside the images directory"):
+        read_records("d.jsonl", ".")
+
+
+def test_overwrite_that_fails_its_checks_leaves_the_earlier_run_in_place(tmp_path, checkpoints, dataset, monkeypatch):
+    run = tmp_path / "run"
+    assert cli(*train_args(checkpoints, dataset, run, "--steps", 1, "--save-every", 0)) == 0
+    before = tree(run)
+    assert cli(*train_args(checkpoints, dataset, run, "--overwrite", "--budgets", "0-9")) == 2  # no budget 9
+    assert tree(run) == before and [p.name for p in run.iterdir() if p.name.startswith(".visor-old")] == []
+    monkeypatch.chdir(tmp_path)  # the same run, its paths spelt another way
+    args = train_args(checkpoints, dataset, "./run", "--steps", 1, "--save-every", 0, "--resume")
+    assert cli(*args) == 0 and tree(run) == before  # complete already

@@ -209,8 +209,6 @@ def bench(
 
     _quiet_transformers()
     if out is not None:  # refuse a bad --out before minutes of benchmarking
-        from .outputs import claim
-
         claim(out, "bench", ["bench.json"], [model, config], overwrite, mark=False)
     if arch != "llava-onevision" and config is None and model is None:
         raise ConfigError(f"no built-in sizes for {arch}: pass --config config.json or --model DIR")

@@ -73,7 +73,7 @@ def _parse(item, images_dir: Path) -> Record | str:
         return "the conversation must start with a user turn"
     paths = [images_dir / n for n in names]
     for n, p in zip(names, paths):
-        if not Path(os.path.normpath(p)).is_relative_to(os.path.normpath(images_dir)):
+        if not Path(os.path.abspath(p)).is_relative_to(os.path.abspath(images_dir)):
             raise InputError(
                 f"image {n!r} lies outside the images directory {images_dir}; "
                 "image paths must be relative to --images (point --images at a directory that holds them)"

@@ -21,7 +21,9 @@ import ctypes
 import errno
 import json
 import os
+import re
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,9 +46,14 @@ def _write_marker(path: Path, command: str, entries: Iterable[str]) -> None:
     atomic_write(path / MARKER, json.dumps({"command": command, "entries": sorted(set(entries))}) + "\n")
 
 
+TEMPORARY = re.compile(r"\..+\.visor-tmp-(\d+)")  # .NAME.visor-tmp-PID: a file or directory being written
+SWAPPED_OUT = re.compile(r"\..+\.visor-old-(\d+)")  # .NAME.visor-old-PID: a previous output between two renames
+SET_ASIDE = re.compile(r"\.visor-old-[a-z0-9_]{8}")  # OUT/.visor-old-XXXXXXXX: an earlier run kept until the new one ends
+
+
 def _is_scratch(name: str) -> bool:
-    """Temporary names of ours (``.NAME.tmp-PID...``, ``.NAME.old-PID...``) and the marker."""
-    return name == MARKER or (name.startswith(".") and (".tmp-" in name or ".old-" in name))
+    """The marker and the temporary names of ours; anything else in a directory is content."""
+    return name == MARKER or any(p.fullmatch(name) for p in (TEMPORARY, SWAPPED_OUT, SET_ASIDE))
 
 
 def claim(
@@ -58,13 +65,13 @@ def claim(
     resume: bool = False,
     mark: bool = True,
 ) -> Path:
-    """Check that ``command`` may write ``entries`` into ``out`` and (``mark``) mark it ours.
-    ``resume``: an earlier output of the same command is continued, not an error."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is a file; give a directory")
+    """Check that ``command`` may write ``entries`` into ``out`` and (``mark``) mark it ours; with
+    ``mark=False`` only check, changing nothing. ``resume``: an earlier output of the same command
+    is continued, not an error."""
+    out = _plain(out)
     check_not_input(out, inputs)
-    present = sorted(p.name for p in out.iterdir() if not _is_scratch(p.name)) if out.is_dir() else []
+    with writing(out):
+        present = sorted(p.name for p in out.iterdir() if not _is_scratch(p.name)) if out.is_dir() else []
     marker = read_marker(out)
     if marker is None and present:
         shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
@@ -85,13 +92,24 @@ def claim(
                 f"--out {out} holds files visor did not write ({', '.join(foreign[:3])}); "
                 "move them away before --overwrite, or choose another directory"
             )
-    _clean_scratch(out)
     if not mark:
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    kept = set(marker["entries"]) if marker and resume else set()
-    _write_marker(out, command, kept | set(entries))
+    with writing(out):
+        _clean_scratch(out)
+        out.mkdir(parents=True, exist_ok=True)
+        kept = set(marker["entries"]) if marker and resume else set()
+        _write_marker(out, command, kept | set(entries))
     return out
+
+
+def _plain(out: str | Path) -> Path:
+    """--out as an absolute path; a link or a file there is refused (we replace directories)."""
+    given = Path(out)
+    if given.is_symlink():
+        raise OutputError(f"--out {out} is a symbolic link; give the directory itself ({given.resolve()})")
+    if given.exists() and not given.is_dir():
+        raise OutputError(f"--out {out} is a file; give a directory")
+    return Path(os.path.abspath(given))
 
 
 def _what(command: str, which: str = "the") -> str:
@@ -121,16 +139,15 @@ def write_dir(
 ) -> Path:
     """Build a whole directory (a checkpoint, a data set) with ``build(tmp)`` beside ``out``, then
     swap it in: until the swap ``out`` holds its previous content, after it the complete new one."""
-    out = Path(out)
-    _clean_scratch(out)
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()  # an empty directory (made for us): nothing to keep
-    claim(out, command, (), inputs, overwrite, mark=False) if out.exists() else check_not_input(out, inputs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    out = _plain(out)
+    with writing(out):
+        _clean_scratch(out)  # first: a previous output a kill left between two renames is put back
+    claim(out, command, (), inputs, overwrite, mark=False)
+    tmp = out.parent / f".{out.name}.visor-tmp-{os.getpid()}"
     try:
         with writing(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             _write_marker(tmp, command, ())  # a leftover of a killed run is recognisably ours
             build(tmp)
@@ -143,15 +160,16 @@ def write_dir(
 
 
 def _swap_in(new: Path, out: Path) -> None:
+    """Put ``new`` at ``out``; past the swap nothing can fail (tidying is best effort)."""
     if not out.exists():
         os.rename(new, out)
     else:
         if not _exchange(new, out):  # no atomic exchange here: two renames, the old copy kept meanwhile
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            old = out.parent / f".{out.name}.visor-old-{os.getpid()}"
             os.rename(out, old)
             os.rename(new, out)
             new = old
-        shutil.rmtree(new)  # the previous content
+        shutil.rmtree(new, ignore_errors=True)  # the previous content
     _fsync_dir(out.parent)
 
 
@@ -174,7 +192,7 @@ def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], object])
     """Write a file under a temporary name and rename it over ``path``. ``data``: text, bytes,
     or a function that writes the file it is given (a plot, a torch.save)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.visor-tmp-{os.getpid()}")
     try:
         with writing(path):
             if callable(data):
@@ -209,50 +227,57 @@ def writing(target: Path):
         raise OutputError(f"cannot write {target}: the disk is full; the previous content is unchanged") from None
 
 
-def set_aside(out: Path, names: Iterable[str]) -> Path | None:
-    """Move earlier entries of ours into OUT/.old-PID (deleted by ``drop_aside`` once the new
+def set_aside(out: Path, command: str, names: Iterable[str]) -> Path | None:
+    """Move earlier entries of ours into OUT/.visor-old-XXXXXXXX (deleted by ``drop_aside`` once the new
     output is complete): starting again never destroys the previous good output first."""
     names = [n for n in names if (out / n).exists()]
     if not names:
         return None
-    aside = out / f".old-{os.getpid()}"
-    aside.mkdir()
-    for name in names:
-        os.rename(out / name, aside / name)
+    with writing(out):
+        aside = Path(tempfile.mkdtemp(prefix=".visor-old-", dir=out))
+        _write_marker(aside, command, names)
+        for name in names:
+            os.rename(out / name, aside / name)
     return aside
 
 
 def drop_aside(out: Path) -> None:
-    for path in Path(out).glob(".old-*"):
-        shutil.rmtree(path, ignore_errors=True)
+    """Delete what ``set_aside`` kept (only directories of that name holding our marker)."""
+    for path in Path(out).iterdir():
+        if SET_ASIDE.fullmatch(path.name) and path.is_dir() and read_marker(path) is not None:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _clean_scratch(out: Path) -> None:
     """Tidy what killed runs of ours left beside ``out`` (temporary directories; a previous
     output caught between the two renames of a swap is put back) and inside it (temporary files)."""
+    if not out.parent.is_dir():
+        return
     stale = []
-    for path in sorted(out.parent.glob(f".{out.name}.old-*")) + sorted(out.parent.glob(f".{out.name}.tmp-*")):
-        if path.is_dir() and read_marker(path) is not None and not _alive(path.name.rsplit("-", 1)[-1]):
-            if ".old-" in path.name and not out.exists():
+    for path in sorted(out.parent.iterdir()):
+        left = SWAPPED_OUT.fullmatch(path.name) or TEMPORARY.fullmatch(path.name)
+        if not left or path.name.rsplit(".", 1)[0] != f".{out.name}" or _alive(left[1]):
+            continue
+        if path.is_dir() and read_marker(path) is not None:
+            if SWAPPED_OUT.fullmatch(path.name) and not out.exists():
                 os.rename(path, out)
             else:
                 stale.append(path)
     for path in stale:
-        shutil.rmtree(path)
+        shutil.rmtree(path, ignore_errors=True)
     if out.is_dir() and read_marker(out) is not None:
         remove_stale(out)
 
 
 def remove_stale(directory: Path) -> None:
-    """Delete the temporaries (``.NAME.tmp-PID``) that killed runs left in a directory of ours."""
-    for path in Path(directory).glob(".*.tmp-*"):
-        if not _alive(path.name.rsplit("-", 1)[-1]):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    """Delete the temporaries (``.NAME.visor-tmp-PID``) that killed runs left in a directory of ours."""
+    for path in Path(directory).iterdir():
+        left = TEMPORARY.fullmatch(path.name)
+        if left and not _alive(left[1]):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _alive(pid: str) -> bool:
-    if not pid.isdigit():
-        return True  # not a name of ours: leave it alone
     pid = int(pid)
     if pid == os.getpid():
         return False  # our own leftovers (an earlier call in this process) are stale too

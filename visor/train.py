@@ -276,7 +276,7 @@ def save_checkpoint(
     model_state, optim_state = full_states(trainee, optimizer, fsdp)
     if rank == 0:
         final = out / "checkpoints" / f"step-{step:07d}"
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        tmp = final.with_name(f".{final.name}.visor-tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             with writing(final):
@@ -342,6 +342,8 @@ def train(cfg: TrainConfig) -> Path:
     tokenized = [tokenize(model.backbone, r) for r in records]
     per_step = cfg.batch_size * world * cfg.grad_accum
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(records) / per_step))
+    start_run(out, cfg, rank)  # every check passed: only now is anything in `out` written or moved
+    log.open()
     if rank == 0:
         atomic_write(out / "config.yaml", yaml.safe_dump(asdict(cfg) | {"total_steps": total_steps, "world": world}))
 
@@ -432,39 +434,49 @@ def train(cfg: TrainConfig) -> Path:
 
 
 RUN_ENTRIES = ("checkpoints", "final", "metrics.jsonl", "train.log", "config.yaml")
-RESUMABLE = {"resume", "overwrite", "device"}  # the settings a resumed run may change
+RESUMABLE = {"resume", "overwrite", "device", "out"}  # the settings a resumed run may change
 
 
 def claim_run(cfg: TrainConfig, rank: int) -> Path:
-    """The run directory, checked on every rank before rank 0 changes anything: new or empty, or
-    an earlier run of ours continued (``--resume``: with the same settings) or set aside (``--overwrite``)."""
+    """The run directory, checked (read only, on every rank): new or empty, or an earlier run of
+    ours to continue (``--resume``: with the same settings) or to start again (``--overwrite``)."""
     out = Path(cfg.out)
-    inputs = [cfg.model, cfg.data, cfg.images]
-    claim(out, "train", RUN_ENTRIES, inputs, cfg.overwrite, cfg.resume, mark=False)
+    claim(out, "train", RUN_ENTRIES, [cfg.model, cfg.data, cfg.images], cfg.overwrite, cfg.resume, mark=False)
     if cfg.resume and (out / "config.yaml").is_file():
         try:
             before = yaml.safe_load((out / "config.yaml").read_text())
         except yaml.YAMLError:
             before = None
         if isinstance(before, dict):
-            changed = [k for k, v in asdict(cfg).items() if k not in RESUMABLE and k in before and before[k] != v]
+            now = _comparable(asdict(cfg))
+            before = _comparable(before)
+            changed = [k for k, v in now.items() if k not in RESUMABLE and k in before and before[k] != v]
             if changed:
-                shown = ", ".join(f"{k}: {before[k]!r} -> {getattr(cfg, k)!r}" for k in changed[:4])
+                shown = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed[:4])
                 raise ConfigError(
                     f"--resume needs the settings of the run in {out}; changed: {shown}. "
                     "Start a new run with --overwrite or another --out"
                 )
-    if dist.is_initialized():
-        dist.barrier()  # every rank has checked before anything moves
+    return out
+
+
+def _comparable(settings: dict) -> dict:
+    """Settings with paths made absolute, so `runs/s1` and `./runs/s1` are the same run."""
+    paths = ("model", "data", "images")
+    return {k: os.path.abspath(v) if k in paths and isinstance(v, str) and v else v for k, v in settings.items()}
+
+
+def start_run(out: Path, cfg: TrainConfig, rank: int) -> None:
+    """Rank 0 marks `out` ours and sets an earlier run aside (``--overwrite``; deleted when this
+    run's final model is written) or tidies what a kill left (``--resume``)."""
     if rank == 0:
-        claim(out, "train", RUN_ENTRIES, inputs, cfg.overwrite, cfg.resume)
+        claim(out, "train", RUN_ENTRIES, [cfg.model, cfg.data, cfg.images], cfg.overwrite, cfg.resume)
         if cfg.overwrite:
-            set_aside(out, RUN_ENTRIES)
+            set_aside(out, "train", RUN_ENTRIES)
         elif (out / "checkpoints").is_dir():
             remove_stale(out / "checkpoints")  # a checkpoint a kill left unfinished
     if dist.is_initialized():
         dist.barrier()
-    return out
 
 
 def _images(record: Record, log: _Log) -> list | None:
@@ -502,15 +514,24 @@ class _Log:
     def __init__(self, out: Path, rank: int):
         self.out, self.rank = out, rank
         self.by_budget: dict = {}
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
+        self.pending: list[str] | None = []  # lines said before the run may write (see open)
+
+    def open(self) -> None:
+        """From now on lines go to train.log (with those said before)."""
+        lines, self.pending = self.pending, None
+        for text in lines:
+            self.line(text, echo=False)
 
     def line(self, text: str, echo: bool = True) -> None:
-        if self.rank == 0:
+        if self.rank != 0:
+            return
+        if self.pending is not None:
+            self.pending.append(text)
+        else:
             with open(self.out / "train.log", "a") as f:
                 f.write(text + "\n")
-            if echo:
-                print(text, file=sys.stderr)
+        if echo:
+            print(text, file=sys.stderr)
 
     def warn(self, text: str) -> None:
         self.line(f"warning: {text}")
