@@ -48,7 +48,7 @@ def _write_marker(path: Path, command: str, entries: Iterable[str]) -> None:
 
 TEMPORARY = re.compile(r"\..+\.visor-tmp-(\d+)")  # .NAME.visor-tmp-PID: a file or directory being written
 SWAPPED_OUT = re.compile(r"\..+\.visor-old-(\d+)")  # .NAME.visor-old-PID: a previous output between two renames
-SET_ASIDE = re.compile(r"\.visor-old-[a-z0-9_]{8}")  # OUT/.visor-old-XXXXXXXX: an earlier run kept until the new one ends
+SET_ASIDE = re.compile(r"\.visor-old-[a-z0-9_]{8}")  # OUT/.visor-old-XXXXXXXX: an earlier run, kept
 
 
 def _is_scratch(name: str) -> bool:
