@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 VISOR = [str(Path(sys.executable).with_name("visor"))]  # the console script of this environment
 
@@ -112,3 +113,47 @@ def test_data_make_and_eval(tmp_path, checkpoints):
     )
     assert out["method"] == "pdrop" and out["summary"]["overall"]["n"] == 9
     assert set(out["summary"]["family"]) == {"hard", "easy"}
+
+
+def test_every_model_command_honours_device_and_dtype(tmp_path, checkpoints, dataset):
+    """bfloat16 on the CPU through eval, compare, train-policy and generate; results say what ran."""
+    model, data = checkpoints["llava-onevision"], ["--data", dataset / "train.jsonl", "--images", dataset / "img"]
+    bf16 = ["--device", "cpu", "--dtype", "bfloat16"]
+    visor_cli("eval", "--model", model, *data, "--limit", 2, "--max-new-tokens", 2, "--out", tmp_path / "e", *bf16)
+    result = json.loads((tmp_path / "e" / "result.json").read_text())
+    assert (result["device"], result["dtype"]) == ("cpu", "bfloat16")
+    visor_cli("train-policy", "--model", model, *data, "--epochs", 2, "--out", tmp_path / "p", *bf16)
+    report = json.loads((tmp_path / "p" / "policy_report.json").read_text())
+    assert report["dtype"] == "bfloat16"
+    visor_cli("compare", "--model", tmp_path / "p" / "final", *data, "--limit", 1, "--max-new-tokens", 2,
+              "--out", tmp_path / "c", *bf16)  # fmt: skip
+    assert {r["dtype"] for r in json.loads((tmp_path / "c" / "results.json").read_text())["results"]} == {"bfloat16"}
+    out = json.loads(visor_cli("generate", "--model", model, "--prompt", "Hi", "--max-new-tokens", 2, "--json", *bf16))
+    assert len(out["token_ids"]) <= 2
+    import visor
+
+    loaded = visor.load(model, dtype="bfloat16", device="cpu")
+    assert loaded.lm.lm_head.weight.dtype == torch.bfloat16 and loaded.backbone.device.type == "cpu"
+
+
+def test_flops_counts_the_tokens_of_an_image(checkpoints, images):
+    model = checkpoints["llava-onevision"]
+    counted = json.loads(visor_cli("flops", "--model", model, "--image", images[1], "--prompt", "What?", "--json"))
+    out = json.loads(visor_cli("generate", "--model", model, "--image", images[1], "--prompt", "What?", "--json"))
+    given = json.loads(
+        visor_cli(
+            "flops", "--model", model, "--visual-tokens", out["n_visual"], "--text-tokens", out["n_text"], "--json"
+        )
+    )
+    assert counted["prefill"] == given["prefill"] == out["flops"]["prefill"]  # vision crops counted alike
+    assert counted["lm_prefill"] == out["flops"]["lm_prefill"]
+
+
+def test_default_budget_is_the_cheap_one_on_a_visor_checkpoint(checkpoints, tmp_path, images):
+    import visor
+
+    assert visor.load(checkpoints["llava"]).default_budget == "full"  # a base checkpoint: the base model
+    converted = visor.load(visor.convert(checkpoints["llava"], tmp_path / "v"))
+    assert converted.default_budget == 2 and converted.generate(images[0], "Hi", max_new_tokens=1).budget == 2
+    out = json.loads(visor_cli("generate", "--model", tmp_path / "v", "--image", images[0], "--prompt", "Hi", "--json"))
+    assert out["budget"] == 2

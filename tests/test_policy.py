@@ -74,6 +74,7 @@ def test_policy_round_trip_and_missing_policy(routed, images, tmp_path):
     model, chosen = routed
     model.save(tmp_path / "ckpt")
     again = visor.load(tmp_path / "ckpt")
+    assert again.default_budget == "auto"  # a checkpoint with a policy routes unless told otherwise
     assert [again.generate(im, "What is shown?", budget="auto", max_new_tokens=1).budget for im in images] == chosen
     base = visor.load(model.backbone.path)
     with pytest.raises(visor.ConfigError, match="needs a trained policy"):
@@ -90,3 +91,4 @@ def test_train_policy_end_to_end(checkpoints, dataset, tmp_path):
     assert (tmp_path / "policy_report.md").is_file()
     model = visor.load(tmp_path / "final")
     assert model.lm.policy is not None and model.lm.policy.config["n_budgets"] == 3
+    assert not (tmp_path / "final" / "model.safetensors").exists()  # an adapter: the router is all that is new

@@ -40,12 +40,15 @@ def test_stage1_trains_only_cross_attention(checkpoints, dataset, tmp_path):
     assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)  # bit-identical base
     ca_before, ca_after = before.lm.visor_state_dict(), after.lm.visor_state_dict()
     assert all(not torch.equal(ca_before[k], ca_after[k]) for k in ca_before if k.endswith("gate"))
+    assert not (final / "model.safetensors").exists()  # stage 1 writes an adapter over its unchanged base
+    assert after.backbone.weights_path == checkpoints["llava-onevision"]
 
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_loss_decreases_on_a_tiny_overfit_set(checkpoints, dataset, tmp_path, stage):
     run = tmp_path / f"s{stage}"
     train(config(checkpoints, dataset, run, stage=stage, steps=30, budgets="1", lr=1e-2 if stage == 1 else 3e-3))
+    assert (run / "final" / "model.safetensors").exists() == (stage == 2)  # stage 2 changes the base: full weights
     curve = losses(run)
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
     # stage 1 moves only the CA modules of a random model: a clear drop; stage 2 fits the set

@@ -34,8 +34,9 @@ class Generation:
 
 
 class VisorModel:
-    def __init__(self, backbone: Backbone, schedule: Schedule):
+    def __init__(self, backbone: Backbone, schedule: Schedule, is_visor: bool = False):
         self.backbone, self.schedule = backbone, schedule
+        self.is_visor = is_visor  # loaded from a VISOR checkpoint (trained CA layers), not a base one
         self.lm = VisorLM(backbone.hf, schedule)
 
     @property
@@ -51,7 +52,7 @@ class VisorModel:
         self,
         images,
         prompts: str | list[str],
-        budget: Budget | str = "full",
+        budget: Budget | str | None = None,
         max_new_tokens: int = 32,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -63,7 +64,8 @@ class VisorModel:
         """Answer one prompt (str; images = a path/PIL image or a list of them) or a batch of
         prompts (list; images = one entry per prompt, each an image or a list of images).
         ``decode``: how decode steps run, "dynamic", "static", "graph" (CUDA graphs), "compile" or
-        "compile-graph" (see ``visor.generate.Decoder``); the tokens are the same."""
+        "compile-graph" (see ``visor.generate.Decoder``); the tokens are the same. ``budget``: 0..n,
+        "full" (the base model), "auto" (the policy); None: ``default_budget``."""
         cfg = GenerationConfig(max_new_tokens, temperature, top_p, seed, decode=decode)
         budget = self.parse_budget(budget)
         single = isinstance(prompts, str)
@@ -99,8 +101,20 @@ class VisorModel:
             results.append(Generation(text, ids, budget, n_visual, n_text, flops))
         return results[0] if single else results
 
-    def parse_budget(self, budget: Budget | str) -> Budget | str:
-        """A schedule budget, or "auto" when this checkpoint has a trained policy."""
+    @property
+    def default_budget(self) -> Budget | str:
+        """What no budget means: on a VISOR checkpoint the policy ("auto") where it has one, else the
+        largest budget (every SA candidate active, CA layers too); on a base checkpoint "full"."""
+        if not self.is_visor:
+            return "full"
+        if self.lm.policy is not None and self.schedule.sa_candidates:
+            return "auto"
+        return len(self.schedule.sa_candidates)
+
+    def parse_budget(self, budget: Budget | str | None) -> Budget | str:
+        """A schedule budget, or "auto" when this checkpoint has a trained policy; None: the default."""
+        if budget is None:
+            return self.default_budget
         if isinstance(budget, str) and budget.strip().lower() == "auto":
             if not self.schedule.sa_candidates:
                 raise ConfigError("budget 'auto' chooses among SA layers, and this schedule has none")
@@ -169,7 +183,7 @@ def load(
         raise CheckpointError(
             f"the base {weights} is not the model {path} was made from: {_shape(read_config(weights))}"
         )
-    model = VisorModel(Backbone(path, dtype, device, attn_implementation, weights), schedule)
+    model = VisorModel(Backbone(path, dtype, device, attn_implementation, weights), schedule, meta is not None)
     if meta is not None and meta.get("policy"):
         p = meta["policy"]
         policy = Policy(model.lm.cfg.hidden, p["n_budgets"], p["width"], p["cost_weight"])
@@ -181,7 +195,7 @@ def load(
 
 def _shape(config) -> dict:
     keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
-    return {k: getattr(config.text_config, k, None) for k in keys}
+    return {"model_type": config.model_type} | {k: getattr(config.text_config, k, None) for k in keys}
 
 
 def convert(

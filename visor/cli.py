@@ -28,7 +28,13 @@ ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="checkpoint direct
 ScheduleOpt = Annotated[
     str | None, typer.Option(help="layer roles for a base checkpoint: JSON/YAML file or 'sa,ca,text,...'")
 ]
-BudgetOpt = Annotated[str, typer.Option(help="active SA layers: 0..n, 'full' (the base model), 'auto' (policy)")]
+BudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="active SA layers: 0..n, 'full' (the base model), 'auto' (policy); default: on a VISOR checkpoint "
+        "'auto' with a policy, else n (every SA layer), on a base checkpoint 'full'"
+    ),
+]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="replace an earlier output of this command at --out (never other files)")
 ]
@@ -83,7 +89,7 @@ def generate(
     model: ModelOpt,
     prompt: Annotated[str, typer.Option(help="the question; it is wrapped in the checkpoint's chat template")],
     image: Annotated[list[Path], typer.Option(help="an image file; repeat for several images")] = [],  # noqa: B006
-    budget: BudgetOpt = "full",
+    budget: BudgetOpt = None,
     max_new_tokens: int = 32,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
     top_p: float = 1.0,
@@ -123,11 +129,15 @@ def generate(
 
 @app.command()
 def flops(
-    visual_tokens: Annotated[int, typer.Option(help="image tokens in the prompt")],
-    text_tokens: Annotated[int, typer.Option(help="text tokens in the prompt")],
+    visual_tokens: Annotated[int | None, typer.Option(help="image tokens in the prompt (or give --image)")] = None,
+    text_tokens: Annotated[int | None, typer.Option(help="text tokens in the prompt (or give --image)")] = None,
+    image: Annotated[
+        list[Path], typer.Option(help="count the tokens of these images and --prompt (needs --model)")
+    ] = [],  # noqa: B006
+    prompt: Annotated[str, typer.Option(help="with --image: the question")] = "Describe the image.",
     model: Annotated[Path | None, typer.Option("--model", "-m", help="checkpoint directory")] = None,
     config: Annotated[Path | None, typer.Option(help="config.json only: no weights needed")] = None,
-    budget: BudgetOpt = "full",
+    budget: Annotated[str, typer.Option(help="active SA layers: 0..n, 'full' (the base model)")] = "full",
     crops: Annotated[int | None, typer.Option(help="crops the vision tower encodes (default: from tokens)")] = None,
     schedule: ScheduleOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
@@ -140,6 +150,10 @@ def flops(
 
     if (model is None) == (config is None):
         raise ConfigError("give exactly one of --model DIR or --config config.json")
+    if image:
+        visual_tokens, text_tokens, crops = _count_tokens(model, image, prompt, visual_tokens, text_tokens, crops)
+    elif visual_tokens is None or text_tokens is None:
+        raise ConfigError("give --visual-tokens and --text-tokens, or --image (with --model) to count them")
     hf_config = read_config(model or config)
     n_layers = hf_config.text_config.num_hidden_layers
     meta = read_visor_json(model) if model is not None else None
@@ -176,6 +190,20 @@ def flops(
         ]
         budgets.add_row(*row)
     console.print(budgets)
+
+
+def _count_tokens(model, images, prompt, visual_tokens, text_tokens, crops) -> tuple[int, int, int]:
+    """Visual and text tokens (and tower crops) of one prompt with its images, as generate builds it."""
+    from .api import load
+
+    if model is None:
+        raise ConfigError("--image needs --model: its tokenizer and vision path count the tokens")
+    if visual_tokens is not None or text_tokens is not None:
+        raise ConfigError("give --image or --visual-tokens/--text-tokens, not both")
+    _quiet_transformers()
+    sample = load(model, device="cpu", dtype="bfloat16").encode([prompt], [[str(p) for p in images]])[0]
+    n_visual = sample.visual.shape[0]
+    return n_visual, len(sample.ids) - n_visual, sample.n_crops if crops is None else crops
 
 
 @app.command()
@@ -405,7 +433,9 @@ def eval_command(
     data: Annotated[Path, typer.Option(help="JSONL {image, question, answer[, task, family]} or LLaVA JSON")],
     images: Annotated[Path | None, typer.Option(help="image paths are relative to it (default: the data's)")] = None,
     method: Annotated[str, typer.Option(help="visor, base, fastv, pdrop or visionzip")] = "visor",
-    budget: Annotated[str, typer.Option(help="VISOR budget (any method): 0..n, full, auto")] = "full",
+    budget: Annotated[
+        str | None, typer.Option(help="VISOR budget: 0..n, full, auto; default: as generate (baselines: full)")
+    ] = None,
     layer: Annotated[int, typer.Option(help="fastv: prune after this many layers")] = 2,
     keep: Annotated[float, typer.Option(help="fastv: fraction of visual tokens kept")] = 0.5,
     stages: Annotated[str | None, typer.Option(help="pdrop: prune after these layer counts, e.g. 6,12,18")] = None,
@@ -433,7 +463,10 @@ def eval_command(
     if out is not None:  # refuse a bad --out before the evaluation, not after
         claim(out, "eval", RESULT_ENTRIES, inputs, overwrite, mark=False)
     m = load(model, dtype=dtype, device=device)
-    setting.budget = m.parse_budget(budget) if method != "base" else "full"
+    if method == "base" or (budget is None and method != "visor"):
+        setting.budget = "full"  # the base model; the token-reduction baselines run on it
+    else:
+        setting.budget = m.parse_budget(budget)
     result = evaluate(m, data, images, setting, batch_size, max_new_tokens, limit)
     if result["n_skipped"]:
         print(f"warning: {skipped_note(result)}", file=sys.stderr)

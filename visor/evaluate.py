@@ -139,6 +139,8 @@ def evaluate(
         "reduction": setting.reduction.__dict__ if setting.reduction else None,
         "summary": summarise(rows),
         "seconds": seconds,
+        "device": str(model.backbone.device),
+        "dtype": str(model.lm.lm_head.weight.dtype).removeprefix("torch."),
         "prefill_seconds": stats.get("prefill_s", 0.0),
         "n_skipped": len(skipped),
         "skipped": skipped,  # why each unusable record was left out

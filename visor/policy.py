@@ -194,6 +194,8 @@ def train_policy(
         "rows": rows,
         "labels": torch.bincount(labels, minlength=len(budgets)).tolist(),
         "n_samples": len(records),
+        "device": str(bb.device),
+        "dtype": str(lm.lm_head.weight.dtype).removeprefix("torch."),
         "skipped": skipped,
         "config": cfg.__dict__,
         "rule": __doc__,
