@@ -232,8 +232,8 @@ def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy(), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", n["keys"].cpu().numpy(), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"].cpu())  # loaded onto the training device with the rest
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -304,7 +304,7 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = checks.device(cfg.device)
-    if cfg.device == "auto" and device.type == "cuda":
+    if device.type == "cuda" and device.index is None:  # "auto" or "cuda": this process's GPU
         device = torch.device(f"cuda:{local}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
