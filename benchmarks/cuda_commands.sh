@@ -64,6 +64,6 @@ print("checkpoint bytes:", sizes)
 EOF
   echo "== output-safety tests ($(date +%T))"
   timeout "${TTESTS:-300}" $PY -m pytest -q -p no:cacheprovider tests/test_outputs.py tests/test_safety.py \
-    -k "not device-cuda" -x 2>&1 | tail -n 15
+    2>&1 | tail -n 15
   echo "== $failed command(s) failed ($(date +%T))"
 } 2>&1 | tee "$OUT/log.txt"
