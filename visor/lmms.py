@@ -1,0 +1,194 @@
+"""VISOR as an lmms-eval model: ``lmms-eval --model visor --model_args pretrained=DIR,budget=2 --tasks ...``.
+
+Installing visor-lvlm next to lmms-eval registers the model (entry point group ``lmms_eval.models``,
+``manifest`` below); lmms-eval itself is imported only when lmms-eval asks, by ``visor.lmms_model``.
+This module holds what does the work and needs no lmms-eval: ``Runner`` answers requests (chat
+messages with their images, and lmms-eval's generation settings) in batches, and keeps per-sample FLOPs.
+
+model_args (``key=value`` separated by commas): ``pretrained`` (a base or VISOR checkpoint
+directory), ``budget`` (0..n, full, auto; default as ``visor generate``), ``method`` (visor, base,
+fastv, pdrop, visionzip) with the baselines' knobs ``layer``, ``keep``, ``stages`` (``6-12-18``: lmms-eval
+splits model_args at commas), ``ratio``, ``dominant``, ``contextual``; ``dtype``, ``schedule``,
+``flops_file`` (default ``visor_flops.json``). ``device`` and ``batch_size`` are lmms-eval's own flags.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError, OutputError
+
+FLOPS_KIND = "visor lmms-eval FLOPs"  # a flops file we wrote carries this "kind"
+
+
+def manifest():
+    """The ``lmms_eval.models`` entry point: lmms-eval's ModelManifest for ``--model visor``."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="visor", chat_class_path="visor.lmms_model.Visor")
+
+
+@dataclass
+class Request:
+    """One thing to answer: chat messages as lmms-eval builds them, its generation settings."""
+
+    messages: list  # [{"role", "content": [{"type": "text", "text"} | {"type": "image", "url": PIL image}]}]
+    gen_kwargs: dict = field(default_factory=dict)
+    task: str = ""
+    doc_id: int = 0
+
+
+@dataclass
+class Answer:
+    text: str
+    n_input: int  # prompt tokens, visual included
+    n_output: int
+
+
+class Runner:
+    """Loads the model once and answers lmms-eval's requests, batch by batch."""
+
+    def __init__(
+        self,
+        pretrained: str,
+        budget: str | int | None = None,
+        method: str = "visor",
+        layer: int = 2,
+        keep: float = 0.5,
+        stages: str = "",
+        ratio: float = 0.5,
+        dominant: int = 54,
+        contextual: int = 10,
+        dtype: str = "auto",
+        device: str | None = None,
+        schedule: str | None = None,
+        batch_size: int | str = 1,
+        flops_file: str = "visor_flops.json",
+    ):
+        from . import checks
+        from .api import load
+        from .evaluate import METHODS, Setting
+        from .reduce import Reduction
+
+        if method not in METHODS:
+            raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        self.batch_size = checks.count("batch_size", int(batch_size) if str(batch_size).isdigit() else -1, 1)
+        self.model = load(pretrained, schedule=schedule or None, dtype=dtype, device=device or "auto")
+        reduction = None
+        if method in ("fastv", "pdrop", "visionzip"):
+            stage_list = checks.int_list("stages", stages.replace("-", ",")) if stages else []
+            reduction = Reduction(method, int(layer), float(keep), stage_list, float(ratio), int(dominant), int(contextual))
+        if method == "base" or (budget is None and method != "visor"):
+            budget = "full"
+        self.setting = Setting(method, self.model.parse_budget(budget), reduction)
+        self.flops_file = Path(flops_file)
+        _check_flops_file(self.flops_file)
+        self.rows: list[dict] = []  # one per answered request, for the FLOPs file
+
+    def generate(self, requests: list[Request]) -> list[Answer]:
+        """Answers in the order of ``requests``; requests with equal settings run as one batch."""
+        answers: list[Answer | None] = [None] * len(requests)
+        groups = defaultdict(list)
+        for i, r in enumerate(requests):
+            groups[json.dumps(_settings(r.gen_kwargs), sort_keys=True)].append(i)
+        for key, indices in groups.items():
+            settings = json.loads(key)
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                prompts, images = zip(*(split_messages(requests[i].messages) for i in chunk))
+                outs = self.model.generate(
+                    list(images),
+                    list(prompts),
+                    budget=self.setting.budget,
+                    max_new_tokens=settings["max_new_tokens"],
+                    temperature=settings["temperature"],
+                    top_p=settings["top_p"],
+                    reduction=self.setting.reduction,
+                )
+                for i, g in zip(chunk, outs):
+                    answers[i] = Answer(cut(g.text, settings["until"]), g.n_visual + g.n_text, len(g.token_ids))
+                    self.rows.append(
+                        {"task": requests[i].task, "doc_id": requests[i].doc_id, "budget": g.budget}
+                        | {k: g.flops[k] for k in ("prefill", "lm_prefill", "total")}
+                    )
+        self.write_flops()
+        return answers
+
+    def write_flops(self) -> Path:
+        """The FLOPs file: per task the mean prefill / LM prefill / total FLOPs, and every sample's."""
+        from .outputs import atomic_write
+
+        by_task = defaultdict(list)
+        for row in self.rows:
+            by_task[row["task"]].append(row)
+        summary = {
+            task: {"n": len(rows)} | {f"mean_{k}": statistics.fmean(r[k] for r in rows) for k in ("prefill", "lm_prefill", "total")}
+            for task, rows in by_task.items()
+        }
+        report = {
+            "kind": FLOPS_KIND,
+            "setting": self.setting.label,
+            "method": self.setting.method,
+            "budget": self.setting.budget,
+            "device": str(self.model.backbone.device),
+            "dtype": str(self.model.lm.lm_head.weight.dtype).removeprefix("torch."),
+            "tasks": summary,
+            "samples": self.rows,
+        }
+        return atomic_write(self.flops_file, json.dumps(report, indent=1, default=str) + "\n")
+
+
+def _check_flops_file(path: Path) -> None:
+    """Replace only a FLOPs file of ours (or write a new one)."""
+    if not path.exists():
+        return
+    try:
+        ours = json.loads(path.read_text()).get("kind") == FLOPS_KIND
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise OutputError(f"flops_file {path} exists and visor did not write it; choose another flops_file=")
+
+
+def _settings(gen_kwargs: dict) -> dict:
+    """lmms-eval's generation settings, with lmms-eval's defaults where a task gives none."""
+    until = gen_kwargs.get("until") or []
+    temperature = float(gen_kwargs.get("temperature") or 0.0)
+    if not gen_kwargs.get("do_sample", temperature > 0):
+        temperature = 0.0
+    return {
+        "max_new_tokens": int(gen_kwargs.get("max_new_tokens") or 1024),
+        "temperature": temperature,
+        "top_p": float(gen_kwargs.get("top_p") or 1.0),
+        "until": [until] if isinstance(until, str) else list(until),
+    }
+
+
+def split_messages(messages) -> tuple[str, list]:
+    """The prompt (the text of the user turns, in order) and the images (in order) of a chat."""
+    texts, images = [], []
+    for message in messages:
+        message = message if isinstance(message, dict) else message.model_dump()
+        if message.get("role") not in (None, "user"):
+            continue
+        content = message.get("content", [])
+        for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+            if part.get("type") == "text" and part.get("text", "").strip():
+                texts.append(part["text"].strip())
+            elif part.get("type") == "image":
+                images.append(part.get("url"))
+            elif part.get("type") in ("video", "audio"):
+                raise ConfigError(f"visor answers about images; this task gives a {part['type']}")
+    return "\n".join(texts), images
+
+
+def cut(text: str, until: list[str]) -> str:
+    """The answer up to the first stop string."""
+    for stop in until:
+        if stop and stop in text:
+            text = text.split(stop, 1)[0]
+    return text
