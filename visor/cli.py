@@ -551,6 +551,22 @@ def data_make(
     console.print(f"wrote {card['total']} samples of {len(card['tasks'])} tasks to [bold]{out}[/]")
 
 
+@data_app.command("lmms-tasks")
+def data_lmms_tasks(
+    data: Annotated[Path, typer.Option(help="a data set made by `visor data make`")],
+    out: Annotated[Path, typer.Option(help="directory for the task YAMLs (lmms-eval --include_path OUT)")],
+    split: Annotated[str, typer.Option(help="train, val or test")] = "test",
+    max_new_tokens: int = 16,
+    overwrite: OverwriteOpt = False,
+):
+    """Write the built-in benchmark as lmms-eval tasks: visor_hard, visor_easy, visor_all."""
+    from .lmms import write_tasks
+
+    names = write_tasks(data, out, split, max_new_tokens, overwrite)
+    console.print(f"wrote lmms-eval tasks {', '.join(names)} to [bold]{out}[/]")
+    console.print(f"lmms-eval --model visor --model_args pretrained=DIR --include_path {out} --tasks {names[0]}")
+
+
 def main() -> None:
     """Run the CLI: a user's mistake (ours or a bad option) is one `error:` line and exit code 2."""
     click = _click_exceptions()

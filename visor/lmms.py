@@ -9,7 +9,8 @@ model_args (``key=value`` separated by commas): ``pretrained`` (a base or VISOR 
 directory), ``budget`` (0..n, full, auto; default as ``visor generate``), ``method`` (visor, base,
 fastv, pdrop, visionzip) with the baselines' knobs ``layer``, ``keep``, ``stages`` (``6-12-18``: lmms-eval
 splits model_args at commas), ``ratio``, ``dominant``, ``contextual``; ``dtype``, ``schedule``,
-``flops_file`` (default ``visor_flops.json``). ``device`` and ``batch_size`` are lmms-eval's own flags.
+``flops_file`` (default ``visor_flops_<setting>.json`` in the current directory, e.g.
+``visor_flops_visor-2.json``; only a FLOPs file of visor's is ever replaced). ``device`` and ``batch_size`` are lmms-eval's own flags.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class Runner:
         device: str | None = None,
         schedule: str | None = None,
         batch_size: int | str = 1,
-        flops_file: str = "visor_flops.json",
+        flops_file: str | None = None,
     ):
         from . import checks
         from .api import load
@@ -81,11 +82,16 @@ class Runner:
         reduction = None
         if method in ("fastv", "pdrop", "visionzip"):
             stage_list = checks.int_list("stages", stages.replace("-", ",")) if stages else []
-            reduction = Reduction(method, int(layer), float(keep), stage_list, float(ratio), int(dominant), int(contextual))
+            reduction = Reduction(
+                method, int(layer), float(keep), stage_list, float(ratio), int(dominant), int(contextual)
+            )
         if method == "base" or (budget is None and method != "visor"):
             budget = "full"
         self.setting = Setting(method, self.model.parse_budget(budget), reduction)
-        self.flops_file = Path(flops_file)
+        label = self.setting.label.replace(" + ", "+").replace(":", "-")
+        self.flops_file = Path(
+            flops_file or f"visor_flops_{''.join(c for c in label if c.isalnum() or c in '+-_.=')}.json"
+        )
         _check_flops_file(self.flops_file)
         self.rows: list[dict] = []  # one per answered request, for the FLOPs file
 
@@ -126,7 +132,8 @@ class Runner:
         for row in self.rows:
             by_task[row["task"]].append(row)
         summary = {
-            task: {"n": len(rows)} | {f"mean_{k}": statistics.fmean(r[k] for r in rows) for k in ("prefill", "lm_prefill", "total")}
+            task: {"n": len(rows)}
+            | {f"mean_{k}": statistics.fmean(r[k] for r in rows) for k in ("prefill", "lm_prefill", "total")}
             for task, rows in by_task.items()
         }
         report = {
@@ -192,3 +199,94 @@ def cut(text: str, until: list[str]) -> str:
         if stop and stop in text:
             text = text.split(stop, 1)[0]
     return text
+
+
+# ---- the built-in benchmark as lmms-eval tasks ------------------------------------------------------
+
+TASK_UTILS = '''"""Written by `visor data lmms-tasks`: lmms-eval reads the built-in benchmark through these."""
+
+from pathlib import Path
+
+from PIL import Image
+
+from visor.evaluate import anls
+from visor.policy import normalise
+
+
+def doc_to_visual(doc):
+    return [Image.open(Path(__file__).parent / doc["image"]).convert("RGB")]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+
+
+def process_results(doc, results):
+    prediction = results[0] if results else ""
+    return {
+        "exact_match": float(normalise(prediction) == normalise(doc["answer"])),
+        "anls": anls(prediction, doc["answer"]),
+    }
+'''
+
+TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {docs}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function visor_task_utils.doc_to_visual
+doc_to_text: !function visor_task_utils.doc_to_text
+doc_to_target: answer
+process_results: !function visor_task_utils.process_results
+generation_kwargs:
+  max_new_tokens: {max_new_tokens}
+  temperature: 0
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+  - metric: anls
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def write_tasks(
+    data: str | Path, out: str | Path, split: str = "test", max_new_tokens: int = 16, overwrite=False
+) -> list[str]:
+    """lmms-eval tasks over a split of the built-in benchmark (``visor data make``): ``visor_hard``,
+    ``visor_easy`` and ``visor_all``, each a YAML over a JSONL of its records, with the images copied
+    beside them (the directory is self-contained). Returns the task names."""
+    import shutil
+
+    from . import checks
+    from .outputs import write_dir
+
+    data = Path(data)
+    checks.count("max_new_tokens", max_new_tokens, 1)
+    source = data / f"{split}.jsonl"
+    if not source.is_file():
+        raise ConfigError(f"{source} not found: point --data at a directory made by `visor data make`")
+    rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    families = {"visor_hard": "hard", "visor_easy": "easy", "visor_all": None}
+    names = [n for n, f in families.items() if f is None or any(r.get("family") == f for r in rows)]
+
+    def build(tmp: Path) -> None:
+        (tmp / "visor_task_utils.py").write_text(TASK_UTILS)
+        for row in rows:
+            (tmp / row["image"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(data / row["image"], tmp / row["image"])
+        for name in names:
+            keep = [r for r in rows if families[name] in (None, r.get("family"))]
+            flat = [{k: r[k] for k in ("image", "question", "answer", "task", "family")} for r in keep]
+            (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flat))
+            docs = Path(out).absolute() / f"{name}.jsonl"
+            (tmp / f"{name}.yaml").write_text(TASK_YAML.format(name=name, docs=docs, max_new_tokens=max_new_tokens))
+
+    write_dir(out, "data lmms-tasks", build, inputs=[data], overwrite=overwrite)
+    return names
