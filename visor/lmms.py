@@ -10,7 +10,8 @@ directory), ``budget`` (0..n, full, auto; default as ``visor generate``), ``meth
 fastv, pdrop, visionzip) with the baselines' knobs ``layer``, ``keep``, ``stages`` (``6-12-18``: lmms-eval
 splits model_args at commas), ``ratio``, ``dominant``, ``contextual``; ``dtype``, ``schedule``,
 ``flops_file`` (default ``visor_flops_<setting>.json`` in the current directory, e.g.
-``visor_flops_visor-2.json``; only a FLOPs file of visor's is ever replaced). ``device`` and ``batch_size`` are lmms-eval's own flags.
+``visor_flops_visor-2.json``; only a FLOPs file of visor's is ever replaced). ``device`` and
+``batch_size`` are lmms-eval's own flags.
 """
 
 from __future__ import annotations
@@ -88,10 +89,8 @@ class Runner:
         if method == "base" or (budget is None and method != "visor"):
             budget = "full"
         self.setting = Setting(method, self.model.parse_budget(budget), reduction)
-        label = self.setting.label.replace(" + ", "+").replace(":", "-")
-        self.flops_file = Path(
-            flops_file or f"visor_flops_{''.join(c for c in label if c.isalnum() or c in '+-_.=')}.json"
-        )
+        label = "".join(c for c in self.setting.label.replace(":", "-") if c.isalnum() or c in "+-_.=")
+        self.flops_file = Path(flops_file or f"visor_flops_{label}.json")
         _check_flops_file(self.flops_file)
         self.rows: list[dict] = []  # one per answered request, for the FLOPs file
 
