@@ -254,3 +254,33 @@ def test_graphed_prefill_needs_cuda_and_a_fixed_budget(visor_model, images):
         GraphedPrefill(visor_model.lm, 1, capacity=40)(tok)
     with pytest.raises(VisorError, match="fixed budget"):
         GraphedPrefill(visor_model.lm, "auto", capacity=40)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_decode_steps_concatenate_no_keys_or_values(visor_model, images, monkeypatch, mode):
+    """An SA layer's visual and text K/V share one [visual | text] buffer: a decode step attends over
+    a view of it. torch.cat along the sequence of 4-D (K/V-shaped) tensors is made to fail."""
+    from visor.generate import Decoder
+
+    bb = visor_model.backbone
+    samples = [bb.encode("What is shown?", [images[0]]), bb.encode("Compare them.", [images[1], images[2]])]
+    samples.append(bb.encode("Is there a table?", []))
+    tok = collate(samples, bb.image_token_id, "cpu")
+    reference, _ = greedy(visor_model, samples, 5, [2, 1, "full"], mode)
+    cat = torch.cat
+
+    def no_kv_cat(tensors, dim=0, **kw):
+        if tensors[0].dim() == 4 and dim in (2, -2):
+            raise AssertionError("K/V concatenated along the sequence in a decode step")
+        return cat(tensors, dim, **kw)
+
+    with torch.no_grad():
+        logits, cache = visor_model.lm.prefill(tok, [2, 1, "full"], capacity=tok.text_ids.shape[1] + 5)
+        monkeypatch.setattr(torch, "cat", no_kv_cat)
+        decoder, tokens = Decoder(visor_model.lm, cache, mode), [logits.argmax(-1)]
+        for _ in range(4):
+            tokens.append(decoder(tokens[-1]).argmax(-1))
+    assert torch.equal(torch.stack(tokens, 1), reference)
+    assert cache.nbytes() == sum(
+        t.numel() * t.element_size() for kv in cache.sa_buffer + cache.ca_kv if kv is not None for t in kv
+    ) + sum(k.numel() * 2 * k.element_size() for k, sa in zip(cache.text_k, cache.sa_buffer) if sa is None)

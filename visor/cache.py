@@ -3,6 +3,8 @@
 Text K/V live in every layer, in a buffer preallocated for the prompt plus the new tokens.
 Visual K/V live only where a layer reads them: an active SA layer keeps its own K/V of the visual
 tokens, a CA layer keeps its cross-attention K/V of the visual states (computed once at prefill).
+An SA layer's visual and text K/V share one buffer, ``[visual | text capacity]`` along the sequence,
+so a decode step attends over one slice of it: nothing is concatenated per token.
 Decode steps never touch visual *states* again, only these cached keys and values. In a batch
 with per-sample budgets, a layer's visual K/V hold only the rows that use them; the mask of
 the other rows is all False.
@@ -29,8 +31,10 @@ class KVCache:
         self.batch = batch
         self.text_k: list[torch.Tensor | None] = [None] * n_layers  # each (B, Hkv, C, hd)
         self.text_v: list[torch.Tensor | None] = [None] * n_layers
-        self.sa_kv: list[tuple | None] = [None] * n_layers  # each ((B, Hkv, Nv, hd), same)
-        self.sa_mask: list[torch.Tensor | None] = [None] * n_layers  # each (B, Nv)
+        self.sa_kv: list[tuple | None] = [None] * n_layers  # each ((B, Hkv, Nv, hd), same): views of sa_buffer
+        self.sa_buffer: list[tuple | None] = [None] * n_layers  # each ((B, Hkv, Nv + C, hd), same)
+        self.sa_mask: list[torch.Tensor | None] = [None] * n_layers  # each (B, Nv): view of sa_valid
+        self.sa_valid: list[torch.Tensor | None] = [None] * n_layers  # each (B, Nv + C): [visual | text] validity
         self.ca_kv: list[tuple | None] = [None] * n_layers
         self.ca_mask: list[torch.Tensor | None] = [None] * n_layers
         self.next_pos: torch.Tensor | None = None  # (B,) position of each sample's next token
@@ -58,8 +62,12 @@ class KVCache:
 
     def store_visual(self, kind: str, layer: int, k, v, valid, rows: torch.Tensor | None = None) -> None:
         """Keep a layer's visual K/V ("sa": its own, "ca": its cross-attention's) for decoding, with
-        the validity of the visual tokens present at that layer (B, Nv_layer)."""
-        kvs, masks = (self.sa_kv, self.sa_mask) if kind == "sa" else (self.ca_kv, self.ca_mask)
+        the validity of the visual tokens present at that layer (B, Nv_layer). An SA layer's go to the
+        front of the buffer its text K/V follow in (called before ``write_text`` for that layer)."""
+        if kind == "sa":
+            self._store_sa(layer, k, v, valid, rows)
+            return
+        kvs, masks = self.ca_kv, self.ca_mask
         if rows is None:
             kvs[layer], masks[layer] = (k, v), valid
             return
@@ -70,6 +78,36 @@ class KVCache:
         kvs[layer][0][rows], kvs[layer][1][rows] = k, v
         masks[layer][rows] = valid
 
+    def _store_sa(self, layer: int, k, v, valid, rows) -> None:
+        n_visual = k.shape[2]
+        if self.sa_buffer[layer] is None:
+            shape = (self.batch, k.shape[1], n_visual + self.capacity, k.shape[3])
+            self.sa_buffer[layer] = (k.new_zeros(shape), v.new_zeros(shape))
+            self.sa_kv[layer] = tuple(b[:, :, :n_visual] for b in self.sa_buffer[layer])
+            self.text_k[layer], self.text_v[layer] = (b[:, :, n_visual:] for b in self.sa_buffer[layer])
+            self.sa_valid[layer] = torch.zeros(self.batch, n_visual + self.capacity, dtype=torch.bool, device=k.device)
+            self.sa_valid[layer][:, n_visual:] = self.text_valid
+            self.sa_mask[layer] = self.sa_valid[layer][:, :n_visual]
+        rows = slice(None) if rows is None else rows
+        self.sa_kv[layer][0][rows], self.sa_kv[layer][1][rows] = k, v
+        self.sa_mask[layer][rows] = valid
+
+    def sa_keys_values(self, layer: int, n_text: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """An SA layer's visual K/V and its first n_text text slots, and their validity (B, Nv + n_text):
+        views of its buffers."""
+        end = self.sa_kv[layer][0].shape[2] + n_text
+        k, v = self.sa_buffer[layer]
+        return k[:, :, :end], v[:, :, :end], self.sa_valid[layer][:, :end]
+
+    def mark_filled(self, static: bool) -> None:
+        """The slot a decode step writes becomes valid, in the text mask and every SA layer's."""
+        masks = [self.text_valid] + [m[:, m.shape[1] - self.capacity :] for m in self.sa_valid if m is not None]
+        for mask in masks:
+            if static:
+                mask.index_fill_(1, self.slot, True)
+            else:
+                mask[:, self.length] = True
+
     def text_mask(self, n_new: int) -> torch.Tensor:
         return self.text_valid[:, : self.length + n_new]  # (B, length + n_new)
 
@@ -79,6 +117,6 @@ class KVCache:
 
     def nbytes(self) -> int:
         """Bytes held by the cache's K/V buffers."""
-        tensors = [t for t in self.text_k + self.text_v if t is not None]
-        tensors += [t for kv in self.sa_kv + self.ca_kv if kv is not None for t in kv]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        own = [kv for kv in self.sa_buffer + self.ca_kv if kv is not None]  # SA buffers hold their text K/V
+        own += [(k, v) for k, v, sa in zip(self.text_k, self.text_v, self.sa_buffer) if k is not None and sa is None]
+        return sum(t.numel() * t.element_size() for kv in own for t in kv)

@@ -489,12 +489,8 @@ class VisorLM(nn.Module):
         t = self.embed_tokens(token_ids[:, None])  # (B, 1, D)
         rope = self.rotary(cache.next_pos[:, None], dtype)
         ca_rope = None if self.pos_conv is not None else rope
-        if static:
-            cache.text_valid.index_fill_(1, cache.slot, True)
-            text_mask = cache.text_valid[:, None, :]  # (B, 1, capacity)
-        else:
-            cache.text_valid[:, cache.length] = True
-            text_mask = cache.text_mask(1)[:, None, :]  # (B, 1, length+1)
+        cache.mark_filled(static)
+        text_mask = (cache.text_valid if static else cache.text_mask(1))[:, None, :]  # (B, 1, capacity | length+1)
 
         for i, layer in enumerate(self.layers):
             if cache.ca_kv[i] is not None:
@@ -502,9 +498,9 @@ class VisorLM(nn.Module):
             q, k, val = layer.qkv(t, rope)
             k, val = cache.write_slot(i, k, val) if static else cache.write_text(i, k, val)
             mask = text_mask
-            if cache.sa_kv[i] is not None:
-                k, val = torch.cat([cache.sa_kv[i][0], k], 2), torch.cat([cache.sa_kv[i][1], val], 2)
-                mask = torch.cat([cache.sa_mask[i][:, None, :], text_mask], 2)
+            if cache.sa_kv[i] is not None:  # [visual | text] K/V: one view of the layer's buffers, no copy
+                k, val, valid = cache.sa_keys_values(i, k.shape[2])
+                mask = valid[:, None, :]
             t = layer.finish(t, attend(q, k, val, mask, explicit))
 
         if static:
