@@ -284,3 +284,18 @@ def test_decode_steps_concatenate_no_keys_or_values(visor_model, images, monkeyp
     assert cache.nbytes() == sum(
         t.numel() * t.element_size() for kv in cache.sa_buffer + cache.ca_kv if kv is not None for t in kv
     ) + sum(k.numel() * 2 * k.element_size() for k, sa in zip(cache.text_k, cache.sa_buffer) if sa is None)
+
+
+def test_a_decode_step_changes_only_its_bookkeeping_and_kv(visor_model, images):
+    """What CUDA-graph capture undoes after its warm-up steps (Decoder._capture) is all a step changes
+    besides K/V: restoring `bookkeeping()` makes the next step give the same logits again."""
+    bb = visor_model.backbone
+    tok = collate([bb.encode("What is shown?", [images[0]])], bb.image_token_id, "cpu")
+    with torch.no_grad():
+        logits, cache = visor_model.lm.prefill(tok, 2, capacity=tok.text_ids.shape[1] + 3)
+        saved = [t.clone() for t in cache.bookkeeping()]
+        first = visor_model.lm.decode_one_token(logits.argmax(-1), cache, static=True)
+        for t, before in zip(cache.bookkeeping(), saved):
+            t.copy_(before)
+        again = visor_model.lm.decode_one_token(logits.argmax(-1), cache, static=True)
+    assert len(saved) > 3 and torch.equal(first, again)  # the SA layers' masks are part of it

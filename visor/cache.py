@@ -108,6 +108,10 @@ class KVCache:
             else:
                 mask[:, self.length] = True
 
+    def bookkeeping(self) -> list[torch.Tensor]:
+        """What a decode step changes besides K/V: the write slot, the next positions, the validity masks."""
+        return [self.slot, self.next_pos, self.text_valid, *(m for m in self.sa_valid if m is not None)]
+
     def text_mask(self, n_new: int) -> torch.Tensor:
         return self.text_valid[:, : self.length + n_new]  # (B, length + n_new)
 

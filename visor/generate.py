@@ -116,12 +116,11 @@ class Decoder:
 
     def _capture(self, token_ids: torch.Tensor) -> None:
         cache = self.cache
-        saved = (cache.slot.clone(), cache.next_pos.clone(), cache.text_valid.clone())
+        saved = [t.clone() for t in cache.bookkeeping()]
 
         def restore():  # undo a step's bookkeeping; its K/V write is overwritten by the real step
-            cache.slot.copy_(saved[0])
-            cache.next_pos.copy_(saved[1])
-            cache.text_valid.copy_(saved[2])
+            for t, before in zip(cache.bookkeeping(), saved):
+                t.copy_(before)
 
         self.ids = token_ids.clone()
         stream = torch.cuda.Stream()
