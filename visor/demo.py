@@ -271,7 +271,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
     model = load(policy)
     n = len(model.schedule.sa_candidates)
     per_crop = (cfg.tower_size // cfg.patch_size) ** 2
-    settings = [Setting("base")] + [Setting("visor", b) for b in range(n + 1)] + [Setting("visor", "auto")]
+    settings = [Setting("base")] + [Setting("visor", b) for b in model.schedule.sa_budgets] + [Setting("visor", "auto")]
     settings += [Setting("fastv", "full", Reduction("fastv", layer=1, keep=r)) for r in (0.25, 0.1, 0.05, 0.02)]
     settings += [Setting("fastv", "full", Reduction("fastv", layer=2, keep=0.1))]
     settings += [Setting("pdrop", "full", Reduction("pdrop", stages=[1, 2, 4], ratio=r)) for r in (0.5, 0.25, 0.1)]

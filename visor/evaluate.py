@@ -193,7 +193,7 @@ def default_settings(model) -> list[Setting]:
     n = len(model.schedule.sa_candidates)
     v = model.config.vision_config
     per_crop = (v.image_size // v.patch_size) ** 2
-    settings = [Setting("base")] + [Setting("visor", b) for b in range(n + 1)]
+    settings = [Setting("base")] + [Setting("visor", b) for b in model.schedule.sa_budgets]
     if model.lm.policy is not None:
         settings.append(Setting("visor", "auto"))
     settings += [Setting("fastv", "full", Reduction("fastv", layer=2, keep=k)) for k in (0.5, 0.25, 0.125, 0.0625)]

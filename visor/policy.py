@@ -136,7 +136,7 @@ def train_policy(
     model = load(model_path, dtype=dtype, device=device)
     if not model.schedule.sa_candidates:
         raise ConfigError(f"{model_path}: the schedule has no SA candidate, so there is no budget to choose")
-    budgets = list(range(len(model.schedule.sa_candidates) + 1))
+    budgets = model.schedule.sa_budgets
     records, skipped = read_records(data, images)
     bb, lm = model.backbone, model.lm
     scores = torch.zeros(len(records), len(budgets))

@@ -111,8 +111,14 @@ class Schedule:
         return [i for i, r in enumerate(self.roles) if r == "ca"]
 
     @property
+    def sa_budgets(self) -> list[int]:
+        """The VISOR budgets, cheapest first: 0..n active SA candidates."""
+        return list(range(len(self.sa_candidates) + 1))
+
+    @property
     def budgets(self) -> list[Budget]:
-        return [*range(len(self.sa_candidates) + 1), "full"]
+        """Every budget: 0..n, then "full" (the base model: every layer SA, no CA)."""
+        return [*self.sa_budgets, "full"]
 
     def parse_budget(self, budget: Budget | str) -> Budget:
         """Normalise a budget from the API or CLI ("2", 2, "full"); raise ConfigError if unknown."""

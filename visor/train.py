@@ -122,7 +122,7 @@ def _has_type(value, annotation: str) -> bool:
 def parse_budgets(spec: str, schedule: Schedule) -> list:
     """'all', '0-8', '0,2,4', '1-3,full' -> a list of budgets valid for this schedule."""
     if spec.strip() == "all":
-        return list(range(len(schedule.sa_candidates) + 1))
+        return schedule.sa_budgets
     budgets = []
     for part in spec.split(","):
         part = part.strip()
