@@ -137,3 +137,5 @@ def test_an_adapter_whose_base_moved(checkpoints, tmp_path):
     assert visor.load(adapter, base=tmp_path / "moved").backbone.weights_path == tmp_path / "moved"
     with pytest.raises(visor.CheckpointError, match="is not the model"):
         visor.load(adapter, base=checkpoints["llava-onevision"])
+    with pytest.raises(visor.CheckpointError, match="not an adapter"):
+        visor.load(checkpoints["llava"], base=tmp_path / "moved")  # a checkpoint with weights of its own

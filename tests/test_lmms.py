@@ -60,14 +60,14 @@ def split_counts(model, request):
 def test_stop_strings_and_settings():
     assert cut("a cat. The end", ["."]) == "a cat"
     assert cut("first\n\nsecond", ["\n\n", "zzz"]) == "first" and cut("plain", []) == "plain"
-    prompt, images = split_messages(
-        [{"role": "system", "content": "be brief"}, *chat("Q1", "im1"), {"role": "assistant", "content": "A1"}]
-    )
-    assert prompt == "Q1" and images == ["im1"]  # user turns only; the images in order
+    prompt, images = split_messages([{"role": "system", "content": "Be brief."}, *chat("Q1", "im1", "im2")])
+    assert prompt == "Be brief.\nQ1" and images == ["im1", "im2"]  # the system text first; the images in order
+    with pytest.raises(visor.ConfigError, match="'assistant' turn"):  # a few-shot chat does not fit one turn
+        split_messages([*chat("Q1"), {"role": "assistant", "content": "A1"}, *chat("Q2")])
 
 
 def test_settings_from_lmms_eval_and_bad_input(runner, pictures, tmp_path):
-    stop = Request(chat("What is shown?", pictures[0]), {"max_new_tokens": 8, "until": ["3"]}, "t", 0)
+    stop = Request(lambda: chat("What is shown?", pictures[0]), {"max_new_tokens": 8, "until": "3"}, "t", 0)
     free = Request(chat("What is shown?", pictures[0]), {"max_new_tokens": 8}, "t", 0)
     stopped, full = runner.generate([stop, free])
     assert "3" not in stopped.text and full.text.startswith(stopped.text)
@@ -78,6 +78,10 @@ def test_settings_from_lmms_eval_and_bad_input(runner, pictures, tmp_path):
         Runner(str(runner.model.backbone.path), flops_file=str(tmp_path / "notes.json"))
     with pytest.raises(visor.ConfigError, match="unknown method"):
         Runner(str(runner.model.backbone.path), method="prune")
+    with pytest.raises(visor.ConfigError, match="whole number"):
+        Runner(str(runner.model.backbone.path), batch_size="auto")
+    with pytest.raises(visor.OutputError, match="not a directory visor can write to"):
+        Runner(str(runner.model.backbone.path), flops_file=str(tmp_path / "missing" / "f.json"))
 
 
 def test_a_baseline_through_the_runner(checkpoints, pictures, tmp_path):

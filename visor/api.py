@@ -67,7 +67,7 @@ class VisorModel:
         "compile-graph" (see ``visor.generate.Decoder``); the tokens are the same. ``budget``: 0..n,
         "full" (the base model), "auto" (the policy); None: ``default_budget``."""
         cfg = GenerationConfig(max_new_tokens, temperature, top_p, seed, decode=decode)
-        budget = self.parse_budget(budget)
+        budget = self.parse_budget("full" if budget is None and reduction is not None else budget)
         single = isinstance(prompts, str)
         prompts_list, images_list = ([prompts], [images]) if single else (prompts, images)
         if not isinstance(prompts_list, (list, tuple)) or not all(isinstance(p, str) for p in prompts_list):
@@ -202,8 +202,9 @@ def convert(
     base: str | Path, out: str | Path, schedule=None, position_encoding: str | None = None, overwrite: bool = False
 ) -> Path:
     """Make a VISOR checkpoint from a base checkpoint (CA modules initialised, gates at zero).
-    A VISOR checkpoint is copied as it is (its schedule can't change: its CA weights belong to it).
-    The result is an adapter over ``base``'s weights (see visor.checkpoint), in their dtype.
+    From a VISOR checkpoint the result keeps its schedule and CA weights (they belong together).
+    The result is an adapter over the weights ``base`` was loaded from (see visor.checkpoint), in
+    their dtype: it needs them where they are (``visor export`` makes a self-contained copy).
     ``out`` must be new, empty, or (with ``overwrite``) an earlier checkpoint written by visor."""
     config = read_config(base)
     claim(out, "checkpoint", inputs=[base], overwrite=overwrite, mark=False)  # before minutes of loading
@@ -225,5 +226,6 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, base: str
     path = Path(path)
     claim(out, "checkpoint", inputs=[path], overwrite=overwrite, mark=False)
     weights = base_weights(path, read_visor_json(path), base) or path
+    claim(out, "checkpoint", inputs=[weights], overwrite=overwrite, mark=False)  # nor over the base
     dtype = checkpoint_dtype(weights) or torch.float32
     return load(path, dtype=dtype, device="cpu", base=base).save(out, overwrite=overwrite)

@@ -7,8 +7,9 @@ template). A directory without ``visor.json`` is a base checkpoint and loads wit
 
 Two forms:
 - **adapter** (``visor convert``, training stage 1, ``train-policy``): no language-model weights of
-  its own; ``visor.json`` names the directory holding them (``"base"``, absolute path) and
-  ``visor.safetensors`` is stored in the base's dtype. A few MB next to a multi-GB base.
+  its own; ``visor.json`` names the directory holding them (``"base"``, absolute path);
+  ``visor.safetensors`` holds VISOR's tensors as the model had them (``convert`` loads the base in
+  its own dtype, so there they are in the base's dtype; training keeps float32).
 - **full** (stage 2, ``visor export --merged``, ``VisorModel.save`` by default): the base's
   weights too (``model.safetensors``), in the dtype they had in memory; self-contained.
 """
@@ -63,6 +64,8 @@ def read_visor_json(path: Path) -> dict | None:
 def base_weights(path: Path, meta: dict | None, override: str | Path | None = None) -> Path | None:
     """Where an adapter's language-model weights live (None: in ``path`` itself)."""
     if override is not None:
+        if meta is None or "base" not in meta:
+            raise CheckpointError(f"{path} holds its own weights (it is not an adapter): don't pass base=")
         base = Path(override)
     elif meta is not None and "base" in meta:
         base = Path(meta["base"])
@@ -120,10 +123,8 @@ def write_checkpoint(
 ) -> Path:
     """Write a complete VISOR checkpoint beside ``out``, then swap it in (see visor.outputs).
     ``base``: write an adapter over the weights in that directory instead of a full checkpoint."""
-    if base is not None:
+    if base is not None:  # the tensors as they are in memory: `convert` loads the base in its own dtype
         visor_meta = visor_meta | {"base": str(Path(base).resolve())}
-        dtype = checkpoint_dtype(base)
-        visor_tensors = {k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in visor_tensors.items()}
 
     def build(tmp: Path) -> None:
         for f in Path(source).iterdir():  # config, tokenizer, processor, chat template, ...

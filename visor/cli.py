@@ -386,7 +386,9 @@ def train_policy(
     batch_size: int = 8,
     seed: int = 0,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="float32 (default: the checkpoint written keeps the weights read), bfloat16, ...")
+    ] = "float32",
     overwrite: OverwriteOpt = False,
 ):
     """Label every sample with its cheapest good-enough budget and train the router for `--budget auto`."""

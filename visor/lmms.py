@@ -17,8 +17,10 @@ splits model_args at commas), ``ratio``, ``dominant``, ``contextual``; ``dtype``
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +40,9 @@ def manifest():
 class Request:
     """One thing to answer: chat messages as lmms-eval builds them, its generation settings."""
 
-    messages: list  # [{"role", "content": [{"type": "text", "text"} | {"type": "image", "url": PIL image}]}]
+    # [{"role", "content": [{"type": "text", "text"} | {"type": "image", "url": PIL image}]}], or a function
+    # giving them when asked (lmms-eval's documents: their images are decoded one batch at a time)
+    messages: list | Callable[[], list]
     gen_kwargs: dict = field(default_factory=dict)
     task: str = ""
     doc_id: int = 0
@@ -78,11 +82,16 @@ class Runner:
 
         if method not in METHODS:
             raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        self.batch_size = checks.count("batch_size", int(batch_size) if str(batch_size).isdigit() else -1, 1)
+        if not str(batch_size).isdigit():
+            raise ConfigError(f"--batch_size must be a whole number for visor, not {batch_size!r}")
+        self.batch_size = checks.count("batch_size", int(batch_size), 1)
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if device in (None, "cuda", "auto") and world > 1:  # lmms-eval's processes: one GPU each
+            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
         self.model = load(pretrained, schedule=schedule or None, dtype=dtype, device=device or "auto")
         reduction = None
         if method in ("fastv", "pdrop", "visionzip"):
-            stage_list = checks.int_list("stages", stages.replace("-", ",")) if stages else []
+            stage_list = checks.int_list("stages", str(stages).replace("-", ",")) if stages else []
             reduction = Reduction(
                 method, int(layer), float(keep), stage_list, float(ratio), int(dominant), int(contextual)
             )
@@ -90,7 +99,9 @@ class Runner:
             budget = "full"
         self.setting = Setting(method, self.model.parse_budget(budget), reduction)
         label = "".join(c for c in self.setting.label.replace(":", "-") if c.isalnum() or c in "+-_.=")
+        suffix = f".rank{rank}" if world > 1 else ""  # each process writes its share
         self.flops_file = Path(flops_file or f"visor_flops_{label}.json")
+        self.flops_file = self.flops_file.with_name(self.flops_file.stem + suffix + self.flops_file.suffix)
         _check_flops_file(self.flops_file)
         self.rows: list[dict] = []  # one per answered request, for the FLOPs file
 
@@ -104,7 +115,8 @@ class Runner:
             settings = json.loads(key)
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
-                prompts, images = zip(*(split_messages(requests[i].messages) for i in chunk))
+                asked = [requests[i].messages for i in chunk]
+                prompts, images = zip(*(split_messages(m() if callable(m) else m) for m in asked))
                 outs = self.model.generate(
                     list(images),
                     list(prompts),
@@ -149,7 +161,10 @@ class Runner:
 
 
 def _check_flops_file(path: Path) -> None:
-    """Replace only a FLOPs file of ours (or write a new one)."""
+    """Replace only a FLOPs file of ours (or write a new one), in a directory that is there: found out
+    before the evaluation, not after it."""
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise OutputError(f"flops_file {path}: {path.parent} is not a directory visor can write to")
     if not path.exists():
         return
     try:
@@ -175,12 +190,13 @@ def _settings(gen_kwargs: dict) -> dict:
 
 
 def split_messages(messages) -> tuple[str, list]:
-    """The prompt (the text of the user turns, in order) and the images (in order) of a chat."""
+    """The prompt (a system turn's text, then the user turns', in order) and the images (in order) of
+    a chat. An assistant turn (a few-shot example) can't be put into one user turn: refused."""
     texts, images = [], []
     for message in messages:
         message = message if isinstance(message, dict) else message.model_dump()
-        if message.get("role") not in (None, "user"):
-            continue
+        if message.get("role") not in (None, "user", "system"):
+            raise ConfigError(f"visor answers one user turn; this task's chat has a {message.get('role')!r} turn")
         content = message.get("content", [])
         for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
             if part.get("type") == "text" and part.get("text", "").strip():
@@ -282,10 +298,11 @@ def write_tasks(
             shutil.copy2(data / row["image"], tmp / row["image"])
         for name in names:
             keep = [r for r in rows if families[name] in (None, r.get("family"))]
-            flat = [{k: r[k] for k in ("image", "question", "answer", "task", "family")} for r in keep]
+            flat = [{k: r.get(k, "") for k in ("image", "question", "answer", "task", "family")} for r in keep]
             (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flat))
             docs = Path(out).absolute() / f"{name}.jsonl"
-            (tmp / f"{name}.yaml").write_text(TASK_YAML.format(name=name, docs=docs, max_new_tokens=max_new_tokens))
+            yaml_text = TASK_YAML.format(name=name, docs=json.dumps(str(docs)), max_new_tokens=max_new_tokens)
+            (tmp / f"{name}.yaml").write_text(yaml_text)
 
     write_dir(out, "data lmms-tasks", build, inputs=[data], overwrite=overwrite)
     return names

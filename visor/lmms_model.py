@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
 from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
-from tqdm.auto import tqdm
 
 from .lmms import Request, Runner
 
@@ -20,14 +21,18 @@ class Visor(lmms):
 
     def generate_until(self, requests) -> list[GenerationResult]:
         asked = []
-        for instance in tqdm(requests, desc="visor: reading requests", disable=len(requests) < 100):
+        for instance in requests:
             _context, doc_to_messages, gen_kwargs, doc_id, task, split = instance.args
-            messages = doc_to_messages(self.task_dict[task][split][doc_id])
+            # the document (and its decoded images) is read when its batch runs, not all at once
+            messages = functools.partial(self._messages, doc_to_messages, task, split, doc_id)
             asked.append(Request(messages, dict(gen_kwargs), task, doc_id))
         answers = self.runner.generate(asked)
         return [
             GenerationResult(a.text, TokenCounts(input_tokens=a.n_input, output_tokens=a.n_output)) for a in answers
         ]
+
+    def _messages(self, doc_to_messages, task, split, doc_id):
+        return doc_to_messages(self.task_dict[task][split][doc_id])
 
     def loglikelihood(self, requests):
         raise NotImplementedError(

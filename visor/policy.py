@@ -117,10 +117,11 @@ def train_policy(
     batch_size: int = 8,
     overwrite: bool = False,
     device: str = "auto",
-    dtype: str = "auto",
+    dtype: str = "float32",
 ) -> dict:
     """Score every budget on (data, images), label, fit the router, save ``out/final`` and a report.
-    ``out``: new, empty, or (``overwrite``) an earlier train-policy output of visor."""
+    ``out``: new, empty, or (``overwrite``) an earlier train-policy output of visor. ``out/final`` is
+    an adapter holding the VISOR weights as loaded (``dtype`` float32 keeps a float32 checkpoint's exact)."""
     import json
     from pathlib import Path
 
