@@ -566,7 +566,7 @@ def data_lmms_tasks(
 
     names = write_tasks(data, out, split, max_new_tokens, overwrite)
     console.print(f"wrote lmms-eval tasks {', '.join(names)} to [bold]{out}[/]")
-    console.print(f"lmms-eval --model visor --model_args pretrained=DIR --include_path {out} --tasks {names[0]}")
+    print(f"run: lmms-eval --model visor --model_args pretrained=DIR --include_path {out} --tasks {','.join(names)}")
 
 
 def main() -> None:
