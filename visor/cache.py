@@ -31,9 +31,7 @@ class KVCache:
         self.batch = batch
         self.text_k: list[torch.Tensor | None] = [None] * n_layers  # each (B, Hkv, C, hd)
         self.text_v: list[torch.Tensor | None] = [None] * n_layers
-        self.sa_kv: list[tuple | None] = [None] * n_layers  # each ((B, Hkv, Nv, hd), same): views of sa_buffer
-        self.sa_buffer: list[tuple | None] = [None] * n_layers  # each ((B, Hkv, Nv + C, hd), same)
-        self.sa_mask: list[torch.Tensor | None] = [None] * n_layers  # each (B, Nv): view of sa_valid
+        self.sa_buffer: list[tuple | None] = [None] * n_layers  # each ((B, Hkv, Nv + C, hd), same): [visual | text]
         self.sa_valid: list[torch.Tensor | None] = [None] * n_layers  # each (B, Nv + C): [visual | text] validity
         self.ca_kv: list[tuple | None] = [None] * n_layers
         self.ca_mask: list[torch.Tensor | None] = [None] * n_layers
@@ -83,19 +81,18 @@ class KVCache:
         if self.sa_buffer[layer] is None:
             shape = (self.batch, k.shape[1], n_visual + self.capacity, k.shape[3])
             self.sa_buffer[layer] = (k.new_zeros(shape), v.new_zeros(shape))
-            self.sa_kv[layer] = tuple(b[:, :, :n_visual] for b in self.sa_buffer[layer])
             self.text_k[layer], self.text_v[layer] = (b[:, :, n_visual:] for b in self.sa_buffer[layer])
             self.sa_valid[layer] = torch.zeros(self.batch, n_visual + self.capacity, dtype=torch.bool, device=k.device)
             self.sa_valid[layer][:, n_visual:] = self.text_valid
-            self.sa_mask[layer] = self.sa_valid[layer][:, :n_visual]
         rows = slice(None) if rows is None else rows
-        self.sa_kv[layer][0][rows], self.sa_kv[layer][1][rows] = k, v
-        self.sa_mask[layer][rows] = valid
+        buffer_k, buffer_v = self.sa_buffer[layer]
+        buffer_k[rows, :, :n_visual], buffer_v[rows, :, :n_visual] = k, v
+        self.sa_valid[layer][rows, :n_visual] = valid
 
     def sa_keys_values(self, layer: int, n_text: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """An SA layer's visual K/V and its first n_text text slots, and their validity (B, Nv + n_text):
         views of its buffers."""
-        end = self.sa_kv[layer][0].shape[2] + n_text
+        end = self.sa_valid[layer].shape[1] - self.capacity + n_text  # Nv + n_text
         k, v = self.sa_buffer[layer]
         return k[:, :, :end], v[:, :, :end], self.sa_valid[layer][:, :end]
 

@@ -498,7 +498,7 @@ class VisorLM(nn.Module):
             q, k, val = layer.qkv(t, rope)
             k, val = cache.write_slot(i, k, val) if static else cache.write_text(i, k, val)
             mask = text_mask
-            if cache.sa_kv[i] is not None:  # [visual | text] K/V: one view of the layer's buffers, no copy
+            if cache.sa_buffer[i] is not None:  # [visual | text] K/V: one view of the layer's buffers, no copy
                 k, val, valid = cache.sa_keys_values(i, k.shape[2])
                 mask = valid[:, None, :]
             t = layer.finish(t, attend(q, k, val, mask, explicit))
