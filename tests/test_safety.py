@@ -333,7 +333,7 @@ CLI_CASES = [
     ("eval-limit-zero", E + " --limit 0", "limit must be an integer >= 1"),
     ("eval-limit-negative", E + " --limit -1", "limit must be an integer >= 1"),
     ("eval-max-new-zero", E + " --max-new-tokens 0", "max_new_tokens must be an integer >= 1"),
-    ("eval-method", E + " --method prune", "unknown --method 'prune'"),
+    ("eval-method", E + " --method prune", "unknown method 'prune'"),
     ("eval-keep-zero", E + " --method fastv --keep 0", "--keep and --ratio are fractions"),
     ("eval-keep-two", E + " --method fastv --keep 2", "--keep and --ratio are fractions"),
     ("eval-ratio-zero", E + " --method pdrop --ratio 0", "--keep and --ratio are fractions"),

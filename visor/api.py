@@ -43,6 +43,11 @@ class VisorModel:
     def config(self):
         return self.backbone.config
 
+    @property
+    def placement(self) -> dict:
+        """Where and in what precision the model runs, as results record it."""
+        return {"device": str(self.backbone.device), "dtype": checks.dtype_name(self.lm.lm_head.weight.dtype)}
+
     # ---- inference ----------------------------------------------------------------------
     def encode(self, prompts: list[str], images: list[list], reduction: Reduction | None = None) -> list[Sample]:
         visionzip = reduction.visionzip if reduction else None
@@ -67,7 +72,7 @@ class VisorModel:
         "compile-graph" (see ``visor.generate.Decoder``); the tokens are the same. ``budget``: 0..n,
         "full" (the base model), "auto" (the policy); None: ``default_budget``."""
         cfg = GenerationConfig(max_new_tokens, temperature, top_p, seed, decode=decode)
-        budget = self.parse_budget("full" if budget is None and reduction is not None else budget)
+        budget = self.parse_budget(budget, reduction)
         single = isinstance(prompts, str)
         prompts_list, images_list = ([prompts], [images]) if single else (prompts, images)
         if not isinstance(prompts_list, (list, tuple)) or not all(isinstance(p, str) for p in prompts_list):
@@ -111,10 +116,11 @@ class VisorModel:
             return "auto"
         return len(self.schedule.sa_candidates)
 
-    def parse_budget(self, budget: Budget | str | None) -> Budget | str:
-        """A schedule budget, or "auto" when this checkpoint has a trained policy; None: the default."""
+    def parse_budget(self, budget: Budget | str | None, reduction: Reduction | None = None) -> Budget | str:
+        """A schedule budget, or "auto" when this checkpoint has a trained policy. None: the default,
+        or "full" with a token reduction (FastV, PyramidDrop, VisionZip run on the base model)."""
         if budget is None:
-            return self.default_budget
+            return "full" if reduction is not None else self.default_budget
         if isinstance(budget, str) and budget.strip().lower() == "auto":
             if not self.schedule.sa_candidates:
                 raise ConfigError("budget 'auto' chooses among SA layers, and this schedule has none")
@@ -224,8 +230,7 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, base: str
     """A self-contained (full) copy of a VISOR checkpoint: an adapter's base weights are written
     into it, in their own dtype; ``base``: where the adapter's base is now, if it moved."""
     path = Path(path)
-    claim(out, "checkpoint", inputs=[path], overwrite=overwrite, mark=False)
     weights = base_weights(path, read_visor_json(path), base) or path
-    claim(out, "checkpoint", inputs=[weights], overwrite=overwrite, mark=False)  # nor over the base
+    claim(out, "checkpoint", inputs=[path, weights], overwrite=overwrite, mark=False)  # nor over the base
     dtype = checkpoint_dtype(weights) or torch.float32
     return load(path, dtype=dtype, device="cpu", base=base).save(out, overwrite=overwrite)

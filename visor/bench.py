@@ -220,7 +220,6 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     import transformers
 
     from . import __version__, checks
-    from .checks import DTYPES
     from .flops import count_flops, decode_flops
     from .generate import DECODE_MODES, PREFILL_MODES
 
@@ -230,7 +229,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         raise ConfigError("need --repeats >= 1, --warmup >= 0 and --batch >= 1")
     device = checks.device(cfg.device)
     dtype = checks.dtype(cfg.dtype, device)
-    dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
+    dtype_name = checks.dtype_name(dtype)
     decode = cfg.decode if cfg.decode != "auto" else ("compile-graph" if device.type == "cuda" else "static")
     if decode not in DECODE_MODES:
         raise ConfigError(f"unknown --decode {cfg.decode!r}; choose from auto, {', '.join(DECODE_MODES)}")

@@ -76,3 +76,8 @@ def dtype(spec: str | torch.dtype = "auto", on: torch.device | None = None) -> t
     if spec not in DTYPES:
         raise ConfigError(f"unknown dtype {spec!r}; choose auto or one of {', '.join(DTYPES)}")
     return DTYPES[spec]
+
+
+def dtype_name(value: torch.dtype) -> str:
+    """The name ``dtype`` takes for a torch dtype: torch.bfloat16 -> "bfloat16"."""
+    return str(value).removeprefix("torch.")

@@ -410,25 +410,6 @@ def train_policy(
     )
 
 
-def _setting(
-    method: str, budget: str, layer: int, keep: float, stages: str | None, ratio: float, dominant: int, contextual: int
-):
-    from .evaluate import METHODS, Setting
-    from .reduce import Reduction
-
-    if method not in METHODS:
-        raise ConfigError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
-    from .checks import int_list
-
-    stage_list = int_list("--stages", stages) if stages else []
-    reduction = None
-    if method in ("fastv", "pdrop", "visionzip"):
-        reduction = Reduction(
-            method, layer=layer, keep=keep, stages=stage_list, ratio=ratio, dominant=dominant, contextual=contextual
-        )
-    return Setting(method, budget, reduction)
-
-
 @app.command("eval")
 def eval_command(
     model: ModelOpt,
@@ -455,21 +436,17 @@ def eval_command(
 ):
     """Accuracy (exact match, ANLS), FLOPs and time of one method on a data set."""
     from .api import load
-    from .evaluate import RESULT_ENTRIES, check_options, evaluate, markdown, skipped_note, write_result
+    from .evaluate import RESULT_ENTRIES, check_options, evaluate, make_setting, markdown, skipped_note, write_result
     from .outputs import claim
 
     _quiet_transformers()
     check_options(batch_size, max_new_tokens, limit)
-    setting = _setting(method, budget, layer, keep, stages, ratio, dominant, contextual)
+    setting = make_setting(method, budget, layer, keep, stages, ratio, dominant, contextual)
     inputs = [model, data, images]
     if out is not None:  # refuse a bad --out before the evaluation, not after
         claim(out, "eval", RESULT_ENTRIES, inputs, overwrite, mark=False)
     m = load(model, dtype=dtype, device=device)
-    if method == "base" or (budget is None and method != "visor"):
-        setting.budget = "full"  # the base model; the token-reduction baselines run on it
-    else:
-        setting.budget = m.parse_budget(budget)
-    result = evaluate(m, data, images, setting, batch_size, max_new_tokens, limit)
+    result = evaluate(m, data, images, setting.for_model(m), batch_size, max_new_tokens, limit)
     if result["n_skipped"]:
         print(f"warning: {skipped_note(result)}", file=sys.stderr)
     if out is not None:

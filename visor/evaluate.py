@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import checks
 from .data import read_records
+from .errors import ConfigError
 from .outputs import atomic_write, claim
 from .policy import normalise
 from .reduce import Reduction
@@ -58,6 +59,24 @@ class Setting:
         if self.reduction is not None and self.reduction.method != "none":
             parts.append(self.reduction.label())
         return " + ".join(parts) or "base"
+
+    def for_model(self, model) -> Setting:
+        """This setting with its budget made concrete for ``model`` (the base: "full"; see
+        ``VisorModel.parse_budget`` for a budget left open)."""
+        budget = "full" if self.method == "base" else model.parse_budget(self.budget, self.reduction)
+        return replace(self, budget=budget)
+
+
+def make_setting(method: str, budget=None, layer=2, keep=0.5, stages="", ratio=0.5, dominant=54, contextual=10):
+    """A Setting from a user's options (CLI flags, lmms-eval model_args); ``stages``: "6,12,18"."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    reduction = None
+    if method in ("fastv", "pdrop", "visionzip"):
+        stage_list = checks.int_list("--stages", str(stages)) if stages else []
+        knobs = int(layer), float(keep), stage_list, float(ratio), int(dominant), int(contextual)
+        reduction = Reduction(method, *knobs)
+    return Setting(method, budget, reduction)
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -139,8 +158,7 @@ def evaluate(
         "reduction": setting.reduction.__dict__ if setting.reduction else None,
         "summary": summarise(rows),
         "seconds": seconds,
-        "device": str(model.backbone.device),
-        "dtype": str(model.lm.lm_head.weight.dtype).removeprefix("torch."),
+        **model.placement,
         "prefill_seconds": stats.get("prefill_s", 0.0),
         "n_skipped": len(skipped),
         "skipped": skipped,  # why each unusable record was left out

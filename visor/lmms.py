@@ -77,11 +77,9 @@ class Runner:
     ):
         from . import checks
         from .api import load
-        from .evaluate import METHODS, Setting
-        from .reduce import Reduction
+        from .evaluate import make_setting
 
-        if method not in METHODS:
-            raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        setting = make_setting(method, budget, layer, keep, str(stages).replace("-", ","), ratio, dominant, contextual)
         if not str(batch_size).isdigit():
             raise ConfigError(f"--batch_size must be a whole number for visor, not {batch_size!r}")
         self.batch_size = checks.count("batch_size", int(batch_size), 1)
@@ -89,15 +87,7 @@ class Runner:
         if device in (None, "cuda", "auto") and world > 1:  # lmms-eval's processes: one GPU each
             device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
         self.model = load(pretrained, schedule=schedule or None, dtype=dtype, device=device or "auto")
-        reduction = None
-        if method in ("fastv", "pdrop", "visionzip"):
-            stage_list = checks.int_list("stages", str(stages).replace("-", ",")) if stages else []
-            reduction = Reduction(
-                method, int(layer), float(keep), stage_list, float(ratio), int(dominant), int(contextual)
-            )
-        if method == "base" or (budget is None and method != "visor"):
-            budget = "full"
-        self.setting = Setting(method, self.model.parse_budget(budget), reduction)
+        self.setting = setting.for_model(self.model)
         label = "".join(c for c in self.setting.label.replace(":", "-") if c.isalnum() or c in "+-_.=")
         suffix = f".rank{rank}" if world > 1 else ""  # each process writes its share
         self.flops_file = Path(flops_file or f"visor_flops_{label}.json")
@@ -152,8 +142,7 @@ class Runner:
             "setting": self.setting.label,
             "method": self.setting.method,
             "budget": self.setting.budget,
-            "device": str(self.model.backbone.device),
-            "dtype": str(self.model.lm.lm_head.weight.dtype).removeprefix("torch."),
+            **self.model.placement,
             "tasks": summary,
             "samples": self.rows,
         }

@@ -441,7 +441,7 @@ def claim_run(cfg: TrainConfig, rank: int) -> Path:
     """The run directory, checked (read only, on every rank): new or empty, or an earlier run of
     ours to continue (``--resume``: with the same settings) or to start again (``--overwrite``)."""
     out = Path(cfg.out)
-    claim(out, "train", RUN_ENTRIES, [cfg.model, cfg.data, cfg.images], cfg.overwrite, cfg.resume, mark=False)
+    claim(out, "train", RUN_ENTRIES, _inputs(cfg), cfg.overwrite, cfg.resume, mark=False)
     if cfg.resume and (out / "config.yaml").is_file():
         try:
             before = yaml.safe_load((out / "config.yaml").read_text())
@@ -460,6 +460,11 @@ def claim_run(cfg: TrainConfig, rank: int) -> Path:
     return out
 
 
+def _inputs(cfg: TrainConfig) -> list[str]:
+    """What a run reads: its --out may not be or contain them."""
+    return [cfg.model, cfg.data, cfg.images]
+
+
 def _comparable(settings: dict) -> dict:
     """Settings with paths made absolute, so `runs/s1` and `./runs/s1` are the same run."""
     paths = ("model", "data", "images")
@@ -470,7 +475,7 @@ def start_run(out: Path, cfg: TrainConfig, rank: int) -> None:
     """Rank 0 marks `out` ours and sets an earlier run aside (``--overwrite``; deleted when this
     run's final model is written) or tidies what a kill left (``--resume``)."""
     if rank == 0:
-        claim(out, "train", RUN_ENTRIES, [cfg.model, cfg.data, cfg.images], cfg.overwrite, cfg.resume)
+        claim(out, "train", RUN_ENTRIES, _inputs(cfg), cfg.overwrite, cfg.resume)
         if cfg.overwrite:
             set_aside(out, "train", RUN_ENTRIES)
         elif (out / "checkpoints").is_dir():
@@ -547,7 +552,7 @@ class _Log:
         kill cut short)."""
         path = self.out / "metrics.jsonl"
         if self.rank == 0 and path.exists():
-            rows = [r for r in path.read_text().splitlines() if _step_of(r) is not None and _step_of(r) <= step]
+            rows = [r for r in path.read_text().splitlines() if (s := _step_of(r)) is not None and s <= step]
             atomic_write(path, "".join(r + "\n" for r in rows))
 
     def progress(self, total: int, initial: int):
