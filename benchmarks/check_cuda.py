@@ -6,6 +6,10 @@
    may break a near-tie differently, after which free-running tokens rightly differ).
 2. The same in float32 at float32 tolerance; there free-running greedy decoding on the fastest
    path gives the CPU's tokens too, and `full` gives transformers' own generate tokens.
+3. The API path, what users run: ``VisorModel.generate`` with its default modes (compile-graph
+   prefill and decode on CUDA, prompts padded to buckets) on a batch of unequal prompts, in
+   float32: the CPU's tokens for every budget, and a second batch of other prompts in the same
+   buckets replays the graphs captured for the first (no new capture).
 
     python benchmarks/check_cuda.py            # exits 1 and says what differs, if anything does
     python benchmarks/check_cuda.py cpu        # the same checks on the CPU (no CUDA graphs there)
@@ -20,7 +24,7 @@ import torch
 
 import visor
 from visor.backbone import load_image
-from visor.generate import DECODE_MODES, Decoder, Prefill, collate
+from visor.generate import DECODE_MODES, Decoder, Prefill, bucket, collate
 from visor.tiny import TinySpec, build_tiny
 
 N_NEW = 8
@@ -30,7 +34,7 @@ def greedy(model, tok, budget, mode="dynamic", force=None, prefill="eager"):
     """Greedy tokens and every step's logits (CPU float32); ``force``: feed these tokens instead."""
     capacity = tok.text_ids.shape[1] + N_NEW
     with torch.no_grad():
-        logits, cache = Prefill(model.lm, budget, capacity, prefill)(tok)
+        logits, cache, *_ = Prefill(model.lm, budget, capacity, prefill)(tok)
         decoder = Decoder(model.lm, cache, mode)
         steps, ids = [logits.float().cpu()], [logits.argmax(-1)]
         for step in range(N_NEW - 1):
@@ -103,8 +107,44 @@ def main() -> int:
             print(f"full vs transformers' generate: {'same tokens' if same else 'DIFFERENT tokens'}")
             if not same:
                 failures.append(f"full vs HF: {ours[0].tolist()} vs {theirs.tolist()}")
+    failures += api_path(path, state, image, device)
     print("all checks passed" if not failures else "FAILED:\n  " + "\n  ".join(failures))
     return 1 if failures else 0
+
+
+def api_path(path, state, image, device) -> list[str]:
+    """Check 3 (see the module docstring); returns what failed."""
+    failures = []
+    batches = [
+        (["Describe the picture.", "What colour is it?", "Is there text?"], [[image], [image, image], []]),
+        (["Describe this picture.", "What colour is this?", "Is there any text?"], [[image], [image, image], []]),
+    ]
+    reference = visor.load(path)
+    reference.lm.load_state_dict(state, strict=False)
+    model = visor.load(path, dtype="float32", device=device)
+    model.lm.load_state_dict(state, strict=False)
+    runner = model.runner()
+    print(f"API path on {device}: prefill {runner.prefill_mode}, decode {runner.decode_mode}, buckets {runner.buckets}")
+
+    def shapes(prompts, pictures):
+        samples = model.encode(prompts, pictures)
+        return [bucket(max(f(s) for s in samples)) for f in (lambda s: s.visual.shape[0], lambda s: len(s.ids))]
+
+    if shapes(*batches[0]) != shapes(*batches[1]):
+        failures.append("API path: the two batches fall in different buckets; pick closer prompts")
+    for budget in [1, 2, "full"]:
+        for prompts, pictures in batches:
+            expected = [g.token_ids for g in reference.generate(pictures, prompts, budget=budget, max_new_tokens=N_NEW)]
+            got = [g.token_ids for g in model.generate(pictures, prompts, budget=budget, max_new_tokens=N_NEW)]
+            same = got == expected
+            print(f"API float32 budget {budget}: {'same tokens' if same else 'DIFFERENT tokens'} as the CPU's")
+            if not same:
+                failures.append(f"API budget {budget}: {got} vs the CPU's {expected}")
+    graphs = sum(len(p.graphed.graphs) for p in runner.prefills.values() if p.graphed is not None)
+    if device == "cuda" and graphs != 3:
+        failures.append(f"API path: {graphs} prefill graphs captured for 3 budgets x 2 batches in one bucket (want 3)")
+    print(f"API path: {graphs} prefill graphs for 3 budgets, 2 batches each")
+    return failures
 
 
 if __name__ == "__main__":

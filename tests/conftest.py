@@ -34,7 +34,7 @@ def greedy(model, samples, n_new, budget, decode="dynamic"):
     """Greedy tokens and per-step logits through prefill + cached decode."""
     tok = collate(samples, model.backbone.image_token_id, "cpu")
     with torch.no_grad():
-        logits, cache = model.lm.prefill(tok, budget, capacity=tok.text_ids.shape[1] + n_new)
+        logits, cache, *_ = model.lm.prefill(tok, budget, capacity=tok.text_ids.shape[1] + n_new)
         decoder = Decoder(model.lm, cache, decode)
         steps, tokens = [logits], []
         for _ in range(n_new - 1):

@@ -38,7 +38,7 @@ def test_bench_cli_emits_the_whole_schema(checkpoints, tmp_path):
     assert json.loads((tmp_path / "bench.json").read_text()) == result
     assert set(result) == {"device", "versions", "config", "model", "methods"}
     assert set(result["versions"]) == {"visor", "torch", "transformers"}
-    assert result["config"]["decode"] == "static" and result["config"]["dtype"] == "float32"
+    assert result["config"]["decode"] == "dynamic" and result["config"]["dtype"] == "float32"
     assert result["config"]["prefill"] == "eager"
     assert [r["method"] for r in result["methods"]] == ["hf", "full", "visor:0", "visor:2"]
     for row in result["methods"]:
@@ -96,9 +96,9 @@ def test_bench_errors(checkpoints):
     with pytest.raises(VisorError, match="context"):
         run_bench(BenchConfig(config=config, visual_tokens=10**6, text_tokens=T))
     for prefill in ("graph", "compile-graph"):
-        with pytest.raises(VisorError, match="graph modes need CUDA"):
+        with pytest.raises(VisorError, match="needs a CUDA device"):
             run_bench(BenchConfig(config=config, visual_tokens=V, text_tokens=T, prefill=prefill))
-    with pytest.raises(VisorError, match="--prefill 'fast'"):
+    with pytest.raises(VisorError, match="unknown prefill mode 'fast'"):
         run_bench(BenchConfig(config=config, visual_tokens=V, text_tokens=T, prefill="fast"))
 
 

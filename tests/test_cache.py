@@ -125,7 +125,7 @@ def test_decode_step_compiles_to_one_graph(visor_model, images):
     traces it whole, and the compiled steps give the dynamic tokens."""
     import torch._dynamo
 
-    from visor.generate import Decoder, collate
+    from visor.generate import collate
 
     bb = visor_model.backbone
     samples = [bb.encode("What is shown?", [images[0]]), bb.encode("Describe it.", [images[3]])]
@@ -133,12 +133,12 @@ def test_decode_step_compiles_to_one_graph(visor_model, images):
     tok = collate(samples, bb.image_token_id, "cpu")
     torch._dynamo.reset()
     with torch.no_grad():
-        logits, cache = visor_model.lm.prefill(tok, 1, capacity=tok.text_ids.shape[1] + 6)
-        decoder = Decoder(visor_model.lm, cache, "static")
+        logits, cache, *_ = visor_model.lm.prefill(tok, 1, capacity=tok.text_ids.shape[1] + 6)
         step = torch.compile(visor_model.lm.decode_one_token, fullgraph=True, backend="eager")
-        tokens = [logits.argmax(-1)]
+        tokens, input_pos = [logits.argmax(-1)], torch.tensor([cache.n_prompt])
         for _ in range(5):
-            tokens.append(step(tokens[-1], decoder.cache, static=True).argmax(-1))
+            tokens.append(step(tokens[-1], cache, input_pos).argmax(-1))
+            input_pos += 1  # the caller's counter, outside the compiled step
     assert torch.equal(torch.stack(tokens, 1), expected)
 
 
@@ -155,7 +155,7 @@ def test_unknown_decode_mode_and_graph_without_cuda(visor_model, images):
 def test_one_image_without_padding_joins_by_concatenation(visor_model, images):
     """The SA layers' fast path (a concat instead of a scatter) is taken exactly where it is valid;
     the HF-equivalence and batched-vs-one-by-one tests check both paths' numbers."""
-    from visor.model import Context
+    from visor.layout import Context
 
     bb, lm = visor_model.backbone, visor_model.lm
 
@@ -183,7 +183,7 @@ def test_prefill_with_a_known_layout_skips_the_host_sync(visor_model, images, mo
     (``Context.layout`` is not called) and the prefill is the same."""
     import dataclasses
 
-    from visor.model import Context
+    from visor.layout import Context
 
     bb, lm = visor_model.backbone, visor_model.lm
     one = bb.encode("What is shown?", [images[0]])
@@ -221,11 +221,11 @@ def test_compiled_layers_give_the_eager_prefill(visor_model, images):
     Prefill(lm, "full", 40, "compile")(toks[0])  # every layer SA: one qkv and one finish for all layers
     assert counters["stats"]["unique_graphs"] == 2 < lm.cfg.n_layers
     for tok, runs in zip(toks, expected):
-        for budget, (logits, cache) in zip(BUDGETS, runs):
-            got, got_cache = Prefill(lm, budget, 40, "compile")(tok)
+        for budget, (logits, cache, *_) in zip(BUDGETS, runs):
+            got, got_cache, *_ = Prefill(lm, budget, 40, "compile")(tok)
             assert (got - logits).abs().max() <= 1e-5
             for i in range(lm.cfg.n_layers):
-                assert (got_cache.text_k[i] - cache.text_k[i]).abs().max() <= 1e-5
+                assert (got_cache.layers[i].k - cache.layers[i].k).abs().max() <= 1e-5
     assert not counters["graph_break"]
     assert "qkv" not in lm.layers[0].__dict__ and "forward" not in next(iter(lm.cross.values())).__dict__
     with lm.compiled():
@@ -262,11 +262,12 @@ def test_decode_steps_concatenate_no_keys_or_values(visor_model, images, monkeyp
     a view of it. torch.cat along the sequence of 4-D (K/V-shaped) tensors is made to fail."""
     from visor.generate import Decoder
 
-    bb = visor_model.backbone
+    bb, lm = visor_model.backbone, visor_model.lm
     samples = [bb.encode("What is shown?", [images[0]]), bb.encode("Compare them.", [images[1], images[2]])]
     samples.append(bb.encode("Is there a table?", []))
+    budgets = [2, 1, "full"]
     tok = collate(samples, bb.image_token_id, "cpu")
-    reference, _ = greedy(visor_model, samples, 5, [2, 1, "full"], mode)
+    reference, _ = greedy(visor_model, samples, 5, budgets, mode)
     cat = torch.cat
 
     def no_kv_cat(tensors, dim=0, **kw):
@@ -275,27 +276,43 @@ def test_decode_steps_concatenate_no_keys_or_values(visor_model, images, monkeyp
         return cat(tensors, dim, **kw)
 
     with torch.no_grad():
-        logits, cache = visor_model.lm.prefill(tok, [2, 1, "full"], capacity=tok.text_ids.shape[1] + 5)
+        logits, cache, *_ = lm.prefill(tok, budgets, capacity=tok.text_ids.shape[1] + 5)
         monkeypatch.setattr(torch, "cat", no_kv_cat)
-        decoder, tokens = Decoder(visor_model.lm, cache, mode), [logits.argmax(-1)]
+        decoder, tokens = Decoder(lm, cache, mode), [logits.argmax(-1)]
         for _ in range(4):
             tokens.append(decoder(tokens[-1]).argmax(-1))
     assert torch.equal(torch.stack(tokens, 1), reference)
-    assert cache.nbytes() == sum(
-        t.numel() * t.element_size() for kv in cache.sa_buffer + cache.ca_kv if kv is not None for t in kv
-    ) + sum(k.numel() * 2 * k.element_size() for k, sa in zip(cache.text_k, cache.sa_buffer) if sa is None)
+    # the buffers, from the schedule: SA layers (of any sample's budget) hold [visual | text], the rest text
+    sa_layers = set().union(*(visor_model.schedule.active_sa(b) for b in budgets))
+    n_visual, capacity, elem = tok.visual.shape[1], cache.capacity, 4 * lm.cfg.n_kv_heads * lm.cfg.head_dim
+    per_layer = [(n_visual if i in sa_layers else 0) + capacity for i in range(lm.cfg.n_layers)]
+    assert [layer.n_visual for layer in cache.layers] == [n - capacity for n in per_layer]
+    cross = sum(2 * 3 * n_visual * elem for kv in cache.cross if kv is not None)  # 3 samples
+    assert cache.nbytes() == sum(2 * 3 * n * elem for n in per_layer) + cross
 
 
-def test_a_decode_step_changes_only_its_bookkeeping_and_kv(visor_model, images):
-    """What CUDA-graph capture undoes after its warm-up steps (Decoder._capture) is all a step changes
-    besides K/V: restoring `bookkeeping()` makes the next step give the same logits again."""
-    bb = visor_model.backbone
-    tok = collate([bb.encode("What is shown?", [images[0]])], bb.image_token_id, "cpu")
+def test_a_decode_step_writes_only_its_slot(visor_model, images):
+    """A static step at input_pos p changes the cache only at text slot p of each layer's K/V: nothing
+    else (no mask, no counter), so CUDA-graph warm-up steps need no undoing and a step run twice at
+    the same position gives the same logits."""
+    bb, lm = visor_model.backbone, visor_model.lm
+    tok = collate([bb.encode("What is shown?", [images[0]]), bb.encode("Hi?", [])], bb.image_token_id, "cpu")
     with torch.no_grad():
-        logits, cache = visor_model.lm.prefill(tok, 2, capacity=tok.text_ids.shape[1] + 3)
-        saved = [t.clone() for t in cache.bookkeeping()]
-        first = visor_model.lm.decode_one_token(logits.argmax(-1), cache, static=True)
-        for t, before in zip(cache.bookkeeping(), saved):
-            t.copy_(before)
-        again = visor_model.lm.decode_one_token(logits.argmax(-1), cache, static=True)
-    assert len(saved) > 3 and torch.equal(first, again)  # the SA layers' masks are part of it
+        logits, cache, *_ = lm.prefill(tok, 2, capacity=tok.text_ids.shape[1] + 3)
+
+        def tensors():
+            own = [t for layer in cache.layers for t in (layer.k, layer.v, layer.valid)]
+            return own + [t for kv in cache.cross if kv is not None for t in kv] + [cache.text_valid, cache.rope_offset]
+
+        before = [t.clone() for t in tensors()]
+        input_pos = torch.tensor([cache.n_prompt + 1])
+        first = lm.decode_one_token(logits.argmax(-1), cache, input_pos)
+        n_layer_tensors = 3 * len(cache.layers)
+        for i, (t, old) in enumerate(zip(tensors(), before)):
+            if i < n_layer_tensors and i % 3 < 2:  # a layer's K or V: only the written slot
+                slot = cache.layers[i // 3].n_visual + cache.n_prompt + 1
+                assert (t != old).any(dim=(0, 1, 3)).nonzero().flatten().tolist() == [slot]
+            else:
+                assert torch.equal(t, old)
+        again = lm.decode_one_token(logits.argmax(-1), cache, input_pos)
+    assert torch.equal(first, again)

@@ -37,10 +37,10 @@ def test_prefill_and_decode_flops_match_the_counter(eager_model, images, budget,
     with torch.no_grad():
         vision_flops, sample = measured(lambda: eager_model.backbone.encode(prompt, [images[i] for i in which]))
         tok = collate([sample], eager_model.backbone.image_token_id, "cpu")
-        lm_flops, (logits, cache) = measured(
+        lm_flops, (logits, cache, *_) = measured(
             lambda: eager_model.lm.prefill(tok, budget, capacity=tok.text_ids.shape[1] + 4)
         )
-        step_flops, _ = measured(lambda: eager_model.lm.decode_one_token(logits.argmax(-1), cache))
+        step_flops, _ = measured(lambda: eager_model.lm.decode_one_token(logits.argmax(-1), cache, cache.n_prompt))
     n_visual = sample.visual.shape[0]
     report = eager_model.flops(n_visual, len(sample.ids) - n_visual, budget, sample.n_crops)
     assert report.prefill == pytest.approx(vision_flops + lm_flops, rel=0.01)
@@ -55,10 +55,10 @@ def test_decode_total_matches_the_counter(checkpoints, images):
     sample = model.backbone.encode("What is shown?", [images[0]])
     tok = collate([sample], model.backbone.image_token_id, "cpu")
     with torch.no_grad():
-        logits, cache = model.lm.prefill(tok, 1, capacity=tok.text_ids.shape[1] + 8)
+        logits, cache, *_ = model.lm.prefill(tok, 1, capacity=tok.text_ids.shape[1] + 8)
         with FlopCounterMode(display=False) as counter:
-            for _ in range(7):
-                logits = model.lm.decode_one_token(logits.argmax(-1), cache)
+            for pos in range(cache.n_prompt, cache.n_prompt + 7):
+                logits = model.lm.decode_one_token(logits.argmax(-1), cache, pos)
     n_visual = sample.visual.shape[0]
     expected = decode_flops(model.config, model.schedule, 1, n_visual, len(sample.ids) - n_visual, 8)
     assert expected == pytest.approx(counter.get_total_flops(), rel=0.01)

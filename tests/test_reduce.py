@@ -14,13 +14,14 @@ from visor.reduce import Reduction, visionzip_select
 PROMPT = "What is shown in this picture?"
 
 
-def prefill_logits(model, images, budget="full", reduction=None, trace=None):
+def prefill_logits(model, images, budget="full", reduction=None):
+    """Logits of the last prompt token, the sample, its tokens, and the visual tokens each drop layer kept."""
     sample = model.encode([PROMPT], [images], reduction)[0]
     tok = collate([sample], model.backbone.image_token_id, "cpu")
     drops = reduction.drops(model.lm.cfg.n_layers) if reduction else None
     with torch.no_grad():
-        t, _ = model.lm.run(tok, [budget], None, drops, trace)
-    return model.lm.logits(t[0, -1]), sample, tok
+        out = model.lm.run(tok, [budget], None, drops)
+    return model.lm.logits(out.text[0, -1]), sample, tok, out.kept
 
 
 @pytest.mark.parametrize(
@@ -33,8 +34,8 @@ def prefill_logits(model, images, budget="full", reduction=None, trace=None):
     ids=["fastv", "pdrop", "visionzip"],
 )
 def test_keeping_everything_is_the_base_model(base_model, images, reduction):
-    base, _, _ = prefill_logits(base_model, [images[1]])
-    reduced, _, _ = prefill_logits(base_model, [images[1]], reduction=reduction)
+    base, *_ = prefill_logits(base_model, [images[1]])
+    reduced, *_ = prefill_logits(base_model, [images[1]], reduction=reduction)
     assert torch.equal(base, reduced)
     g = base_model.generate(images[1], PROMPT, max_new_tokens=6)
     assert base_model.generate(images[1], PROMPT, max_new_tokens=6, reduction=reduction).token_ids == g.token_ids
@@ -48,10 +49,7 @@ def eager_base(checkpoints, arch):
 @pytest.mark.parametrize("layer, keep", [(1, 0.5), (2, 0.25), (4, 0.1)])
 def test_fastv_keeps_what_the_attention_matrix_says(eager_base, images, layer, keep):
     """Brute force: HF's own attention probabilities (eager), last token's row, head mean, top-k."""
-    trace = {}
-    _, sample, tok = prefill_logits(
-        eager_base, [images[3]], reduction=Reduction("fastv", layer=layer, keep=keep), trace=trace
-    )
+    _, sample, tok, kept = prefill_logits(eager_base, [images[3]], reduction=Reduction("fastv", layer=layer, keep=keep))
     ids = torch.tensor([sample.ids])
     embeds = eager_base.lm.embed_tokens(ids)
     is_image = ids[0] == eager_base.backbone.image_token_id
@@ -62,24 +60,22 @@ def test_fastv_keeps_what_the_attention_matrix_says(eager_base, images, layer, k
     visual_scores = row[is_image]
     n_keep = math.ceil(keep * len(visual_scores))
     expected = sorted(visual_scores.topk(n_keep).indices.tolist())
-    assert trace["kept"][layer - 1][0] == expected
+    assert kept[layer - 1][0] == expected
 
 
 def test_pyramid_drop_stages(eager_base, images):
-    trace = {}
     pdrop = Reduction("pdrop", stages=[2, 3, 5], ratio=0.5)
-    prefill_logits(eager_base, [images[3]], reduction=pdrop, trace=trace)
-    fastv = {}
-    prefill_logits(eager_base, [images[3]], reduction=Reduction("fastv", layer=2, keep=0.5), trace=fastv)
-    assert trace["kept"][1] == fastv["kept"][1]  # the first stage is FastV
-    sizes = [len(trace["kept"][i][0]) for i in (1, 2, 4)]
+    kept = prefill_logits(eager_base, [images[3]], reduction=pdrop)[3]
+    fastv = prefill_logits(eager_base, [images[3]], reduction=Reduction("fastv", layer=2, keep=0.5))[3]
+    assert kept[1] == fastv[1]  # the first stage is FastV
+    sizes = [len(kept[i][0]) for i in (1, 2, 4)]
     n_visual = eager_base.encode([PROMPT], [[images[3]]])[0].visual.shape[0]
     assert sizes == [
         math.ceil(n_visual / 2),
         math.ceil(math.ceil(n_visual / 2) / 2),
         math.ceil(math.ceil(math.ceil(n_visual / 2) / 2) / 2),
     ]
-    assert all(0 <= i < prev for i, prev in zip(trace["kept"][2][0], [sizes[0]] * sizes[1]))
+    assert all(0 <= i < prev for i, prev in zip(kept[2][0], [sizes[0]] * sizes[1]))
 
 
 def test_visionzip_selection_on_a_hand_made_example():
@@ -123,9 +119,9 @@ def test_reduction_flops_match_the_counter(checkpoints, arch, images, budget, re
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         sample = model.encode([PROMPT], [[images[1]]], reduction)[0]
         tok = collate([sample], model.backbone.image_token_id, "cpu")
-        logits, cache = model.lm.prefill(tok, budget, capacity=tok.text_ids.shape[1] + 2, drops=drops)
+        logits, cache, *_ = model.lm.prefill(tok, budget, capacity=tok.text_ids.shape[1] + 2, drops=drops)
     with torch.no_grad(), FlopCounterMode(display=False) as step:
-        model.lm.decode_one_token(logits.argmax(-1), cache)
+        model.lm.decode_one_token(logits.argmax(-1), cache, cache.n_prompt)
     n_visual = sample.visual.shape[0]
     report = model.flops(n_visual, len(sample.ids) - n_visual, budget, sample.n_crops, reduction)
     assert report.prefill == pytest.approx(counter.get_total_flops(), rel=0.01)

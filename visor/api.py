@@ -12,7 +12,7 @@ from .backbone import Backbone, Sample, read_config
 from .checkpoint import base_weights, checkpoint_dtype, load_visor_weights, read_visor_json, write_checkpoint
 from .errors import CheckpointError, ConfigError, InputError
 from .flops import FlopReport, count_flops, decode_flops
-from .generate import GenerationConfig, collate, generate
+from .generate import GenerationConfig, Runner, collate, generate
 from .model import VisorLM
 from .outputs import claim
 from .policy import Policy
@@ -28,6 +28,7 @@ class Generation:
     n_visual: int
     n_text: int
     flops: dict  # {"prefill", "lm_prefill", "decode", "total"} for this sample
+    prefill_seconds: float  # the language-model prefill of the batch this sample was in
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -38,6 +39,7 @@ class VisorModel:
         self.backbone, self.schedule = backbone, schedule
         self.is_visor = is_visor  # loaded from a VISOR checkpoint (trained CA layers), not a base one
         self.lm = VisorLM(backbone.hf, schedule)
+        self.runners: dict[tuple[str, str], Runner] = {}  # (prefill, decode) modes -> Runner, kept across calls
 
     @property
     def config(self):
@@ -63,15 +65,17 @@ class VisorModel:
         top_p: float = 1.0,
         seed: int = 0,
         reduction: Reduction | None = None,
-        stats: dict | None = None,
-        decode: str = "dynamic",
+        prefill: str = "auto",
+        decode: str = "auto",
     ) -> Generation | list[Generation]:
         """Answer one prompt (str; images = a path/PIL image or a list of them) or a batch of
         prompts (list; images = one entry per prompt, each an image or a list of images).
-        ``decode``: how decode steps run, "dynamic", "static", "graph" (CUDA graphs), "compile" or
-        "compile-graph" (see ``visor.generate.Decoder``); the tokens are the same. ``budget``: 0..n,
-        "full" (the base model), "auto" (the policy); None: ``default_budget``."""
-        cfg = GenerationConfig(max_new_tokens, temperature, top_p, seed, decode=decode)
+        ``budget``: 0..n, "full" (the base model), "auto" (the policy); None: ``default_budget``.
+        ``prefill`` / ``decode``: how the prompt and the new tokens run (``visor.generate.Prefill``,
+        ``Decoder``); "auto": compiled and replayed as CUDA graphs on a GPU, prompts padded to a few
+        lengths so that the graphs serve them all; eager on the CPU. The tokens are the same."""
+        cfg = GenerationConfig(max_new_tokens, temperature, top_p, seed)
+        runner = self.runner(prefill, decode)
         budget = self.parse_budget(budget, reduction)
         single = isinstance(prompts, str)
         prompts_list, images_list = ([prompts], [images]) if single else (prompts, images)
@@ -87,11 +91,11 @@ class VisorModel:
             raise InputError(f"{len(prompts_list)} prompt(s) but {len(images_list)} image entries")
         images_list = [ims if isinstance(ims, (list, tuple)) else [ims] for ims in images_list]
         samples = self.encode(prompts_list, images_list, reduction)
-        tokens = collate(samples, self.backbone.image_token_id, self.backbone.device)
+        tokens = collate(samples, self.backbone.image_token_id, self.backbone.device, runner.buckets)
         drops = reduction.drops(self.lm.cfg.n_layers) if reduction else None
-        new_ids, budgets = generate(self.lm, tokens, budget, cfg, self.backbone.eos_token_ids, drops, stats)
+        out = generate(runner, tokens, budget, cfg, self.backbone.eos_token_ids, drops)
         results = []
-        for sample, ids, budget in zip(samples, new_ids, budgets):
+        for sample, ids, budget in zip(samples, out.tokens, out.budgets):
             n_visual = sample.visual.shape[0]
             n_text = len(sample.ids) - n_visual
             report = self.flops(n_visual, n_text, budget, sample.n_crops, reduction)
@@ -103,8 +107,14 @@ class VisorModel:
                 "decode": decode,
                 "total": report.prefill + decode,
             }
-            results.append(Generation(text, ids, budget, n_visual, n_text, flops))
+            results.append(Generation(text, ids, budget, n_visual, n_text, flops, out.prefill_seconds))
         return results[0] if single else results
+
+    def runner(self, prefill: str = "auto", decode: str = "auto") -> Runner:
+        """The prefill and decode runner of these modes, made once (its compiled code and graphs stay)."""
+        if (prefill, decode) not in self.runners:
+            self.runners[prefill, decode] = Runner(self.lm, prefill, decode)
+        return self.runners[prefill, decode]
 
     @property
     def default_budget(self) -> Budget | str:

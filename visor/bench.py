@@ -55,7 +55,7 @@ class BenchConfig:
     warmup: int = 2
     device: str = "auto"  # cuda if available, else cpu
     dtype: str = "auto"  # bfloat16 on CUDA, float32 on CPU
-    decode: str = "auto"  # visor decode mode (visor.generate.DECODE_MODES); auto: compile-graph on CUDA, else static
+    decode: str = "auto"  # visor decode mode (visor.generate.DECODE_MODES); auto: compile-graph on CUDA, else dynamic
     prefill: str = "auto"  # visor prefill mode (visor.generate.PREFILL_MODES); auto: compile-graph on CUDA, else eager
     schedule: str = ""  # a schedule spec for random-weight models ("" = the default rule)
     seed: int = 0
@@ -161,18 +161,20 @@ def prompt(lm, cfg: BenchConfig, device, dtype):
 
 
 class Ours:
-    def __init__(self, lm, budget, capacity: int, decode: str, prefill: str):
-        from .generate import Prefill
+    """VISOR through the path ``VisorModel.generate`` takes (``visor.generate.Runner``)."""
 
-        self.lm, self.decode = lm, decode
-        self.prefill = Prefill(lm, budget, capacity, prefill)
+    def __init__(self, lm, budget, capacity: int, decode: str, prefill: str):
+        from .generate import Runner
+
+        self.runner, self.budget, self.capacity = Runner(lm, prefill, decode), budget, capacity
+
+    def prefill(self, tok):
+        return self.runner.prefill(tok, self.budget, self.capacity)
 
     def generate(self, tok):
         """Prefill; returns (token ids so far, one decode step, KV-cache bytes)."""
-        from .generate import Decoder
-
-        logits, cache = self.prefill(tok)
-        decoder = Decoder(self.lm, cache, self.decode)
+        logits, cache, _, _ = self.prefill(tok)
+        decoder = self.runner.decoder(cache)
         ids = [logits.argmax(-1)]
         return ids, lambda: ids.append(decoder(ids[-1]).argmax(-1)), cache.nbytes()
 
@@ -221,7 +223,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
 
     from . import __version__, checks
     from .flops import count_flops, decode_flops
-    from .generate import DECODE_MODES, PREFILL_MODES
+    from .generate import modes
 
     if cfg.visual_tokens < 0 or cfg.text_tokens < 1 or cfg.new_tokens < 3:
         raise ConfigError("need --visual-tokens >= 0, --text-tokens >= 1 and --new-tokens >= 3")
@@ -230,12 +232,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     device = checks.device(cfg.device)
     dtype = checks.dtype(cfg.dtype, device)
     dtype_name = checks.dtype_name(dtype)
-    decode = cfg.decode if cfg.decode != "auto" else ("compile-graph" if device.type == "cuda" else "static")
-    if decode not in DECODE_MODES:
-        raise ConfigError(f"unknown --decode {cfg.decode!r}; choose from auto, {', '.join(DECODE_MODES)}")
-    prefill = cfg.prefill if cfg.prefill != "auto" else ("compile-graph" if device.type == "cuda" else "eager")
-    if prefill not in PREFILL_MODES or (prefill.endswith("graph") and device.type != "cuda"):
-        raise ConfigError(f"--prefill {cfg.prefill!r}: choose auto, {', '.join(PREFILL_MODES)} (graph modes need CUDA)")
+    prefill, decode = modes(device, cfg.prefill, cfg.decode)
 
     hf, lm = build(cfg, device, dtype)
     methods = parse_methods(cfg.methods, lm.schedule)
@@ -320,7 +317,8 @@ def time_method(runner, vision, tok, cfg: BenchConfig, clock: Clock, progress) -
     samples = {k: [] for k in TIMES}
     for i in range(cfg.warmup + cfg.repeats):
         _, t_vision = clock(vision)
-        (logits, _), t_prefill = clock(lambda: runner.prefill(tok))
+        prefilled, t_prefill = clock(lambda: runner.prefill(tok))
+        logits = prefilled[0]
         _, t_first = clock(lambda: (vision(), runner.prefill(tok)[0].argmax(-1)))
         ids, step, kv_bytes = runner.generate(tok)
         _, t_setup = clock(step)  # the first step also sets decoding up (e.g. captures the CUDA graph)

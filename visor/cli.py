@@ -39,6 +39,11 @@ OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="replace an earlier output of this command at --out (never other files)")
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto (the GPU if there is one), cpu, cuda, cuda:N")]
+PrefillOpt = Annotated[
+    str,
+    typer.Option(help="auto (compile-graph on a GPU, prompts padded to a few lengths; else eager), " + PREFILL_HELP),
+]
+DecodeOpt = Annotated[str, typer.Option(help="auto (compile-graph on a GPU, dynamic on the CPU), " + DECODE_HELP)]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 on a GPU, else float32), float32, bfloat16, float16")]
 
 
@@ -97,15 +102,17 @@ def generate(
     schedule: ScheduleOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
-    decode: Annotated[str, typer.Option(help="decode steps: " + DECODE_HELP)] = "dynamic",
+    prefill: PrefillOpt = "auto",
+    decode: DecodeOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ):
     """Answer a prompt about one or more images."""
     from .api import load
-    from .generate import GenerationConfig
+    from .generate import GenerationConfig, modes
 
     _quiet_transformers()
-    GenerationConfig(max_new_tokens, temperature, top_p, seed, decode=decode)  # checked before loading
+    GenerationConfig(max_new_tokens, temperature, top_p, seed)  # checked before loading
+    modes(device, prefill, decode)
     m = load(model, schedule=schedule, dtype=dtype, device=device)
     g = m.generate(
         [str(p) for p in image],
@@ -115,6 +122,7 @@ def generate(
         temperature=temperature,
         top_p=top_p,
         seed=seed,
+        prefill=prefill,
         decode=decode,
     )
     if as_json:
@@ -223,8 +231,8 @@ def bench(
     warmup: int = 2,
     device: Annotated[str, typer.Option(help="auto (cuda if available), cuda, cpu")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")] = "auto",
-    decode: Annotated[str, typer.Option(help="auto (compile-graph on CUDA, else static), " + DECODE_HELP)] = "auto",
-    prefill: Annotated[str, typer.Option(help="auto (compile-graph on CUDA, else eager), " + PREFILL_HELP)] = "auto",
+    decode: DecodeOpt = "auto",
+    prefill: PrefillOpt = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="decode through torch.compile (--decode compile)")] = False,
     schedule: ScheduleOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as one JSON object")] = False,
@@ -432,21 +440,27 @@ def eval_command(
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    prefill: PrefillOpt = "auto",
+    decode: DecodeOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ):
     """Accuracy (exact match, ANLS), FLOPs and time of one method on a data set."""
     from .api import load
     from .evaluate import RESULT_ENTRIES, check_options, evaluate, make_setting, markdown, skipped_note, write_result
+    from .generate import modes
     from .outputs import claim
 
     _quiet_transformers()
     check_options(batch_size, max_new_tokens, limit)
+    modes(device, prefill, decode)
     setting = make_setting(method, budget, layer, keep, stages, ratio, dominant, contextual)
     inputs = [model, data, images]
     if out is not None:  # refuse a bad --out before the evaluation, not after
         claim(out, "eval", RESULT_ENTRIES, inputs, overwrite, mark=False)
     m = load(model, dtype=dtype, device=device)
-    result = evaluate(m, data, images, setting.for_model(m), batch_size, max_new_tokens, limit)
+    result = evaluate(
+        m, data, images, setting.for_model(m), batch_size, max_new_tokens, limit, prefill=prefill, decode=decode
+    )
     if result["n_skipped"]:
         print(f"warning: {skipped_note(result)}", file=sys.stderr)
     if out is not None:
@@ -471,19 +485,25 @@ def compare(
     ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    prefill: PrefillOpt = "auto",
+    decode: DecodeOpt = "auto",
     overwrite: OverwriteOpt = False,
 ):
     """Sweep VISOR budgets and the baselines' knobs; write a table at matched FLOPs and a Pareto plot."""
     from .api import load
     from .evaluate import COMPARE_ENTRIES
     from .evaluate import compare as run
+    from .generate import modes
     from .outputs import claim
 
     _quiet_transformers()
+    modes(device, prefill, decode)
     claim(out, "compare", COMPARE_ENTRIES, [model, data, images, base], overwrite, mark=False)  # before loading
     base_model = load(base, dtype=dtype, device=device) if base is not None else None
     model_ = load(model, dtype=dtype, device=device)
-    result = run(model_, data, out, images, None, batch_size, max_new_tokens, limit, base_model, overwrite)
+    result = run(
+        model_, data, out, images, None, batch_size, max_new_tokens, limit, base_model, overwrite, prefill, decode
+    )
     print(Path(result["report"]).read_text())
     console.print(f"plot: [bold]{result['plot']}[/]")
 

@@ -113,15 +113,18 @@ def evaluate(
     max_new_tokens: int = 16,
     limit: int | None = None,
     progress: bool = True,
+    prefill: str = "auto",
+    decode: str = "auto",
 ) -> dict:
-    """Accuracy, ANLS, FLOPs and time of one setting on a data set."""
+    """Accuracy, ANLS, FLOPs and time of one setting on a data set (``prefill``/``decode``: the modes
+    of ``VisorModel.generate``)."""
     from tqdm.auto import tqdm
 
     setting = setting or Setting()
     check_options(batch_size, max_new_tokens, limit)
     records, skipped = read_records(data, images or Path(data).parent)
     records = records[:limit] if limit else records
-    rows, stats, began = [], {}, time.perf_counter()
+    rows, prefill_seconds, began = [], 0.0, time.perf_counter()
     budget = "full" if setting.method == "base" else setting.budget
     for start in tqdm(range(0, len(records), batch_size), desc=setting.label, disable=not progress, leave=False):
         chunk = records[start : start + batch_size]
@@ -131,8 +134,10 @@ def evaluate(
             budget=budget,
             max_new_tokens=max_new_tokens,
             reduction=setting.reduction,
-            stats=stats,
+            prefill=prefill,
+            decode=decode,
         )
+        prefill_seconds += outs[0].prefill_seconds
         for r, g in zip(chunk, outs):
             rows.append(
                 {
@@ -159,7 +164,7 @@ def evaluate(
         "summary": summarise(rows),
         "seconds": seconds,
         **model.placement,
-        "prefill_seconds": stats.get("prefill_s", 0.0),
+        "prefill_seconds": prefill_seconds,
         "n_skipped": len(skipped),
         "skipped": skipped,  # why each unusable record was left out
         "rows": rows,
@@ -236,6 +241,8 @@ def compare(
     limit: int | None = None,
     base_model=None,
     overwrite: bool = False,
+    prefill: str = "auto",
+    decode: str = "auto",
 ) -> dict:
     """Every setting on one data set; ``base_model`` (the checkpoint VISOR was trained from), when
     given, runs the settings at budget "full" (the base and the token-reduction baselines, which
@@ -255,6 +262,8 @@ def compare(
             batch_size,
             max_new_tokens,
             limit,
+            prefill=prefill,
+            decode=decode,
         )
         for s in tqdm(settings, desc="compare")
     ]

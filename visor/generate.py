@@ -12,7 +12,8 @@ from . import checks
 from .backbone import Sample
 from .cache import KVCache
 from .errors import ConfigError
-from .model import Context, Tokens, VisorLM
+from .layout import Context, Tokens
+from .model import Prefilled, VisorLM
 
 DECODE_MODES = ("dynamic", "static", "graph", "compile", "compile-graph")
 PREFILL_MODES = ("eager", "graph", "compile", "compile-graph")
@@ -25,22 +26,47 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: int = 0
     stop_on_eos: bool = True
-    decode: str = "dynamic"  # one of DECODE_MODES, see Decoder
 
     def __post_init__(self):
         checks.count("max_new_tokens", self.max_new_tokens, 1)
         checks.number("temperature", self.temperature, 0)
         checks.number("top_p", self.top_p, 0, 1, low_open=True)
         checks.count("seed", self.seed)
-        if self.decode not in DECODE_MODES:
-            raise ConfigError(f"unknown decode mode {self.decode!r}; choose from {', '.join(DECODE_MODES)}")
 
 
-def collate(samples: list[Sample], image_token_id: int, device) -> Tokens:
-    """Split every sample into visual and text tokens with original positions; right-pad both."""
+def modes(device: torch.device | str, prefill: str = "auto", decode: str = "auto") -> tuple[str, str]:
+    """The prefill and decode modes to run on ``device``; "auto": compile-graph on CUDA (compiled
+    kernels replayed as CUDA graphs, what ``visor bench`` measures), eager prefill and dynamic
+    decode on the CPU."""
+    cuda = checks.device(device).type == "cuda"
+    prefill = ("compile-graph" if cuda else "eager") if prefill == "auto" else prefill
+    decode = ("compile-graph" if cuda else "dynamic") if decode == "auto" else decode
+    if prefill not in PREFILL_MODES:
+        raise ConfigError(f"unknown prefill mode {prefill!r}; choose from auto, {', '.join(PREFILL_MODES)}")
+    if decode not in DECODE_MODES:
+        raise ConfigError(f"unknown decode mode {decode!r}; choose from auto, {', '.join(DECODE_MODES)}")
+    for name, mode in (("prefill", prefill), ("decode", decode)):
+        if mode.endswith("graph") and not cuda:
+            raise ConfigError(f"{name} mode {mode!r} (CUDA graphs) needs a CUDA device")
+    return prefill, decode
+
+
+def bucket(n: int) -> int:
+    """The padded length of n tokens: n rounded up to a multiple of an eighth of its power of two
+    (at least of 16), so that a few shapes (compiled code, CUDA graphs) serve every prompt; the
+    padding is under 16 tokens or 1/8 of n."""
+    step = max(16, 1 << max(0, n.bit_length() - 4))
+    return -(-n // step) * step
+
+
+def collate(samples: list[Sample], image_token_id: int, device, buckets: bool = False) -> Tokens:
+    """Split every sample into visual and text tokens with original positions; right-pad both
+    (``buckets``: to ``bucket`` lengths, with the layout known: a fixed shape for compiled code)."""
     batch = len(samples)
     n_visual = max(s.visual.shape[0] for s in samples)
     n_text = max(len(s.ids) - s.visual.shape[0] for s in samples)
+    if buckets:
+        n_visual, n_text = bucket(n_visual) if n_visual else 0, bucket(n_text)
     hidden = samples[0].visual.shape[1]
     tok = Tokens(
         visual=torch.zeros(batch, n_visual, hidden, dtype=samples[0].visual.dtype, device=device),
@@ -61,6 +87,8 @@ def collate(samples: list[Sample], image_token_id: int, device) -> Tokens:
         tok.text_ids[b, :nt] = ids[~is_image]
         tok.text_pos[b, :nt] = pos[~is_image]
         tok.text_valid[b, :nt] = True
+    if buckets:  # every slot laid out (the padding's stay empty): the shapes depend on the buckets only
+        tok.layout = (n_visual + n_text, None)
     return tok
 
 
@@ -77,11 +105,28 @@ def pick_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Gene
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def capture_graph(fn):
+    """``fn()`` captured as a CUDA graph: run twice on a side stream first (as capture requires; the
+    first call of compiled code compiles it), then captured. Returns (graph, what ``fn`` returned,
+    living in the graph's memory: a replay rewrites it)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class Decoder:
-    """Decode steps over one prefilled cache, ``decoder(token_ids) -> logits``.
+    """Decode steps over one prefilled cache, ``decoder(token_ids) -> logits``. The decoder owns
+    the position: ``pos``, the text slot the next token writes, counted from the prompt's end.
 
     Modes: ``dynamic`` attends over the slots filled so far; ``static`` over the whole
-    preallocated cache with unfilled slots masked (same shapes every step, no host sync);
+    preallocated cache with later slots masked (same shapes every step, no host sync);
     ``graph`` is ``static`` captured once as a CUDA graph and replayed (CUDA only: one launch per
     token instead of hundreds); ``compile`` is ``static`` through ``torch.compile`` (fused
     kernels); ``compile-graph`` captures the compiled step as a CUDA graph (fewest, fused kernels
@@ -92,9 +137,12 @@ class Decoder:
     def __init__(self, lm: VisorLM, cache: KVCache, mode: str = "dynamic"):
         if mode not in DECODE_MODES:
             raise ConfigError(f"unknown decode mode {mode!r}; choose from {', '.join(DECODE_MODES)}")
-        if mode.endswith("graph") and not cache.slot.is_cuda:
+        device = cache.text_valid.device
+        if mode.endswith("graph") and device.type != "cuda":
             raise ConfigError(f"decode mode {mode!r} (CUDA graphs) needs a CUDA device")
         self.lm, self.cache, self.mode = lm, cache, mode
+        self.pos = cache.n_prompt
+        self.input_pos = torch.zeros(1, dtype=torch.long, device=device)  # pos, on the device (static modes)
         self.graph = None
         self.step = lm.decode_one_token
         if mode.startswith("compile"):  # one graph (a test holds it to fullgraph); past the recompile limit: eager
@@ -102,42 +150,30 @@ class Decoder:
 
     def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.mode == "dynamic":
-            return self.lm.decode_one_token(token_ids, self.cache)
-        if not self.mode.endswith("graph"):
-            logits = self.step(token_ids, self.cache, static=True)
+            logits = self.lm.decode_one_token(token_ids, self.cache, self.pos)
         else:
-            if self.graph is None:
-                self._capture(token_ids)
-            self.ids.copy_(token_ids)
-            self.graph.replay()
-            logits = self.logits
-        self.cache.length += 1  # the step advanced the device-side slot; keep the host's count
+            self.input_pos.fill_(self.pos)
+            if not self.mode.endswith("graph"):
+                logits = self.step(token_ids, self.cache, self.input_pos)
+            else:
+                if self.graph is None:  # warm-up steps write this slot's K/V; the replay rewrites them
+                    self.ids = token_ids.clone()
+                    self.graph, self.logits = capture_graph(lambda: self.step(self.ids, self.cache, self.input_pos))
+                self.ids.copy_(token_ids)
+                self.graph.replay()
+                logits = self.logits
+        self.pos += 1
         return logits
 
-    def _capture(self, token_ids: torch.Tensor) -> None:
-        cache = self.cache
-        saved = [t.clone() for t in cache.bookkeeping()]
-
-        def restore():  # undo a step's bookkeeping; its K/V write is overwritten by the real step
-            for t, before in zip(cache.bookkeeping(), saved):
-                t.copy_(before)
-
-        self.ids = token_ids.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
-            for _ in range(2):  # (the first call of a compiled step compiles it)
-                self.step(self.ids, cache, static=True)
-                restore()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.step(self.ids, cache, static=True)
-        restore()
+    def restart(self, cache: KVCache) -> None:
+        """Decode a new prompt whose prefill rewrote ``cache`` in place (a graphed prefill's)."""
+        if cache is not self.cache:
+            raise ValueError("a decoder restarts only on the cache it was made for")
+        self.pos = cache.n_prompt
 
 
 class Prefill:
-    """``prefill(tok) -> (logits, cache)`` for one budget and cache capacity.
+    """``prefill(tok) -> Prefilled`` for one budget and cache capacity.
 
     Modes: ``eager`` is ``lm.prefill``; ``graph`` replays it as a CUDA graph (``GraphedPrefill``);
     ``compile`` runs each layer's pieces through ``torch.compile`` (``lm.compiled``);
@@ -155,20 +191,20 @@ class Prefill:
         self.graphed = GraphedPrefill(lm, budget, capacity, compiled) if mode.endswith("graph") else None
 
     @torch.no_grad()
-    def __call__(self, tok: Tokens) -> tuple[torch.Tensor, KVCache]:
-        if self.graphed is not None:
+    def __call__(self, tok: Tokens, drops: dict | None = None) -> Prefilled:
+        if self.graphed is not None and not drops:
             return self.graphed(tok)
-        with self.lm.compiled() if self.mode == "compile" else contextlib.nullcontext():
-            return self.lm.prefill(tok, self.budget, self.capacity)
+        with self.lm.compiled() if self.mode.startswith("compile") else contextlib.nullcontext():
+            return self.lm.prefill(tok, self.budget, self.capacity, drops)
 
 
 class GraphedPrefill:
-    """``lm.prefill`` captured as a CUDA graph for one input shape and layout, budget and
-    capacity, and replayed for new inputs of that shape (CUDA only; another shape recaptures).
-    ``compiled``: capture the prefill with the layers' compiled pieces (``lm.compiled``).
-    A prefill launches a thousand small kernels from Python, most of them for the text tokens;
-    a replay launches them at once. Every call returns the same cache object with its buffers
-    rewritten: finish decoding one prompt before prefilling the next.
+    """``lm.prefill`` captured as a CUDA graph per input shape and layout, for one budget and
+    capacity, and replayed for new inputs of a shape seen before (CUDA only). ``compiled``: capture
+    the prefill with the layers' compiled pieces (``lm.compiled``). A prefill launches a thousand
+    small kernels from Python, most of them for the text tokens; a replay launches them at once.
+    A replay returns the cache of its shape with its buffers rewritten: finish decoding one
+    prompt before prefilling the next.
     """
 
     FIELDS = ("visual", "visual_pos", "visual_valid", "text_ids", "text_pos", "text_valid")
@@ -177,51 +213,79 @@ class GraphedPrefill:
         if budget == "auto":
             raise ConfigError("a CUDA-graph prefill needs a fixed budget ('auto' decides on the device's data)")
         self.lm, self.budget, self.capacity, self.compiled = lm, budget, capacity, compiled
-        self.graph, self.key = None, None
+        self.graphs: dict = {}  # (layout, shapes) -> (static inputs, graph, its Prefilled)
 
     @torch.no_grad()
-    def __call__(self, tok: Tokens) -> tuple[torch.Tensor, KVCache]:
+    def __call__(self, tok: Tokens) -> Prefilled:
         if not tok.text_ids.is_cuda:
             raise ConfigError("a CUDA-graph prefill needs a CUDA device")
-        layout = Context.layout_of(tok)  # one host sync
+        layout = tok.layout or Context.layout_of(tok)  # one host sync, unless the batch is bucketed
         key = (layout, *(getattr(tok, f).shape for f in self.FIELDS))
-        if key != self.key:
+        if key not in self.graphs:
+            static = Tokens(*(getattr(tok, f).clone() for f in self.FIELDS), layout=layout)
             with self.lm.compiled() if self.compiled else contextlib.nullcontext():
-                self._capture(tok, layout)
-            self.key = key
+                graph, out = capture_graph(lambda: self.lm.prefill(static, self.budget, self.capacity))
+            self.graphs[key] = static, graph, out
+        static, graph, out = self.graphs[key]
         for f in self.FIELDS:
-            getattr(self.static, f).copy_(getattr(tok, f))
-        self.graph.replay()
-        self.cache.length, self.cache.budgets = self.length, list(self.budgets)  # undo the last decode's
-        return self.logits, self.cache
+            getattr(static, f).copy_(getattr(tok, f))
+        graph.replay()
+        return out
 
-    def _capture(self, tok: Tokens, layout: tuple) -> None:
-        self.static = Tokens(*(getattr(tok, f).clone() for f in self.FIELDS), layout=layout)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up off the default stream, as capture requires
-            for _ in range(2):
-                self.lm.prefill(self.static, self.budget, self.capacity)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits, self.cache = self.lm.prefill(self.static, self.budget, self.capacity)
-        self.length, self.budgets = self.cache.length, list(self.cache.budgets)
+
+@dataclass
+class Generated:
+    tokens: list[list[int]]  # new token ids per sample (EOS included when reached, as Hugging Face does)
+    budgets: list  # the budget each sample ran with
+    prefill_seconds: float  # the batch's prefill
+
+
+class Runner:
+    """Prefill and decode of one model in chosen modes (``modes``), kept across calls: compiled code
+    and CUDA graphs are reused by every batch of the same budget, capacity and bucket."""
+
+    def __init__(self, lm: VisorLM, prefill: str = "auto", decode: str = "auto"):
+        self.lm = lm
+        self.prefill_mode, self.decode_mode = modes(lm.lm_head.weight.device, prefill, decode)
+        self.asked = prefill
+        self.prefills: dict = {}  # (budget, capacity, mode) -> Prefill
+        self.decoders: dict = {}  # id(cache) -> Decoder, for the caches graphed prefills reuse
+        self.reused = False  # the last prefill rewrote a cache it had returned before (a graphed one)
+
+    @property
+    def buckets(self) -> bool:
+        """Pad prompts to bucket lengths (compiled prefills: a few shapes for every prompt)."""
+        return self.prefill_mode != "eager"
+
+    def prefill(self, tok: Tokens, budget, capacity: int, drops: dict | None = None) -> Prefilled:
+        mode = self.prefill_mode
+        if mode.endswith("graph") and (budget == "auto" or drops) and self.asked == "auto":
+            mode = "compile"  # the budget is chosen, or tokens dropped, on the device's data: no graph
+        key = (tuple(budget) if isinstance(budget, list) else budget, capacity, mode)
+        if key not in self.prefills:
+            self.prefills[key] = Prefill(self.lm, budget, capacity, mode)
+        prefill = self.prefills[key]
+        self.reused = prefill.graphed is not None and not drops
+        return prefill(tok, drops)
+
+    def decoder(self, cache: KVCache) -> Decoder:
+        """The decoder of the last prefill's cache: a graphed prefill's cache keeps its decoder (and
+        that decoder's CUDA graph); any other cache is new and gets a new one."""
+        if not self.reused:
+            return Decoder(self.lm, cache, self.decode_mode)
+        decoder = self.decoders.get(id(cache))
+        if decoder is None:
+            decoder = self.decoders[id(cache)] = Decoder(self.lm, cache, self.decode_mode)
+        decoder.restart(cache)
+        return decoder
 
 
 @torch.no_grad()
 def generate(
-    lm: VisorLM,
-    tok: Tokens,
-    budget,
-    cfg: GenerationConfig,
-    eos_ids: set[int],
-    drops: dict | None = None,
-    stats: dict | None = None,
-) -> tuple[list[list[int]], list]:
-    """New token ids per sample (EOS included when reached, as Hugging Face does) and the budget
-    each sample ran with (``budget`` may be one for all, a list, or "auto"). ``stats`` receives
-    the prefill time in seconds ("prefill_s", added up over calls)."""
+    runner: Runner, tok: Tokens, budget, cfg: GenerationConfig, eos_ids: set[int], drops: dict | None = None
+) -> Generated:
+    """Generate for a batch (``budget`` may be one for all, a list, or "auto")."""
+    lm = runner.lm
     longest = int((tok.visual_valid.sum(1) + tok.text_valid.sum(1)).max())
     max_new = max(0, min(cfg.max_new_tokens, lm.cfg.max_positions - longest))  # stop at the context end
     batch, device = tok.text_ids.shape[0], tok.text_ids.device
@@ -229,14 +293,13 @@ def generate(
     if cfg.temperature > 0:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     if max_new == 0:
-        return [[] for _ in range(batch)], [budget] * batch
+        return Generated([[] for _ in range(batch)], [budget] * batch, 0.0)
     start = time.perf_counter()
-    logits, cache = lm.prefill(tok, budget, capacity=tok.text_ids.shape[1] + max_new, drops=drops)
-    if stats is not None:
-        if logits.is_cuda:
-            torch.cuda.synchronize()
-        stats["prefill_s"] = stats.get("prefill_s", 0.0) + time.perf_counter() - start
-    decoder = Decoder(lm, cache, cfg.decode)
+    logits, cache, budgets, _ = runner.prefill(tok, budget, tok.text_ids.shape[1] + max_new, drops)
+    if logits.is_cuda:
+        torch.cuda.synchronize()
+    prefill_seconds = time.perf_counter() - start
+    decoder = runner.decoder(cache)
     finished = [False] * batch
     out: list[list[int]] = [[] for _ in range(batch)]
     for step in range(max_new):
@@ -248,4 +311,4 @@ def generate(
         if all(finished) or step == max_new - 1:
             break
         logits = decoder(next_ids)
-    return out, cache.budgets
+    return Generated(out, list(budgets), prefill_seconds)

@@ -9,7 +9,8 @@ model_args (``key=value`` separated by commas): ``pretrained`` (a base or VISOR 
 directory), ``budget`` (0..n, full, auto; default as ``visor generate``), ``method`` (visor, base,
 fastv, pdrop, visionzip) with the baselines' knobs ``layer``, ``keep``, ``stages`` (``6-12-18``: lmms-eval
 splits model_args at commas), ``ratio``, ``dominant``, ``contextual``; ``dtype``, ``schedule``,
-``flops_file`` (default ``visor_flops_<setting>.json`` in the current directory, e.g.
+``prefill``/``decode`` (the modes of ``visor generate``), ``flops_file`` (default
+``visor_flops_<setting>.json`` in the current directory, e.g.
 ``visor_flops_visor-2.json``; only a FLOPs file of visor's is ever replaced). ``device`` and
 ``batch_size`` are lmms-eval's own flags.
 """
@@ -74,10 +75,13 @@ class Runner:
         schedule: str | None = None,
         batch_size: int | str = 1,
         flops_file: str | None = None,
+        prefill: str = "auto",
+        decode: str = "auto",
     ):
         from . import checks
         from .api import load
         from .evaluate import make_setting
+        from .generate import modes
 
         setting = make_setting(method, budget, layer, keep, str(stages).replace("-", ","), ratio, dominant, contextual)
         if not str(batch_size).isdigit():
@@ -86,7 +90,9 @@ class Runner:
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if device in (None, "cuda", "auto") and world > 1:  # lmms-eval's processes: one GPU each
             device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        modes(device or "auto", prefill, decode)  # before loading
         self.model = load(pretrained, schedule=schedule or None, dtype=dtype, device=device or "auto")
+        self.modes = {"prefill": prefill, "decode": decode}
         self.setting = setting.for_model(self.model)
         label = "".join(c for c in self.setting.label.replace(":", "-") if c.isalnum() or c in "+-_.=")
         suffix = f".rank{rank}" if world > 1 else ""  # each process writes its share
@@ -115,6 +121,7 @@ class Runner:
                     temperature=settings["temperature"],
                     top_p=settings["top_p"],
                     reduction=self.setting.reduction,
+                    **self.modes,
                 )
                 for i, g in zip(chunk, outs):
                     answers[i] = Answer(cut(g.text, settings["until"]), g.n_visual + g.n_text, len(g.token_ids))

@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +26,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .cache import KVCache
 from .errors import CheckpointError, ConfigError
+from .layout import Context, Tokens
 
 _SDPA_GQA = torch.__version__ >= "2.5"  # scaled_dot_product_attention(..., enable_gqa=True)
 _FEW_QUERIES = 256  # see _sdpa
-_PADDING = torch.iinfo(torch.long).max  # the position of padding tokens: after every real one
 
 # ---------------------------------------------------------------------------------------------
 # configuration
@@ -155,33 +156,6 @@ def _sdpa(q, k, v, **kwargs):
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def last_token_attention(q_last, k, valid):
-    """Attention probabilities of one query per sample: q_last (B, H, 1, hd), k (B, Hkv, S, hd),
-    valid (B, S) -> (B, H, 1, S). Explicit matmuls (they are counted as FLOPs)."""
-    n_rep = q_last.shape[1] // k.shape[1]
-    k = k.repeat_interleave(n_rep, dim=1) if n_rep > 1 else k
-    scores = (q_last @ k.transpose(-1, -2)) / math.sqrt(q_last.shape[-1])
-    return scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1, dtype=torch.float32)
-
-
-def _rows(rope, ctx):
-    """RoPE of each sample's last text token, from the per-token tables."""
-    if rope is None:
-        return None
-    index = ctx.last_text[:, None, None, None].expand(-1, 1, 1, rope[0].shape[-1])
-    return tuple(r.gather(2, index) for r in rope)
-
-
-def take(x, index, dim):
-    """x gathered at ``index`` (B, N) along the token dimension ``dim`` (1 for states, 2 for K/V)."""
-    shape = list(x.shape)
-    shape[dim] = index.shape[1]
-    index = index.clamp(max=x.shape[dim] - 1).view(
-        index.shape[0], *([1] * (dim - 1)), index.shape[1], *([1] * (x.dim() - dim - 1))
-    )
-    return x.gather(dim, index.expand(shape))
-
-
 def split_heads(x, n_heads):  # (B, S, H*hd) -> (B, H, S, hd)
     b, s, _ = x.shape
     return x.view(b, s, n_heads, x.shape[-1] // n_heads).transpose(1, 2)
@@ -272,19 +246,6 @@ class VisualPosConv(nn.Module):
 # the language model
 
 
-@dataclass
-class Tokens:
-    """One batch split into visual and text tokens, each right-padded."""
-
-    visual: torch.Tensor  # (B, Nv, D) projector outputs
-    visual_pos: torch.Tensor  # (B, Nv) original positions
-    visual_valid: torch.Tensor  # (B, Nv) bool
-    text_ids: torch.Tensor  # (B, Nt)
-    text_pos: torch.Tensor  # (B, Nt)
-    text_valid: torch.Tensor  # (B, Nt) bool
-    layout: tuple | None = None  # (seq, block) of Context, when known: building the Context then needs no host sync
-
-
 class VisorLM(nn.Module):
     def __init__(self, hf_model, schedule):
         super().__init__()
@@ -315,52 +276,37 @@ class VisorLM(nn.Module):
         return own
 
     # ---- the layer loop -------------------------------------------------------------------
-    def run(
-        self, tok: Tokens, budgets: list, cache: KVCache | None = None, drops: dict | None = None, trace=None
-    ) -> tuple[torch.Tensor, list]:
+    def run(self, tok: Tokens, budgets: list, cache: KVCache | None = None, drops: dict | None = None) -> Forward:
         """All layers over a batch; each sample has its own budget ("auto": the policy picks it
-        from the states entering the first SA candidate). Returns the final text states
-        (B, Nt, D), before the final norm, and the budgets used.
+        from the states entering the first SA candidate). ``cache``: filled with each layer's K/V.
 
         ``drops`` {layer: keep}: after that layer, keep that fraction of each sample's visual
         tokens, ranked by the attention the last text token pays them in that layer (FastV,
-        PyramidDrop). ``trace``: a dict that receives the kept token indices per drop layer."""
+        PyramidDrop; see ``visor.reduce``)."""
+        from .reduce import drop_visual
+
         v, t, ctx = self.inputs(tok, budgets)
         drops = drops or {}
         if drops and ("auto" in budgets or len(set(budgets)) > 1):
             raise ConfigError("token dropping needs one fixed budget for the whole batch")
-        ctx.score_at = frozenset(drops)
         route_at = self.schedule.sa_candidates[0] if "auto" in budgets else -1
-        active = self.active_layers(budgets)
+        active, kept = self.active_layers(budgets), {}
         for i in range(self.cfg.n_layers):
             if i == route_at:
                 budgets = self.route(v, t, tok, budgets)
                 active = self.active_layers(budgets)
-            step = lambda v, t, i=i, sa=active[i], ctx=ctx: self.layer(i, v, t, ctx, cache, sa)  # noqa: E731
+            if cache is not None:
+                cache.open_layer(i, v.shape[1] if any(active[i]) else 0)
+            step = lambda v, t, i=i, sa=active[i], ctx=ctx: self.layer(i, v, t, ctx, cache, sa, i in drops)  # noqa: E731
             if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
-                v, t = torch.utils.checkpoint.checkpoint(step, v, t, use_reentrant=False)
+                v, t, scores = torch.utils.checkpoint.checkpoint(step, v, t, use_reentrant=False)
             else:
-                v, t = step(v, t)
+                v, t, scores = step(v, t)
             if i in drops:
-                if i not in ctx.scores:
+                if scores is None:
                     raise ConfigError(f"layer {i} runs text-only at this budget: nothing ranks its visual tokens")
-                v, ctx = self.drop_visual(tok, v, ctx, ctx.scores.pop(i), drops[i], trace, i)
-        return t, budgets
-
-    def drop_visual(self, tok: Tokens, v, ctx: Context, scores, keep: float, trace, layer: int):
-        """Keep the top ``keep`` fraction of each sample's visual tokens by ``scores`` (B, Nv)."""
-        n_keep = torch.ceil(ctx.visual_valid.sum(1) * keep).long()  # (B,)
-        width = max(1, int(n_keep.max()))
-        top = scores.masked_fill(~ctx.visual_valid, float("-inf")).topk(width, dim=1).indices  # (B, K)
-        kept = torch.arange(width, device=v.device)[None] < n_keep[:, None]
-        order = ctx.visual_pos.gather(1, top).masked_fill(~kept, _PADDING).argsort(dim=1)  # back to original order
-        top, kept = top.gather(1, order), kept.gather(1, order)
-        if trace is not None:
-            trace.setdefault("kept", {})[layer] = [row[m].tolist() for row, m in zip(top, kept)]
-        visual_pos = ctx.visual_pos.gather(1, top)
-        new = Context.build(tok, self.rotary, v.dtype, self.pos_conv is None, visual_pos, kept)
-        new.score_at = ctx.score_at
-        return take(v, top, 1), new
+                v, ctx, kept[i] = drop_visual(v, ctx, scores, drops[i], tok, self.rotary, self.pos_conv is None)
+        return Forward(t, budgets, kept)
 
     def inputs(self, tok: Tokens, budgets: list) -> tuple[torch.Tensor, torch.Tensor, Context]:
         """Visual states (with the conv code where used), text embeddings, per-batch context."""
@@ -385,7 +331,7 @@ class VisorLM(nn.Module):
         batch = tok.text_ids.shape[0]
         v, t, ctx = self.inputs(tok, [0] * batch)
         for i in range(self.schedule.sa_candidates[0]):
-            v, t = self.layer(i, v, t, ctx, None, [False] * batch)
+            v, t, _ = self.layer(i, v, t, ctx, None, [False] * batch)
         return Policy.features(v, t, tok.visual_valid, tok.text_valid)
 
     def active_layers(self, budgets: list) -> list[list[bool]]:
@@ -399,52 +345,54 @@ class VisorLM(nn.Module):
         chosen = self.policy.choose(self.policy.features(v, t, tok.visual_valid, tok.text_valid))
         return [int(c) if b == "auto" else b for b, c in zip(budgets, chosen.tolist())]
 
-    def layer(self, i: int, v, t, ctx: Context, cache: KVCache | None, sa: list[bool]):
+    def layer(self, i: int, v, t, ctx: Context, cache: KVCache | None, sa: list[bool], score: bool = False):
         """Layer i for the whole batch; rows with sa[b] run full self-attention, the rest text-only
-        (after cross-attention, at a CA layer)."""
+        (after cross-attention, at a CA layer). Returns (v, t, scores): ``score`` asks for the
+        attention the last text token pays each visual token there (B, Nv), what token dropping
+        ranks by (None where the layer sees no visual token, or in a batch of mixed roles)."""
         if all(sa):
-            return self.sa_layer(i, v, t, ctx, cache, None)
+            return self.sa_layer(i, v, t, ctx, cache, None, score)
         if not any(sa):
-            return v, self.text_layer(i, v, t, ctx, cache, None)
+            return v, *self.text_layer(i, v, t, ctx, cache, None, score)
         rows_sa = torch.tensor([b for b, a in enumerate(sa) if a], device=v.device)
         rows_tx = torch.tensor([b for b, a in enumerate(sa) if not a], device=v.device)
-        v_sa, t_sa = self.sa_layer(i, v[rows_sa], t[rows_sa], ctx.select(rows_sa), cache, rows_sa)
-        t_tx = self.text_layer(i, v[rows_tx], t[rows_tx], ctx.select(rows_tx), cache, rows_tx)
-        return v.index_copy(0, rows_sa, v_sa), t.index_copy(0, rows_sa, t_sa).index_copy(0, rows_tx, t_tx)
+        v_sa, t_sa, _ = self.sa_layer(i, v[rows_sa], t[rows_sa], ctx.select(rows_sa), cache, rows_sa)
+        t_tx, _ = self.text_layer(i, v[rows_tx], t[rows_tx], ctx.select(rows_tx), cache, rows_tx)
+        t = t.index_copy(0, rows_sa, t_sa).index_copy(0, rows_tx, t_tx)
+        return v.index_copy(0, rows_sa, v_sa), t, None
 
-    def sa_layer(self, i, v, t, ctx: Context, cache, rows):
+    def sa_layer(self, i, v, t, ctx: Context, cache, rows, score=False):
         """The original layer over the original sequence order (right-padded): causal attention."""
+        from .reduce import sa_scores
+
         layer = self.layers[i]
         x = ctx.join(v, t)
         q, k, val = layer.qkv(x, ctx.rope_x)
         if cache is not None:
             (k_v, k_t), (val_v, val_t) = ctx.split(k, 2), ctx.split(val, 2)
-            cache.store_visual("sa", i, k_v, val_v, ctx.visual_valid, rows)
-            cache.write_text(i, k_t, val_t, rows)
-        if i in ctx.score_at:  # attention of the last text token over the visual tokens, head-averaged
-            last = ctx.t_index.gather(1, ctx.last_text[:, None])  # (B, 1) its slot
-            q_last = take(q, last, 2)  # (B, H, 1, hd)
-            probs = last_token_attention(q_last, k, torch.arange(ctx.seq, device=x.device)[None] <= last)
-            ctx.scores[i] = take(probs, ctx.v_index, 3).mean(1)[:, 0]  # (B, Nv)
-        return ctx.split(layer.finish(x, attend(q, k, val, None, self.explicit_attention)), 1)
+            cache.layers[i].store_visual(k_v, val_v, ctx.visual_valid, rows)
+            cache.layers[i].update(0, k_t, val_t, rows)
+        scores = sa_scores(q, k, ctx) if score else None
+        v, t = ctx.split(layer.finish(x, attend(q, k, val, None, self.explicit_attention)), 1)
+        return v, t, scores
 
-    def text_layer(self, i, v, t, ctx: Context, cache, rows):
-        """Cross-attention to the visual states (at CA layers), then the layer on text alone."""
-        layer = self.layers[i]
+    def text_layer(self, i, v, t, ctx: Context, cache, rows, score=False):
+        """Cross-attention to the visual states (at CA layers), then the layer on text alone.
+        Returns (t, scores) (see ``layer``)."""
+        from .reduce import ca_scores
+
+        layer, scores = self.layers[i], None
         if self.schedule.roles[i] == "ca":
             ca = self.cross[str(i)]
             kv = ca.visual_kv(v, ctx.ca_rope_v)
             if cache is not None:
-                cache.store_visual("ca", i, *kv, ctx.visual_valid, rows)
-            if i in ctx.score_at:  # the last text token's cross-attention over the visual tokens
-                t_last = take(t, ctx.last_text[:, None], 1)  # (B, 1, D)
-                q_last = apply_rope(split_heads(ca.q_proj(ca.norm(t_last)), ca.n_heads), _rows(ctx.ca_rope_t, ctx))
-                ctx.scores[i] = last_token_attention(q_last, kv[0], ctx.visual_valid).mean(1)[:, 0]
+                cache.store_cross(i, *kv, ctx.visual_valid, rows)
+            scores = ca_scores(ca, t, kv[0], ctx) if score else None
             t = ca(t, kv, ctx.ca_rope_t, ctx.mask_tv, ctx.seen, self.explicit_attention)
         q, k, val = layer.qkv(t, ctx.rope_t)
         if cache is not None:
-            cache.write_text(i, k, val, rows)
-        return layer.finish(t, attend(q, k, val, None, self.explicit_attention))  # text in order: causal
+            cache.layers[i].update(0, k, val, rows)
+        return layer.finish(t, attend(q, k, val, None, self.explicit_attention)), scores  # text in order: causal
 
     def logits(self, t):
         return self.lm_head(self.norm(t))
@@ -467,166 +415,51 @@ class VisorLM(nn.Module):
             for module, name, _ in self._compiled:
                 module.__dict__.pop(name, None)
 
-    def prefill(self, tok: Tokens, budget, capacity: int, drops: dict | None = None) -> tuple[torch.Tensor, KVCache]:
-        """Run the prompt; return the last text token's logits (B, V) and the filled cache.
+    def prefill(self, tok: Tokens, budget, capacity: int, drops: dict | None = None) -> Prefilled:
+        """Run the prompt into a new cache with room for ``capacity`` text tokens (prompt + new).
         ``budget``: one for the batch, or a list with one per sample."""
         batch = tok.text_ids.shape[0]
         budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget] * batch
         budgets = [b if b == "auto" else self.schedule.parse_budget(b) for b in budgets]
-        cache = KVCache(self.cfg.n_layers, tok.text_valid, capacity)
-        t, cache.budgets = self.run(tok, budgets, cache, drops)
-        cache.advance(t.shape[1])
+        cache = KVCache(self.cfg, tok.text_valid, capacity, self.lm_head.weight.dtype)
+        out = self.run(tok, budgets, cache, drops)
         last = tok.text_valid.sum(1) - 1  # (B,) index of each sample's last text token
-        cache.next_pos = tok.text_pos.gather(1, last[:, None])[:, 0] + 1
-        return self.logits(t[torch.arange(batch, device=t.device), last]), cache
+        cache.rope_offset = tok.text_pos.gather(1, last[:, None])[:, 0] + 1 - cache.n_prompt
+        logits = self.logits(out.text[torch.arange(batch, device=last.device), last])
+        return Prefilled(logits, cache, out.budgets, out.kept)
 
-    def decode_one_token(self, token_ids: torch.Tensor, cache: KVCache, static: bool = False) -> torch.Tensor:
-        """One new token per sample (B,) -> logits (B, V). Touches only cached K/V: a sample sees
-        visual keys at layer i only where its prefill stored them (SA or CA, per its budget).
-        ``static``: attend over the whole preallocated cache with the unfilled slots masked, so
-        that every step has the same shapes and no host sync (see ``visor.generate.Decoder``)."""
+    def decode_one_token(self, token_ids: torch.Tensor, cache: KVCache, input_pos: int | torch.Tensor) -> torch.Tensor:
+        """One new token per sample (B,) at text slot ``input_pos`` -> logits (B, V). Touches only
+        cached K/V: a sample sees visual keys at layer i only where its prefill stored them (SA or
+        CA, per its budget). An int ``input_pos`` attends over the slots filled so far; a (1,)
+        tensor over the whole preallocated cache with the later slots masked, so that every step
+        has the same shapes and no host sync (see ``visor.cache`` and ``visor.generate.Decoder``)."""
         dtype, explicit = self.lm_head.weight.dtype, self.explicit_attention
         t = self.embed_tokens(token_ids[:, None])  # (B, 1, D)
-        rope = self.rotary(cache.next_pos[:, None], dtype)
+        rope = self.rotary((cache.rope_offset + input_pos)[:, None], dtype)
         ca_rope = None if self.pos_conv is not None else rope
-        cache.mark_filled(static)
-        text_mask = (cache.text_valid if static else cache.text_mask(1))[:, None, :]  # (B, 1, capacity | length+1)
-
         for i, layer in enumerate(self.layers):
-            if cache.ca_kv[i] is not None:
-                t = self.cross[str(i)](t, cache.ca_kv[i], ca_rope, cache.ca_mask[i][:, None, :], explicit=explicit)
+            if cache.cross[i] is not None:
+                k, val, valid = cache.cross[i]
+                t = self.cross[str(i)](t, (k, val), ca_rope, valid[:, None, :], explicit=explicit)
             q, k, val = layer.qkv(t, rope)
-            k, val = cache.write_slot(i, k, val) if static else cache.write_text(i, k, val)
-            mask = text_mask
-            if cache.sa_buffer[i] is not None:  # [visual | text] K/V: one view of the layer's buffers, no copy
-                k, val, valid = cache.sa_keys_values(i, k.shape[2])
-                mask = valid[:, None, :]
-            t = layer.finish(t, attend(q, k, val, mask, explicit))
-
-        if static:
-            cache.slot.add_(1)  # the host-side count is the caller's to keep (no Python state in a graph)
-        else:
-            cache.advance(1)
-        cache.next_pos.add_(1)
+            k, val, valid = cache.layers[i].update(input_pos, k, val)  # [visual | text] at SA layers: a view
+            t = layer.finish(t, attend(q, k, val, valid[:, None, :], explicit))
         return self.logits(t[:, 0])
 
 
-@dataclass
-class Context:
-    """Per-batch tensors every layer needs; ``select(rows)`` for a sub-batch. Rebuilt when
-    visual tokens are dropped (token-reduction baselines)."""
+class Forward(NamedTuple):
+    """What a pass over all layers produced."""
 
-    seq: int  # longest sequence in the batch (tokens still present)
-    v_index: torch.Tensor  # (B, Nv) slot of each visual token in original order; padding -> seq
-    t_index: torch.Tensor  # (B, Nt)
-    visual_pos: torch.Tensor  # (B, Nv) original positions
-    visual_valid: torch.Tensor  # (B, Nv)
-    last_text: torch.Tensor  # (B,) index of each sample's last text token
-    mask_tv: torch.Tensor | None  # (B, Nt, Nv) visual token k precedes text token q; None: see ``block``
-    seen: torch.Tensor  # (B, Nt, 1) text token q has a visual token before it
-    rope_t: tuple
-    rope_x: tuple  # RoPE of the slots 0..seq-1 (SA layers)
-    ca_rope_t: tuple | None  # None: CA without RoPE (conv positional code)
-    ca_rope_v: tuple | None
-    # slot of the first visual token when every sample is unpadded with its visual tokens in one
-    # run at the same slot (one image, no batch padding): then the original order is a concat,
-    # and cross-attention needs no mask
-    block: int | None = None
-    score_at: frozenset = frozenset()  # layers whose last-token attention ranks visual tokens
-    scores: dict = field(default_factory=dict)  # layer -> (B, Nv) scores, filled by those layers
+    text: torch.Tensor  # (B, Nt, D) final text states, before the final norm
+    budgets: list  # the budget each sample ran with ("auto" resolved by the policy)
+    kept: dict  # {drop layer: each sample's kept visual tokens (indices)}, where tokens were dropped
 
-    @classmethod
-    def build(cls, tok: Tokens, rotary: Rotary, dtype, with_rope: bool, visual_pos=None, visual_valid=None) -> Context:
-        visual_pos = tok.visual_pos if visual_pos is None else visual_pos
-        visual_valid = tok.visual_valid if visual_valid is None else visual_valid
-        n_visual = visual_pos.shape[1]
-        pos, order, rank = cls.slots(visual_pos, visual_valid, tok.text_pos, tok.text_valid)
-        own_layout = tok.layout is not None and visual_valid is tok.visual_valid
-        seq, block = tok.layout if own_layout else cls.layout(rank, visual_valid, tok.text_valid)
-        slot_pos = pos.gather(1, order)[:, :seq]
-        slot_pos = slot_pos.masked_fill(slot_pos == _PADDING, 0)
-        rope_t = rotary(tok.text_pos, dtype)
-        if block is None:
-            mask_tv = (visual_pos[:, None, :] < tok.text_pos[:, :, None]) & visual_valid[:, None, :]
-            seen = mask_tv.any(-1, keepdim=True)
-        else:  # one run of visual tokens: a text token sees all of them or none (attention needs no mask)
-            mask_tv, seen = None, (tok.text_pos > visual_pos[:, :1])[..., None]
-        return cls(
-            seq=seq,
-            v_index=torch.where(visual_valid, rank[:, :n_visual], seq),
-            t_index=torch.where(tok.text_valid, rank[:, n_visual:], seq),
-            visual_pos=visual_pos,
-            visual_valid=visual_valid,
-            last_text=tok.text_valid.sum(1) - 1,
-            mask_tv=mask_tv,
-            seen=seen,
-            rope_t=rope_t,
-            rope_x=rotary(slot_pos, dtype),
-            ca_rope_t=rope_t if with_rope else None,
-            ca_rope_v=rotary(visual_pos, dtype) if with_rope else None,
-            block=block,
-        )
 
-    @staticmethod
-    def slots(visual_pos, visual_valid, text_pos, text_valid):
-        """Every token's slot, its rank among the sample's tokens in original order (padding
-        last): (positions with padding at _PADDING, argsort, rank), each (B, Nv + Nt)."""
-        padded = visual_pos.masked_fill(~visual_valid, _PADDING), text_pos.masked_fill(~text_valid, _PADDING)
-        pos = torch.cat(padded, 1)
-        order = pos.argsort(dim=1, stable=True)
-        slots = torch.arange(pos.shape[1], device=pos.device).expand_as(order)
-        return pos, order, torch.empty_like(order).scatter_(1, order, slots)
+class Prefilled(NamedTuple):
+    """What a prefill produced."""
 
-    @classmethod
-    def layout_of(cls, tok: Tokens) -> tuple[int, int | None]:
-        """(seq, block) of a batch, without building the rest of a Context; one host sync."""
-        _, _, rank = cls.slots(tok.visual_pos, tok.visual_valid, tok.text_pos, tok.text_valid)
-        return cls.layout(rank, tok.visual_valid, tok.text_valid)
-
-    @staticmethod
-    def layout(rank, visual_valid, text_valid) -> tuple[int, int | None]:
-        """(seq, block) from every token's slot ``rank`` (B, Nv + Nt); one host sync."""
-        n_visual = visual_valid.shape[1]
-        # one run of visual tokens at the same slot in every sample, text around it in order, no padding
-        first = rank[:1, :1] if n_visual else torch.zeros(1, 1, dtype=torch.long, device=rank.device)
-        slots = torch.arange(rank.shape[1], device=rank.device)
-        text_slots = slots[: rank.shape[1] - n_visual]
-        expected = torch.cat([first + slots[:n_visual], text_slots + n_visual * (text_slots >= first)], 1)
-        block_ok = (rank == expected).all() & visual_valid.all() & text_valid.all()
-        seq, block_ok, first = torch.stack(
-            [(visual_valid.sum(1) + text_valid.sum(1)).max(), block_ok.long(), first[0, 0]]
-        ).tolist()
-        return seq, first if block_ok and n_visual else None
-
-    def join(self, v, t):
-        """Visual (B, Nv, D) and text (B, Nt, D) states -> the sequence in original order (B, S, D)."""
-        if self.block is not None:
-            return torch.cat([t[:, : self.block], v, t[:, self.block :]], 1)
-        x = v.new_zeros(v.shape[0], self.seq + 1, v.shape[2])  # slot S collects padding
-        x = x.scatter(1, self.v_index[..., None].expand_as(v), v).scatter(1, self.t_index[..., None].expand_as(t), t)
-        return x[:, : self.seq]
-
-    def split(self, x, dim: int):
-        """The inverse of ``join`` along the token dimension ``dim`` (1: states, 2: K/V): (visual, text)."""
-        if self.block is not None:
-            a, n = self.block, self.v_index.shape[1]
-            text = torch.cat([x.narrow(dim, 0, a), x.narrow(dim, a + n, x.shape[dim] - a - n)], dim)
-            return x.narrow(dim, a, n), text
-        return take(x, self.v_index, dim), take(x, self.t_index, dim)
-
-    def select(self, rows: torch.Tensor) -> Context:
-        pick = lambda x: None if x is None else (tuple(y[rows] for y in x) if isinstance(x, tuple) else x[rows])  # noqa: E731
-        names = (
-            "v_index",
-            "t_index",
-            "visual_pos",
-            "visual_valid",
-            "last_text",
-            "mask_tv",
-            "seen",
-            "rope_t",
-            "rope_x",
-            "ca_rope_t",
-            "ca_rope_v",
-        )
-        return Context(self.seq, *(pick(getattr(self, f)) for f in names), block=self.block)
+    logits: torch.Tensor  # (B, V) of each sample's last prompt token
+    cache: KVCache
+    budgets: list
+    kept: dict

@@ -139,7 +139,7 @@ def train_policy(
         raise ConfigError(f"{model_path}: the schedule has no SA candidate, so there is no budget to choose")
     budgets = model.schedule.sa_budgets
     records, skipped = read_records(data, images)
-    bb, lm = model.backbone, model.lm
+    bb, lm, runner = model.backbone, model.lm, model.runner()
     scores = torch.zeros(len(records), len(budgets))
     prefill_flops = torch.zeros(len(records), len(budgets), dtype=torch.float64)
     features = []
@@ -147,14 +147,14 @@ def train_policy(
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
             samples = model.encode([r.turns[0][1] for r in chunk], [r.images for r in chunk])
-            tok = collate(samples, bb.image_token_id, bb.device)
+            tok = collate(samples, bb.image_token_id, bb.device, runner.buckets)
             features.append(lm.policy_features(tok).cpu())
             answers = [r.answer for r in chunk]
             longest = max(len(bb.tokenizer(a)["input_ids"]) for a in answers) + 4
             long_rows = [i for i, a in enumerate(answers) if not is_short(a)]  # scored by likelihood
             batch = [(*tokenize(bb, chunk[i]), chunk[i].load_images()) for i in long_rows]
             for b in budgets:
-                new = generate(lm, tok, b, GenerationConfig(max_new_tokens=longest), bb.eos_token_ids)[0]
+                new = generate(runner, tok, b, GenerationConfig(max_new_tokens=longest), bb.eos_token_ids).tokens
                 if long_rows:
                     losses, owner = answer_token_losses(bb, lm, batch, b)
                     mean = torch.zeros(len(batch)).index_add_(0, owner.cpu(), losses.cpu()) / torch.bincount(

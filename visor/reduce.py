@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .layout import PADDING, Context, Tokens, take
 
 METHODS = ("none", "fastv", "pdrop", "visionzip")
 
@@ -73,6 +74,58 @@ class Reduction:
         if self.method == "visionzip":
             return f"visionzip({self.dominant}+{self.contextual})"
         return "none"
+
+
+# ---- FastV / PyramidDrop: hooks of the language model's forward (``VisorLM.run``) -----------------
+
+
+def last_token_attention(q_last, k, valid):
+    """Attention probabilities of one query per sample: q_last (B, H, 1, hd), k (B, Hkv, S, hd),
+    valid (B, S) -> (B, H, 1, S). Explicit matmuls (they are counted as FLOPs)."""
+    n_rep = q_last.shape[1] // k.shape[1]
+    k = k.repeat_interleave(n_rep, dim=1) if n_rep > 1 else k
+    scores = (q_last @ k.transpose(-1, -2)) / math.sqrt(q_last.shape[-1])
+    return scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1, dtype=torch.float32)
+
+
+def sa_scores(q, k, ctx: Context) -> torch.Tensor:
+    """An SA layer's attention of the last text token over the visual tokens, head-averaged:
+    q (B, H, S, hd), k (B, Hkv, S, hd) in original order -> (B, Nv)."""
+    last = ctx.t_index.gather(1, ctx.last_text[:, None])  # (B, 1) its slot
+    q_last = take(q, last, 2)  # (B, H, 1, hd)
+    probs = last_token_attention(q_last, k, torch.arange(ctx.seq, device=q.device)[None] <= last)
+    return take(probs, ctx.v_index, 3).mean(1)[:, 0]
+
+
+def ca_scores(ca, t, k_visual, ctx: Context) -> torch.Tensor:
+    """A CA layer's cross-attention of the last text token over the visual tokens, head-averaged:
+    t (B, Nt, D), k_visual (B, Hkv, Nv, hd) -> (B, Nv)."""
+    from .model import apply_rope, split_heads
+
+    t_last = take(t, ctx.last_text[:, None], 1)  # (B, 1, D)
+    rope = None
+    if ctx.ca_rope_t is not None:  # the RoPE of each sample's last text token
+        index = ctx.last_text[:, None, None, None].expand(-1, 1, 1, ctx.ca_rope_t[0].shape[-1])
+        rope = tuple(r.gather(2, index) for r in ctx.ca_rope_t)
+    q_last = apply_rope(split_heads(ca.q_proj(ca.norm(t_last)), ca.n_heads), rope)
+    return last_token_attention(q_last, k_visual, ctx.visual_valid).mean(1)[:, 0]
+
+
+def drop_visual(v, ctx: Context, scores, keep: float, tok: Tokens, rotary, with_rope: bool):
+    """Keep the top ``keep`` fraction of each sample's visual states v (B, Nv, D) by ``scores``
+    (B, Nv), in original order; returns (v, the rebuilt Context, each sample's kept indices)."""
+    n_keep = torch.ceil(ctx.visual_valid.sum(1) * keep).long()  # (B,)
+    width = max(1, int(n_keep.max()))
+    top = scores.masked_fill(~ctx.visual_valid, float("-inf")).topk(width, dim=1).indices  # (B, K)
+    kept = torch.arange(width, device=v.device)[None] < n_keep[:, None]
+    order = ctx.visual_pos.gather(1, top).masked_fill(~kept, PADDING).argsort(dim=1)  # back to original order
+    top, kept = top.gather(1, order), kept.gather(1, order)
+    visual_pos = ctx.visual_pos.gather(1, top)
+    new = Context.build(tok, rotary, v.dtype, with_rope, visual_pos, kept)
+    return take(v, top, 1), new, [row[m].tolist() for row, m in zip(top, kept)]
+
+
+# ---- VisionZip: in the vision encoder --------------------------------------------------------------
 
 
 def visionzip_select(tokens, scores, keys, dominant: int, contextual: int):

@@ -184,7 +184,7 @@ def answer_token_losses(backbone, lm, batch: list[tuple[list[int], list[bool], l
         n = len(text_labels)
         learn = torch.tensor(text_labels[1:], device=targets.device)
         targets[b, : n - 1] = torch.where(learn, tok.text_ids[b, 1:n], -100)
-    t, _ = lm.run(tok, [budget] * len(samples))
+    t = lm.run(tok, [budget] * len(samples)).text
     keep = targets != -100
     logits = lm.logits(t[keep])  # (n_targets, V): only where the loss is
     owner = torch.arange(len(samples), device=keep.device)[:, None].expand_as(keep)[keep]
