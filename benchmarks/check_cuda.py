@@ -45,6 +45,13 @@ def greedy(model, tok, budget, mode="dynamic", force=None, prefill="eager"):
     return torch.stack(ids, 1).cpu(), torch.stack(steps, 1)
 
 
+def load_visor_state(model, state):
+    """Copy VISOR's tensors (by checkpoint name) into a model's."""
+    with torch.no_grad():
+        for name, tensor in model.lm.visor_state_dict().items():
+            tensor.copy_(state[name])
+
+
 def hf_greedy(model, image, prompt, n_new):
     """transformers' own generate on the same checkpoint (LLaVA-OneVision inputs)."""
     bb = model.backbone
@@ -81,7 +88,7 @@ def main() -> int:
     for dtype, atol in (("bfloat16", 5e-2), ("float32", 1e-4)):
         torch._dynamo.reset()  # each dtype compiles its own steps
         model = visor.load(path, dtype=dtype, device=device)
-        model.lm.load_state_dict(state, strict=False)
+        load_visor_state(model, state)
         tok = collate([model.backbone.encode(prompt, [image])], model.backbone.image_token_id, device)
         for budget, (ref_ids, ref_logits) in expected.items():
             scale = ref_logits.abs().max().item()
@@ -120,9 +127,9 @@ def api_path(path, state, image, device) -> list[str]:
         (["Describe this picture.", "What colour is this?", "Is there any text?"], [[image], [image, image], []]),
     ]
     reference = visor.load(path)
-    reference.lm.load_state_dict(state, strict=False)
+    load_visor_state(reference, state)
     model = visor.load(path, dtype="float32", device=device)
-    model.lm.load_state_dict(state, strict=False)
+    load_visor_state(model, state)
     runner = model.runner()
     print(f"API path on {device}: prefill {runner.prefill_mode}, decode {runner.decode_mode}, buckets {runner.buckets}")
 

@@ -56,3 +56,36 @@ def test_generate_api_equals_hugging_face(base_model, images):
     expected = hf_tokens[0].tolist()
     cut = next((i + 1 for i, t in enumerate(expected) if t in eos), len(expected))
     assert g.token_ids == expected[:cut]
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 4.0},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    ],
+    ids=["linear", "yarn"],
+)
+def test_scaled_rope_equals_hugging_face(checkpoints, images, tmp_path, rope):
+    """RoPE comes from the checkpoint's own rotary embedding: a scaled RoPE (positions and attention
+    scaling changed) still gives HF's logits and tokens."""
+    import json
+    import shutil
+
+    import visor
+
+    path = tmp_path / "scaled"
+    shutil.copytree(checkpoints["llava-onevision"], path)
+    config = json.loads((path / "config.json").read_text())
+    text = config["text_config"]
+    text["rope_parameters"] = {"rope_theta": (text.get("rope_parameters") or {}).get("rope_theta", 10000.0), **rope}
+    (path / "config.json").write_text(json.dumps(config))
+    model = visor.load(path)
+    assert model.lm.rotary.hf.rope_type == rope["rope_type"]
+    hf_tokens, hf_logits, samples = hf_reference(model, PROMPTS[:1], [[images[1]]], 8)
+    with torch.no_grad():
+        tokens, logits = greedy(model, samples, 8, "full")
+    assert torch.equal(tokens, hf_tokens)
+    assert (logits - hf_logits).abs().max() <= 1e-4
+    unscaled = greedy(visor.load(checkpoints["llava-onevision"]), samples, 8, "full")[1]
+    assert (unscaled[:, 0] - logits[:, 0]).abs().max() > 1e-3  # the scaling really changed the numbers

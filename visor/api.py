@@ -162,7 +162,7 @@ class VisorModel:
             tied = getattr(self.config, "tie_word_embeddings", False)  # lm_head is the embedding matrix
             hf_state = {k[3:]: v for k, v in state_dict.items() if k.startswith("hf.")}
             hf_state = {k: v for k, v in hf_state.items() if not (tied and k == "lm_head.weight")}
-            visor_state = {k[3:]: state_dict[k] for k in (f"lm.{name}" for name in visor_state)}
+            visor_state = {key: state_dict[f"lm.{name}"] for key, name in self.lm.visor_keys().items()}
         base = self.backbone.weights_path if adapter else None
         return write_checkpoint(
             Path(out), self.backbone.path, self.backbone.hf, meta, visor_state, hf_state, overwrite, base
@@ -205,7 +205,7 @@ def load(
         policy = Policy(model.lm.cfg.hidden, p["n_budgets"], p["width"], p["cost_weight"])
         model.lm.policy = policy.to(model.backbone.device)
     if meta is not None:
-        load_visor_weights(path, model.lm, model.lm.visor_state_dict())
+        load_visor_weights(path, model.lm.visor_state_dict())
     return model
 
 

@@ -90,8 +90,9 @@ def checkpoint_dtype(path: Path) -> torch.dtype | None:
     return getattr(torch, name, None) if isinstance(name, str) else None
 
 
-def load_visor_weights(path: Path, module: torch.nn.Module, expected: dict[str, torch.Tensor]) -> None:
-    """Load visor.safetensors into ``module``, checking names and shapes against ``expected``."""
+def load_visor_weights(path: Path, expected: dict[str, torch.Tensor]) -> None:
+    """Load visor.safetensors into ``expected`` (views of a model's parameters, by checkpoint name:
+    ``VisorLM.visor_state_dict``), checking names and shapes."""
     file = path / VISOR_WEIGHTS
     if not expected and not file.exists():
         return
@@ -108,7 +109,9 @@ def load_visor_weights(path: Path, module: torch.nn.Module, expected: dict[str, 
             f"{file} does not match visor.json and the model config: "
             f"missing {sorted(missing)[:4]}, unexpected {sorted(extra)[:4]}, wrong shape {sorted(wrong)[:4]}"
         )
-    module.load_state_dict(tensors, strict=False)
+    with torch.no_grad():
+        for name, tensor in expected.items():  # views of the module's parameters
+            tensor.copy_(tensors[name])
 
 
 def write_checkpoint(

@@ -81,28 +81,19 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for arbitrary (B, S) position ids, any RoPE type transformers knows."""
+    """cos/sin tables (B, 1, S, hd) for arbitrary (B, S) position ids: the checkpoint's own rotary
+    embedding (its RoPE type, frequencies and scaling), shaped for our (B, H, S, hd) heads."""
 
-    def __init__(self, text_config):
+    def __init__(self, hf_rotary: nn.Module):
         super().__init__()
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        rope = getattr(text_config, "rope_parameters", None) or {}
-        rope_type = rope.get("rope_type", "default")
-        if rope_type == "dynamic":
+        if "dynamic" in str(getattr(hf_rotary, "rope_type", "default")):
             raise CheckpointError("dynamic-NTK RoPE is not supported (its frequencies change with length)")
-        if rope_type == "default":
-            dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-            theta = rope.get("rope_theta", getattr(text_config, "rope_theta", 10000.0))
-            inv_freq, self.scaling = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
-        else:
-            inv_freq, self.scaling = ROPE_INIT_FUNCTIONS[rope_type](text_config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.hf = hf_rotary
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        freqs = positions[..., None].float() * self.inv_freq  # (B, S, hd/2)
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, S, hd)
-        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+        like = torch.empty(0, dtype=dtype, device=positions.device)  # what it reads: the dtype and device
+        cos, sin = self.hf(like, positions)  # each (B, S, hd)
+        return cos[:, None], sin[:, None]
 
 
 def apply_rope(x, rope):
@@ -224,6 +215,17 @@ class CrossAttention(nn.Module):
         return t + torch.tanh(self.gate) * out * seen.to(out.dtype)
 
 
+class FusionLayer(nn.Module):
+    """A CA layer, as torchtune's ``FusionLayer``: the original decoder layer with a cross-attention
+    from the text to the visual states in front of it. Text only ever runs through it (a CA layer is
+    SA at a VISOR budget): text <- CrossAttention(text, visual), then the layer on text alone. At
+    budget "full" (the base model) it runs as its original layer, ``layer``."""
+
+    def __init__(self, layer: DecoderLayer, cfg: LMConfig):
+        super().__init__()
+        self.layer, self.cross = layer, CrossAttention(layer, cfg)
+
+
 class VisualPosConv(nn.Module):
     """The paper's conditional positional encoding: v + pointwise(depthwise_conv_k7(v)).
 
@@ -257,9 +259,11 @@ class VisorLM(nn.Module):
         self.embed_tokens = hf_model.get_input_embeddings()
         self.lm_head = hf_model.get_output_embeddings()
         self.norm = RMSNorm(lm.norm.weight, cfg.rms_eps)
-        self.layers = nn.ModuleList(DecoderLayer(layer, cfg) for layer in lm.layers)
-        self.rotary = Rotary(text_config).to(self.lm_head.weight.device)
-        self.cross = nn.ModuleDict({str(i): CrossAttention(self.layers[i], cfg) for i in schedule.ca_layers})
+        layers = [DecoderLayer(layer, cfg) for layer in lm.layers]
+        layers = [FusionLayer(layer, cfg) if i in schedule.ca_layers else layer for i, layer in enumerate(layers)]
+        self.layers = nn.ModuleList(layers)  # DecoderLayer, or FusionLayer at CA layers
+        self.originals = [getattr(layer, "layer", layer) for layer in layers]  # each DecoderLayer (registered once)
+        self.rotary = Rotary(lm.rotary_emb)
         like = self.lm_head.weight
         self.pos_conv = VisualPosConv(cfg.hidden, like) if schedule.position_encoding == "conv" else None
         self.policy = None  # a visor.policy.Policy once trained: picks budgets for "auto"
@@ -267,13 +271,26 @@ class VisorLM(nn.Module):
         self.gradient_checkpointing = False  # training: recompute each layer in backward
         self._compiled = None  # see compiled()
 
+    @property
+    def cross(self) -> dict[str, CrossAttention]:
+        """The CA layers' cross-attention modules, by layer index (str)."""
+        return {str(i): layer.cross for i, layer in enumerate(self.layers) if isinstance(layer, FusionLayer)}
+
+    def visor_modules(self) -> dict[str, nn.Module]:
+        """What VISOR adds to the base checkpoint (cross-attention, the conv positional code, the
+        policy), by the prefix its tensors have in checkpoint files (``cross.3``, ``pos_conv``, ...)."""
+        own = {f"cross.{i}": ca for i, ca in self.cross.items()}
+        return own | {name: getattr(self, name) for name in ("pos_conv", "policy") if getattr(self, name) is not None}
+
     def visor_state_dict(self) -> dict[str, torch.Tensor]:
-        """The parameters VISOR adds to the base checkpoint (CA modules, conv positional code)."""
-        own = {f"cross.{k}": v for k, v in self.cross.state_dict().items()}
-        for name in ("pos_conv", "policy"):
-            if getattr(self, name) is not None:
-                own.update({f"{name}.{k}": v for k, v in getattr(self, name).state_dict().items()})
-        return own
+        """VISOR's tensors by their checkpoint names (views of the parameters: copying into them loads)."""
+        return {f"{prefix}.{k}": v for prefix, m in self.visor_modules().items() for k, v in m.state_dict().items()}
+
+    def visor_keys(self) -> dict[str, str]:
+        """Checkpoint name -> this module's own name (``cross.3.gate`` -> ``layers.3.cross.gate``)."""
+        paths = {id(m): name for name, m in self.named_modules()}
+        modules = self.visor_modules().items()
+        return {f"{prefix}.{k}": f"{paths[id(m)]}.{k}" for prefix, m in modules for k in m.state_dict()}
 
     # ---- the layer loop -------------------------------------------------------------------
     def run(self, tok: Tokens, budgets: list, cache: KVCache | None = None, drops: dict | None = None) -> Forward:
@@ -365,7 +382,7 @@ class VisorLM(nn.Module):
         """The original layer over the original sequence order (right-padded): causal attention."""
         from .reduce import sa_scores
 
-        layer = self.layers[i]
+        layer = self.originals[i]
         x = ctx.join(v, t)
         q, k, val = layer.qkv(x, ctx.rope_x)
         if cache is not None:
@@ -381,9 +398,9 @@ class VisorLM(nn.Module):
         Returns (t, scores) (see ``layer``)."""
         from .reduce import ca_scores
 
-        layer, scores = self.layers[i], None
-        if self.schedule.roles[i] == "ca":
-            ca = self.cross[str(i)]
+        layer, scores = self.originals[i], None
+        if isinstance(self.layers[i], FusionLayer):
+            ca = self.layers[i].cross
             kv = ca.visual_kv(v, ctx.ca_rope_v)
             if cache is not None:
                 cache.store_cross(i, *kv, ctx.visual_valid, rows)
@@ -404,7 +421,7 @@ class VisorLM(nn.Module):
         ``torch.compile``, so that a piece's norms, RoPE and elementwise work fuse into a few
         kernels. Each piece is compiled once per input shape and dtype and shared by all layers."""
         if self._compiled is None:
-            pieces = [(layer, name) for layer in self.layers for name in ("qkv", "finish")]
+            pieces = [(layer, name) for layer in self.originals for name in ("qkv", "finish")]
             pieces += [(ca, name) for ca in self.cross.values() for name in ("visual_kv", "forward")]
             self._compiled = [(m, name, torch.compile(getattr(m, name), dynamic=False)) for m, name in pieces]
         for module, name, fn in self._compiled:
@@ -438,10 +455,10 @@ class VisorLM(nn.Module):
         t = self.embed_tokens(token_ids[:, None])  # (B, 1, D)
         rope = self.rotary((cache.rope_offset + input_pos)[:, None], dtype)
         ca_rope = None if self.pos_conv is not None else rope
-        for i, layer in enumerate(self.layers):
+        for i, (layer, fused) in enumerate(zip(self.originals, self.layers)):
             if cache.cross[i] is not None:
                 k, val, valid = cache.cross[i]
-                t = self.cross[str(i)](t, (k, val), ca_rope, valid[:, None, :], explicit=explicit)
+                t = fused.cross(t, (k, val), ca_rope, valid[:, None, :], explicit=explicit)
             q, k, val = layer.qkv(t, rope)
             k, val, valid = cache.layers[i].update(input_pos, k, val)  # [visual | text] at SA layers: a view
             t = layer.finish(t, attend(q, k, val, valid[:, None, :], explicit))

@@ -197,12 +197,8 @@ def set_trainable(model: VisorModel, cfg: TrainConfig) -> list[tuple[str, nn.Par
     if cfg.freeze_vision:
         for p in model.backbone.hf.model.vision_tower.parameters():
             p.requires_grad_(False)
-    for name in ("cross", "pos_conv"):
-        module = getattr(model.lm, name)
-        if module is not None:
-            module.requires_grad_(True)
-    if model.lm.policy is not None:
-        model.lm.policy.requires_grad_(False)  # trained apart, by `visor train-policy`
+    for prefix, module in model.lm.visor_modules().items():
+        module.requires_grad_(prefix != "policy")  # the policy is trained apart, by `visor train-policy`
     return [(n, p) for n, p in Trainee(model).named_parameters() if p.requires_grad]  # for the log
 
 
@@ -503,7 +499,7 @@ def _shard(trainee: Trainee) -> None:
     reference) and per CA module; everything else (embeddings, norms, vision) at the root."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    for layer in trainee.lm.layers:
+    for layer in trainee.lm.originals:
         fully_shard(
             [layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj, layer.gate_proj, layer.up_proj, layer.down_proj]
         )
