@@ -122,6 +122,7 @@ def test_every_model_command_honours_device_and_dtype(tmp_path, checkpoints, dat
     visor_cli("eval", "--model", model, *data, "--limit", 2, "--max-new-tokens", 2, "--out", tmp_path / "e", *bf16)
     result = json.loads((tmp_path / "e" / "result.json").read_text())
     assert (result["device"], result["dtype"]) == ("cpu", "bfloat16")
+    assert result["modes"] == {"prefill": "eager", "decode": "dynamic"}  # "auto" on the CPU
     visor_cli("train-policy", "--model", model, *data, "--epochs", 2, "--out", tmp_path / "p", *bf16)
     report = json.loads((tmp_path / "p" / "policy_report.json").read_text())
     assert report["dtype"] == "bfloat16"

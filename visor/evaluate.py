@@ -124,6 +124,7 @@ def evaluate(
     check_options(batch_size, max_new_tokens, limit)
     records, skipped = read_records(data, images or Path(data).parent)
     records = records[:limit] if limit else records
+    runner = model.runner(prefill, decode)
     rows, prefill_seconds, began = [], 0.0, time.perf_counter()
     budget = "full" if setting.method == "base" else setting.budget
     for start in tqdm(range(0, len(records), batch_size), desc=setting.label, disable=not progress, leave=False):
@@ -164,6 +165,7 @@ def evaluate(
         "summary": summarise(rows),
         "seconds": seconds,
         **model.placement,
+        "modes": {"prefill": runner.prefill_mode, "decode": runner.decode_mode},  # what "auto" became
         "prefill_seconds": prefill_seconds,
         "n_skipped": len(skipped),
         "skipped": skipped,  # why each unusable record was left out
@@ -186,7 +188,11 @@ def markdown(result: dict) -> str:
             f"| {name} | {g['n']} | {g['accuracy']:.3f} | {g['anls']:.3f} | "
             f"{g['prefill_flops'] / 1e9:.3f} | {g['lm_prefill_flops'] / 1e9:.3f} |"
         )
-    lines.append(f"\n{result['seconds']:.1f} s in all, prefill {result['prefill_seconds']:.1f} s.")
+    modes = result["modes"]
+    lines.append(
+        f"\n{result['seconds']:.1f} s in all, prefill {result['prefill_seconds']:.1f} s "
+        f"({result['device']}, {result['dtype']}, {modes['prefill']} prefill, {modes['decode']} decode)."
+    )
     if result["n_skipped"]:
         lines.append(f"\n{skipped_note(result)}")
     return "\n".join(lines) + "\n"
