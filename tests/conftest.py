@@ -30,11 +30,11 @@ def set_visor_weights(model, seed=0, scale=1.0):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
-def greedy(model, samples, n_new, budget, decode="dynamic"):
-    """Greedy tokens and per-step logits through prefill + cached decode."""
+def greedy(model, samples, n_new, budget, decode="dynamic", drops=None):
+    """Greedy tokens and per-step logits through prefill + cached decode (``drops``: token dropping)."""
     tok = collate(samples, model.backbone.image_token_id, "cpu")
     with torch.no_grad():
-        logits, cache, *_ = model.lm.prefill(tok, budget, capacity=tok.text_ids.shape[1] + n_new)
+        logits, cache, *_ = model.lm.prefill(tok, budget, capacity=tok.text_ids.shape[1] + n_new, drops=drops)
         decoder = Decoder(model.lm, cache, decode)
         steps, tokens = [logits], []
         for _ in range(n_new - 1):

@@ -58,24 +58,70 @@ def test_fastv_keeps_what_the_attention_matrix_says(eager_base, images, layer, k
         out = eager_base.backbone.hf.model.language_model(inputs_embeds=embeds, output_attentions=True)
     row = out.attentions[layer - 1][0, :, -1, :].mean(0)  # (S,) the last token's attention
     visual_scores = row[is_image]
-    n_keep = math.ceil(keep * len(visual_scores))
+    n_keep = int(keep * len(visual_scores))  # the official KV-cache code: int(576 * ratio)
     expected = sorted(visual_scores.topk(n_keep).indices.tolist())
     assert kept[layer - 1][0] == expected
 
 
-def test_pyramid_drop_stages(eager_base, images):
+def official_pyramid_drop(model, ids, visual, query: int, stages: list[int], ratio: float):
+    """A port of PyramidDrop's own inference code (Cooperx521/PyramidDrop, modeling_llama_pdrop.py) over
+    HF's modules, for one sample: after ``stages[s]`` layers, the next layer's input_layernorm and
+    q_proj/k_proj on the output, RoPE at positions 0..L-1, the query token's fp32 softmax over the
+    causal keys, head mean, the image keys' top int(N x ratio^(s+1)), sorted; the sequence gathered
+    and its positions renumbered 0..L'-1. ``query``: the last prompt token (tokens after it are
+    generated ones: decode positions continue from each stage's shortened length, as there).
+    Returns the logits of every position (L', V) and each stage's kept indices."""
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb, repeat_kv
+
+    lm = model.backbone.hf.model.language_model
+    ids = torch.tensor(ids)
+    is_image = ids == model.backbone.image_token_id
+    h = model.lm.embed_tokens(ids)[None]
+    h[0, is_image] = visual
+    start, n_image, n_original = int(is_image.nonzero()[0]), int(is_image.sum()), int(is_image.sum())
+    kept = {}
+    for idx, layer in enumerate(lm.layers):
+        positions = torch.arange(h.shape[1])[None]
+        causal = torch.full((h.shape[1], h.shape[1]), float("-inf")).triu(1)[None, None]
+        h = layer(h, attention_mask=causal, position_ids=positions, position_embeddings=lm.rotary_emb(h, positions))
+        h = h[0] if isinstance(h, tuple) else h
+        if idx + 1 not in stages:
+            continue
+        attn = lm.layers[idx + 1].self_attn
+        x = lm.layers[idx + 1].input_layernorm(h)
+        shape = (1, h.shape[1], -1, attn.head_dim)
+        q, k = (p(x).view(shape).transpose(1, 2) for p in (attn.q_proj, attn.k_proj))
+        q, k = apply_rotary_pos_emb(q, k, *lm.rotary_emb(x, positions))
+        k = repeat_kv(k, q.shape[1] // k.shape[1])  # the official code has no GQA: each head its K
+        scores = (q[:, :, query : query + 1] @ k.transpose(-1, -2)) / math.sqrt(attn.head_dim)
+        scores[..., query + 1 :] = float("-inf")  # causal
+        probs = scores.softmax(-1, dtype=torch.float32).mean(1)[0, 0]
+        n_keep = int(n_original * ratio ** (stages.index(idx + 1) + 1))
+        top = probs[start : start + n_image].topk(n_keep).indices.sort().values
+        kept[idx] = top.tolist()
+        keep = torch.cat([torch.arange(start), top + start, torch.arange(start + n_image, h.shape[1])])
+        h, query, n_image = h[:, keep], query - (n_image - n_keep), n_keep
+    return model.lm.lm_head(lm.norm(h))[0], kept
+
+
+def test_pyramid_drop_is_the_official_rule(eager_base, images):
+    """Kept tokens at every stage, the prefill's logits and the logits of 5 decode steps (cached, with
+    the shifted positions) equal the port of the official code run over the whole sequence."""
+    from conftest import greedy
+
     pdrop = Reduction("pdrop", stages=[2, 3, 5], ratio=0.5)
-    kept = prefill_logits(eager_base, [images[3]], reduction=pdrop)[3]
-    fastv = prefill_logits(eager_base, [images[3]], reduction=Reduction("fastv", layer=2, keep=0.5))[3]
-    assert kept[1] == fastv[1]  # the first stage is FastV
-    sizes = [len(kept[i][0]) for i in (1, 2, 4)]
-    n_visual = eager_base.encode([PROMPT], [[images[3]]])[0].visual.shape[0]
-    assert sizes == [
-        math.ceil(n_visual / 2),
-        math.ceil(math.ceil(n_visual / 2) / 2),
-        math.ceil(math.ceil(math.ceil(n_visual / 2) / 2) / 2),
-    ]
-    assert all(0 <= i < prev for i, prev in zip(kept[2][0], [sizes[0]] * sizes[1]))
+    logits, sample, tok, kept = prefill_logits(eager_base, [images[3]], reduction=pdrop)
+    drops = pdrop.drops(eager_base.lm.cfg.n_layers)
+    with torch.no_grad():
+        tokens, steps = greedy(eager_base, [sample], 6, "full", drops=drops)
+        query = len(sample.ids) - 1
+        ids = sample.ids + tokens[0, :-1].tolist()
+        reference, official_kept = official_pyramid_drop(eager_base, ids, sample.visual, query, [2, 3, 5], 0.5)
+    n_visual = sample.visual.shape[0]
+    assert [len(kept[i][0]) for i in (1, 2, 4)] == [n_visual // 2, n_visual // 4, n_visual // 8] != [0, 0, 0]
+    assert {i: k[0] for i, k in kept.items()} == official_kept
+    n_prompt = reference.shape[0] - 5  # the prompt's tokens left after the drops
+    assert (steps[0] - reference[n_prompt - 1 :]).abs().max() <= 1e-4
 
 
 def test_visionzip_selection_on_a_hand_made_example():
@@ -84,20 +130,89 @@ def test_visionzip_selection_on_a_hand_made_example():
     keys = torch.tensor([[1, 0], [0, 1], [1, -0.1], [0, 1], [0.1, 1], [1, 0], [0.9, 0.1], [0, 1]], dtype=torch.float32)
     out, dominant = visionzip_select(tokens, scores, keys, dominant=3, contextual=2)
     assert dominant.tolist() == [1, 3, 7]  # the three most attended, in original order
-    # remaining 0, 2, 4, 5, 6 -> targets 0 and 6 (evenly spaced); cos(2, 0) = .995 > cos(2, 6) = .978; cos(5, 0) = 1
-    # closer to 6? cos(4, 0) = 0.0995, cos(4, 6) = 0.2095 -> 6.  groups {0, 2, 5}, {4, 6}
+    # the rest 0, 2, 4, 5, 6: targets at 0 and 5 // 2 = 2 of them -> tokens 0 and 4; 2, 5, 6 join 0 (cosine
+    # .995, 1, .994 against 0, .209 at most against 4): contextual = target + mean of what joined it
     assert out.shape == (5, 2)
     assert torch.allclose(out[:3], tokens[[1, 3, 7]])
-    assert torch.allclose(out[3], torch.tensor([(0 + 2 + 5) / 3] * 2))
-    assert torch.allclose(out[4], torch.tensor([(4 + 6) / 2] * 2))
+    assert torch.allclose(out[3], torch.tensor([0 + (2 + 5 + 6) / 3] * 2))
+    assert torch.allclose(out[4], torch.tensor([4.0, 4.0]))  # nothing joined it
+
+
+def official_visionzip(hidden, attn, metric, dominant, contextual):
+    """A port of VisionZip's own code (dvlab-research/VisionZip, visionzip/clip_encoder.py), one CLIP
+    crop: hidden (1, N, C) with CLS first, attn (1, H, N, N), metric (1, N, dk) the keys, head mean."""
+    dominant_num, contextual_num = dominant - 1, contextual
+    cls_attention_sum = attn[:, :, 0, 1:].sum(dim=1)
+    topk_indices = cls_attention_sum.topk(dominant_num, dim=1).indices + 1
+    all_indices = torch.cat([torch.zeros((1, 1), dtype=topk_indices.dtype), topk_indices], dim=1)
+    mask = torch.ones_like(hidden[:, :, 0], dtype=torch.bool).scatter_(1, all_indices, False)
+    dominant_tokens = hidden.masked_select(~mask.unsqueeze(-1)).view(1, dominant_num + 1, hidden.shape[2])
+    metric_filtered = metric[mask].view(1, hidden.shape[1] - (dominant_num + 1), metric.shape[2])
+    hidden_filtered = hidden.masked_select(mask.unsqueeze(-1)).view(1, hidden.shape[1] - (dominant_num + 1), -1)
+    metric_normalized = metric_filtered / metric_filtered.norm(dim=-1, keepdim=True)
+    step = max(1, metric_normalized.shape[1] // contextual_num)
+    target_indices = torch.arange(0, metric_normalized.shape[1], step)[:contextual_num]
+    target_tokens = metric_normalized[:, target_indices, :]
+    merge = ~torch.isin(torch.arange(metric_normalized.shape[1]), target_indices)
+    tokens_to_merge = metric_normalized[:, merge, :]
+    similarity = torch.bmm(tokens_to_merge, target_tokens.transpose(1, 2))
+    assign_one_hot = torch.zeros(1, tokens_to_merge.shape[1], contextual_num, dtype=hidden.dtype)
+    assign_one_hot.scatter_(2, similarity.argmax(dim=2).unsqueeze(-1), 1)
+    counts = assign_one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)
+    aggregated_hidden = torch.bmm(assign_one_hot.transpose(1, 2), hidden_filtered[:, merge, :]) / counts
+    contextual_tokens = hidden_filtered[:, target_indices, :] + aggregated_hidden
+    return torch.cat([dominant_tokens, contextual_tokens], dim=1)[0]
+
+
+@pytest.mark.parametrize("dominant, contextual", [(5, 3), (9, 4), (2, 7)])
+def test_visionzip_is_the_official_rule(dominant, contextual):
+    """Against the port of the official code on random crops: CLS kept among the dominant tokens."""
+    gen = torch.Generator().manual_seed(dominant)
+    hidden = torch.randn(1, 26, 6, generator=gen)  # CLS + 25 patches
+    attn = torch.randn(1, 3, 26, 26, generator=gen).softmax(-1)
+    metric = torch.randn(1, 26, 4, generator=gen)
+    expected = official_visionzip(hidden, attn, metric, dominant, contextual)
+    scores = torch.cat([torch.zeros(1), attn[0, :, 0, 1:].mean(0)])
+    got, kept = visionzip_select(hidden[0], scores, metric[0], dominant, contextual, n_fixed=1)
+    assert kept[0] == 0 and len(kept) == dominant
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_visionzip_anyres_layout_is_the_official_one():
+    """An AnyRes image: base crop, then the other crops' dominant patches in raster order over the
+    stitched grid (as the official adapter's canvas puts them), their CLS tokens, their contextual ones."""
+    from visor.reduce import _anyres_layout
+
+    side, grid, n_fixed = 3, (2, 2), 1
+    gen = torch.Generator().manual_seed(0)
+    crops, dominant = [torch.full((5, 1), -1.0)], [torch.arange(4)]  # the base crop, kept as it is
+    canvas = torch.full((grid[0] * side, grid[1] * side), float("nan"))
+    for c in range(4):
+        patches = torch.randperm(side * side, generator=gen)[:3].sort().values
+        dominant.append(torch.cat([torch.zeros(1, dtype=torch.long), patches + 1]))
+        values = 100 * (c + 1) + patches.float()  # a patch's value names it
+        crops.append(torch.cat([torch.tensor([[-(c + 2.0)]]), values[:, None], torch.tensor([[1000.0 + c]])]))
+        r, col = c // grid[1], c % grid[1]
+        block = torch.full((side * side,), float("nan"))
+        block[patches] = values  # the crop's 3 x 3 patches, then pasted into its place on the canvas
+        canvas[r * side : (r + 1) * side, col * side : (col + 1) * side] = block.view(side, side)
+    out = _anyres_layout(crops, dominant, grid, side * side, n_fixed)[:, 0]
+    raster = canvas.flatten()[~canvas.flatten().isnan()]
+    expected = torch.cat(
+        [crops[0][:, 0], raster, torch.tensor([-2.0, -3, -4, -5]), torch.tensor([1000.0, 1001, 1002, 1003])]
+    )
+    assert torch.equal(out, expected)
 
 
 def test_visionzip_token_counts(base_model, images):
+    """n + m tokens per crop (CLIP: the CLS token among the n); a one-crop image of LLaVA-OneVision
+    ends with its newline token, an AnyRes one has none (the official adapter drops them)."""
     zip_ = Reduction("visionzip", dominant=6, contextual=2)
+    newline = int(base_model.config.model_type == "llava_onevision")
     sample = base_model.encode([PROMPT], [[images[1]]], zip_)[0]
-    assert sample.visual.shape[0] == sample.n_crops * 8
+    assert sample.visual.shape[0] == sample.n_crops * 8 + (newline if sample.n_crops == 1 else 0)
     two = base_model.encode([PROMPT], [[images[0], images[2]]], zip_)[0]
-    assert two.visual.shape[0] == 2 * 8  # several images: one crop each
+    assert two.visual.shape[0] == 2 * (8 + newline)  # several images: one crop each
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ class LayerKV:
         self.valid = torch.zeros(batch, n_visual + capacity, dtype=torch.bool, device=device)
         self.valid[:, n_visual:] = text_valid
         self.slots = torch.arange(n_visual + capacity, device=device)  # (Nv + C,)
+        self.shift: torch.Tensor | None = None  # (B,) new tokens' positions are this much lower here
 
     def store_visual(self, k, v, valid, rows=None) -> None:
         """Prefill of an SA layer: the visual tokens' K/V (B', Hkv, Nv, hd) and validity (B', Nv)."""
@@ -73,11 +74,13 @@ class KVCache:
         self.n_prompt = n_text  # text slots the prompt fills; new tokens follow from there
         self.rope_offset: torch.Tensor | None = None  # set by the prefill
 
-    def open_layer(self, i: int, n_visual: int) -> None:
+    def open_layer(self, i: int, n_visual: int, shift: torch.Tensor | None = None) -> None:
         """Make layer i's buffers before its prefill: ``n_visual`` visual K/V in front of its text
-        (the visual tokens present there if any sample runs it as SA, else 0)."""
+        (the visual tokens present there if any sample runs it as SA, else 0); ``shift`` (B,): how far
+        a token drop moved the positions of the text at this layer (PyramidDrop renumbers)."""
         shape = (self.batch, self.n_kv_heads, n_visual, self.head_dim)
         self.layers[i] = LayerKV(shape, self.text_valid, self.dtype)
+        self.layers[i].shift = shift
 
     def store_cross(self, i: int, k, v, valid, rows=None) -> None:
         """A CA layer's K/V of the visual states (B', Hkv, Nv, hd) and their validity (B', Nv)."""

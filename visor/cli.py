@@ -430,7 +430,7 @@ def eval_command(
     layer: Annotated[int, typer.Option(help="fastv: prune after this many layers")] = 2,
     keep: Annotated[float, typer.Option(help="fastv: fraction of visual tokens kept")] = 0.5,
     stages: Annotated[str | None, typer.Option(help="pdrop: prune after these layer counts, e.g. 6,12,18")] = None,
-    ratio: Annotated[float, typer.Option(help="pdrop: fraction kept at each stage")] = 0.5,
+    ratio: Annotated[float, typer.Option(help="pdrop: lambda; stage k keeps lambda^k of the visual tokens")] = 0.5,
     dominant: Annotated[int, typer.Option(help="visionzip: dominant tokens per crop")] = 54,
     contextual: Annotated[int, typer.Option(help="visionzip: merged contextual tokens per crop")] = 10,
     batch_size: int = 8,

@@ -128,9 +128,9 @@ def count_flops(
     if zip_ and kept_per_crop < tokens_per_crop:  # scoring in the feature layer + contextual similarity
         n = tokens_per_crop + (vision.model_type.startswith("clip"))
         head_dim = vision.hidden_size // vision.num_attention_heads
-        rest = tokens_per_crop - zip_[0]
+        merged = n - zip_[0] - zip_[1]  # tokens joining a contextual target: cosine against each target
         per_crop = 2 * _linear(n, vision.hidden_size, vision.hidden_size) + _attention(n, n, 1, vision.hidden_size) // 2
-        pre["token_reduction"] = n_crops * (per_crop + 2 * rest * zip_[1] * head_dim)
+        pre["token_reduction"] = n_crops * (per_crop + 2 * merged * zip_[1] * head_dim)
     if schedule.position_encoding == "conv" and budget != "full":
         pre["position_conv"] = 2 * n_visual * cfg.hidden * 7 + _linear(n_visual, cfg.hidden, cfg.hidden)
     drops = reduction.drops(cfg.n_layers) if reduction is not None else {}
@@ -147,8 +147,13 @@ def count_flops(
             q_out = cfg.n_heads * cfg.head_dim
             score = _linear(1, cfg.hidden, q_out) + _attention(1, n_now, cfg.n_heads, cfg.head_dim) // 2
         if i in drops:
+            if drops[i].next_layer:  # PyramidDrop: the next layer's k for every token, q for the last one
+                n_seq, kv_out = n_now + n_text, cfg.n_kv_heads * cfg.head_dim
+                q_out = cfg.n_heads * cfg.head_dim
+                score = _linear(n_seq, cfg.hidden, kv_out) + _linear(1, cfg.hidden, q_out)
+                score += _attention(1, n_seq, cfg.n_heads, cfg.head_dim) // 2
             pre["token_reduction"] += score
-            n_next = math.ceil(n_now * drops[i])
+            n_next = drops[i].n_keep(n_visual)
         pre["lm_layers"] += layer_pre
         pre["cross_attention"] += ca_pre
         dec["lm_layers"] += layer_dec

@@ -46,8 +46,9 @@ class Context:
     seq: int  # longest sequence in the batch (tokens still present)
     v_index: torch.Tensor  # (B, Nv) slot of each visual token in original order; padding -> seq
     t_index: torch.Tensor  # (B, Nt)
-    visual_pos: torch.Tensor  # (B, Nv) original positions
+    visual_pos: torch.Tensor  # (B, Nv) positions (original, unless a token drop renumbered them)
     visual_valid: torch.Tensor  # (B, Nv)
+    text_pos: torch.Tensor  # (B, Nt) likewise
     last_text: torch.Tensor  # (B,) index of each sample's last text token
     mask_tv: torch.Tensor | None  # (B, Nt, Nv) visual token k precedes text token q; None: see ``block``
     seen: torch.Tensor  # (B, Nt, 1) text token q has a visual token before it
@@ -61,27 +62,33 @@ class Context:
     block: int | None = None
 
     @classmethod
-    def build(cls, tok: Tokens, rotary: Rotary, dtype, with_rope: bool, visual_pos=None, visual_valid=None) -> Context:
+    def build(
+        cls, tok: Tokens, rotary: Rotary, dtype, with_rope: bool, visual_pos=None, visual_valid=None, text_pos=None
+    ) -> Context:
+        """The context of ``tok``; after a token drop, of the visual tokens left (``visual_pos``,
+        ``visual_valid``) and, where positions were renumbered, the text's new ``text_pos``."""
         visual_pos = tok.visual_pos if visual_pos is None else visual_pos
         visual_valid = tok.visual_valid if visual_valid is None else visual_valid
+        text_pos = tok.text_pos if text_pos is None else text_pos
         n_visual = visual_pos.shape[1]
-        pos, order, rank = cls.slots(visual_pos, visual_valid, tok.text_pos, tok.text_valid)
+        pos, order, rank = cls.slots(visual_pos, visual_valid, text_pos, tok.text_valid)
         own_layout = tok.layout is not None and visual_valid is tok.visual_valid
         seq, block = tok.layout if own_layout else cls.layout(rank, visual_valid, tok.text_valid)
         slot_pos = pos.gather(1, order)[:, :seq]
         slot_pos = slot_pos.masked_fill(slot_pos == PADDING, 0)
-        rope_t = rotary(tok.text_pos, dtype)
+        rope_t = rotary(text_pos, dtype)
         if block is None:
-            mask_tv = (visual_pos[:, None, :] < tok.text_pos[:, :, None]) & visual_valid[:, None, :]
+            mask_tv = (visual_pos[:, None, :] < text_pos[:, :, None]) & visual_valid[:, None, :]
             seen = mask_tv.any(-1, keepdim=True)
         else:  # one run of visual tokens: a text token sees all of them or none (attention needs no mask)
-            mask_tv, seen = None, (tok.text_pos > visual_pos[:, :1])[..., None]
+            mask_tv, seen = None, (text_pos > visual_pos[:, :1])[..., None]
         return cls(
             seq=seq,
             v_index=torch.where(visual_valid, rank[:, :n_visual], seq),
             t_index=torch.where(tok.text_valid, rank[:, n_visual:], seq),
             visual_pos=visual_pos,
             visual_valid=visual_valid,
+            text_pos=text_pos,
             last_text=tok.text_valid.sum(1) - 1,
             mask_tv=mask_tv,
             seen=seen,
@@ -146,6 +153,7 @@ class Context:
             "t_index",
             "visual_pos",
             "visual_valid",
+            "text_pos",
             "last_text",
             "mask_tv",
             "seen",

@@ -297,10 +297,9 @@ class VisorLM(nn.Module):
         """All layers over a batch; each sample has its own budget ("auto": the policy picks it
         from the states entering the first SA candidate). ``cache``: filled with each layer's K/V.
 
-        ``drops`` {layer: keep}: after that layer, keep that fraction of each sample's visual
-        tokens, ranked by the attention the last text token pays them in that layer (FastV,
-        PyramidDrop; see ``visor.reduce``)."""
-        from .reduce import drop_visual
+        ``drops`` {layer: ``visor.reduce.Drop``}: after that layer, keep some of each sample's visual
+        tokens, those the last text token attends to most (FastV, PyramidDrop)."""
+        from .reduce import drop_visual, next_layer_scores
 
         v, t, ctx = self.inputs(tok, budgets)
         drops = drops or {}
@@ -308,21 +307,29 @@ class VisorLM(nn.Module):
             raise ConfigError("token dropping needs one fixed budget for the whole batch")
         route_at = self.schedule.sa_candidates[0] if "auto" in budgets else -1
         active, kept = self.active_layers(budgets), {}
+        n_original, shift = tok.visual_valid.sum(1), None  # shift: positions renumbered away (B,)
         for i in range(self.cfg.n_layers):
             if i == route_at:
                 budgets = self.route(v, t, tok, budgets)
                 active = self.active_layers(budgets)
             if cache is not None:
-                cache.open_layer(i, v.shape[1] if any(active[i]) else 0)
-            step = lambda v, t, i=i, sa=active[i], ctx=ctx: self.layer(i, v, t, ctx, cache, sa, i in drops)  # noqa: E731
+                cache.open_layer(i, v.shape[1] if any(active[i]) else 0, shift)
+            own_scores = i in drops and not drops[i].next_layer
+            step = lambda v, t, i=i, sa=active[i], ctx=ctx, s=own_scores: self.layer(i, v, t, ctx, cache, sa, s)  # noqa: E731
             if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
                 v, t, scores = torch.utils.checkpoint.checkpoint(step, v, t, use_reentrant=False)
             else:
                 v, t, scores = step(v, t)
             if i in drops:
-                if scores is None:
+                if drops[i].next_layer:
+                    scores = next_layer_scores(self.originals[i + 1], v, t, ctx)
+                elif scores is None:
                     raise ConfigError(f"layer {i} runs text-only at this budget: nothing ranks its visual tokens")
-                v, ctx, kept[i] = drop_visual(v, ctx, scores, drops[i], tok, self.rotary, self.pos_conv is None)
+                v, ctx, kept[i] = drop_visual(
+                    v, ctx, scores, drops[i], n_original, tok, self.rotary, self.pos_conv is None
+                )
+                if drops[i].renumber:
+                    shift = n_original - ctx.visual_valid.sum(1)
         return Forward(t, budgets, kept)
 
     def inputs(self, tok: Tokens, budgets: list) -> tuple[torch.Tensor, torch.Tensor, Context]:
@@ -453,9 +460,12 @@ class VisorLM(nn.Module):
         has the same shapes and no host sync (see ``visor.cache`` and ``visor.generate.Decoder``)."""
         dtype, explicit = self.lm_head.weight.dtype, self.explicit_attention
         t = self.embed_tokens(token_ids[:, None])  # (B, 1, D)
-        rope = self.rotary((cache.rope_offset + input_pos)[:, None], dtype)
-        ca_rope = None if self.pos_conv is not None else rope
+        shift, rope = None, self.rotary((cache.rope_offset + input_pos)[:, None], dtype)
         for i, (layer, fused) in enumerate(zip(self.originals, self.layers)):
+            if cache.layers[i].shift is not shift:  # positions renumbered by a token drop (PyramidDrop)
+                shift = cache.layers[i].shift
+                rope = self.rotary((cache.rope_offset - (0 if shift is None else shift) + input_pos)[:, None], dtype)
+            ca_rope = None if self.pos_conv is not None else rope
             if cache.cross[i] is not None:
                 k, val, valid = cache.cross[i]
                 t = fused.cross(t, (k, val), ca_rope, valid[:, None, :], explicit=explicit)

@@ -1,17 +1,25 @@
-"""Token-reduction baselines in our forward: FastV, PyramidDrop, VisionZip (and with VISOR).
+"""Token-reduction baselines in our forward: FastV, PyramidDrop, VisionZip (and with VISOR), each
+as its official code does it (tests compare each with a port of that code on a tiny model).
 
-- FastV (``layer`` K, ``keep`` r): after K layers, keep the fraction r of each sample's visual
-  tokens with the most attention from the last text token in layer K (head-averaged).
-- PyramidDrop (``stages`` s1, s2, ..., ``ratio`` l): after each stage's layers, keep the fraction
-  l of the remaining visual tokens, ranked the same way (scores recomputed from that layer's q/k,
-  so SDPA stays usable for everything else).
-- VisionZip (``dominant`` n, ``contextual`` m): in the vision encoder, per crop, keep the n tokens
-  that receive the most attention in the feature layer and merge the rest into m contextual
-  tokens. SigLIP has no CLS token: a token's score is the attention it receives, averaged over
-  all queries and heads (CLIP: the CLS token's attention). Contextual merging: m targets spaced
-  evenly among the remaining tokens; every other remaining token joins the target whose key is
-  most similar (cosine of head-averaged keys); a contextual token is the mean of its group.
-  Reduced crops are concatenated per image (no AnyRes unpadding or newline tokens).
+- FastV (``layer`` K, ``keep`` r; pkunlp-icler/FastV, its KV-cache variant): after K layers, keep
+  floor(r x N) of each sample's N visual tokens, those the last prompt token attends to most in layer
+  K (head-averaged softmax over every key before it), once at prefill; the kept tokens keep their
+  positions. (The paper's no-cache code re-runs the whole sequence for every new token and re-ranks
+  with that token as the query; with a KV cache, as here and in FastV's own lmms-eval code, the
+  ranking is the prefill's.)
+- PyramidDrop (``stages`` s1, s2, ..., ``ratio`` l; Cooperx521/PyramidDrop): after stage k's layers,
+  keep floor(l^k x N) of the ORIGINAL N visual tokens, ranked by the last prompt token's attention
+  computed with the NEXT layer's input norm and q/k on the stage's output (RoPE at the current
+  positions); the tokens left are renumbered 0..n-1, and decode positions in later layers shift
+  down by the tokens dropped. Where the model has grouped-query attention (the official code has
+  none), each query head uses its K/V head's keys.
+- VisionZip (``dominant`` n, ``contextual`` m; dvlab-research/VisionZip): in the vision encoder, per
+  crop, n dominant tokens by attention in the feature layer — CLIP: the CLS token's attention, CLS
+  kept among the n; SigLIP (no CLS, no official adapter): the attention a token receives, averaged
+  over queries and heads — and m contextual tokens: targets strided over the rest, every other token
+  joins its most similar target (cosine of head-averaged keys), a contextual token is its target
+  plus the mean of what joined it. Crops are packed as the official LLaVA-NeXT adapter packs them
+  (see ``visionzip_features``; LLaVA-OneVision has no official adapter).
 
 Each works on any budget: at ``budget="full"`` it is the published baseline; at a VISOR budget
 it is VISOR + token reduction (FastV's ranking layer must then be SA or CA at that budget).
@@ -31,13 +39,30 @@ from .layout import PADDING, Context, Tokens, take
 METHODS = ("none", "fastv", "pdrop", "visionzip")
 
 
+@dataclass(frozen=True)
+class Drop:
+    """Visual tokens dropped after a layer: each sample keeps floor(``keep`` x its ORIGINAL number of
+    visual tokens), those the last prompt token attends to most (head-averaged softmax over every
+    key before it), ranked with the layer's own q/k (FastV) or, ``next_layer``, with the next layer's
+    input norm and q/k applied to this layer's output (PyramidDrop). ``renumber``: positions become
+    0..n-1 over the tokens left, and decode positions shift down by the tokens dropped (PyramidDrop;
+    FastV keeps the original positions)."""
+
+    keep: float
+    next_layer: bool
+    renumber: bool
+
+    def n_keep(self, n_original: int) -> int:
+        return math.floor(n_original * self.keep)
+
+
 @dataclass
 class Reduction:
     method: str = "none"
     layer: int = 2  # fastv: prune after this many layers
     keep: float = 0.5  # fastv: fraction of visual tokens kept
     stages: list[int] = field(default_factory=list)  # pdrop: prune after these many layers (default L/4, L/2, 3L/4)
-    ratio: float = 0.5  # pdrop: fraction kept at each stage
+    ratio: float = 0.5  # pdrop: lambda, stage k keeps lambda^k of the original visual tokens
     dominant: int = 54  # visionzip: dominant tokens per crop
     contextual: int = 10  # visionzip: contextual (merged) tokens per crop
 
@@ -49,8 +74,8 @@ class Reduction:
         if self.dominant < 1 or self.contextual < 0:
             raise ConfigError("--dominant must be at least 1 and --contextual at least 0")
 
-    def drops(self, n_layers: int) -> dict[int, float]:
-        """{layer index whose attention ranks the tokens: fraction kept after it}."""
+    def drops(self, n_layers: int) -> dict[int, Drop]:
+        """{index of the layer after which tokens are dropped: how}."""
         if self.method == "fastv":
             after = [self.layer]
         elif self.method == "pdrop":
@@ -59,8 +84,11 @@ class Reduction:
             return {}
         if not all(1 <= a < n_layers for a in after):
             raise ConfigError(f"prune points {after} must lie between 1 and {n_layers - 1} layers")
-        fraction = self.keep if self.method == "fastv" else self.ratio
-        return {a - 1: fraction for a in sorted(set(after))}
+        if self.method == "fastv":
+            return {self.layer - 1: Drop(self.keep, next_layer=False, renumber=False)}
+        return {
+            a - 1: Drop(self.ratio ** (s + 1), next_layer=True, renumber=True) for s, a in enumerate(sorted(set(after)))
+        }
 
     @property
     def visionzip(self) -> tuple[int, int] | None:
@@ -111,48 +139,83 @@ def ca_scores(ca, t, k_visual, ctx: Context) -> torch.Tensor:
     return last_token_attention(q_last, k_visual, ctx.visual_valid).mean(1)[:, 0]
 
 
-def drop_visual(v, ctx: Context, scores, keep: float, tok: Tokens, rotary, with_rope: bool):
-    """Keep the top ``keep`` fraction of each sample's visual states v (B, Nv, D) by ``scores``
-    (B, Nv), in original order; returns (v, the rebuilt Context, each sample's kept indices)."""
-    n_keep = torch.ceil(ctx.visual_valid.sum(1) * keep).long()  # (B,)
+def next_layer_scores(layer, v, t, ctx: Context) -> torch.Tensor:
+    """PyramidDrop's ranking: the next layer's input norm and q/k (RoPE at the current positions)
+    applied to this layer's output; the last prompt token's head-averaged attention over the
+    visual tokens (B, Nv). Keys for every token, a query for the last one only."""
+    from .model import apply_rope, split_heads
+
+    x = ctx.join(v, t)  # (B, S, D) in original order
+    h = layer.input_norm(x)
+    last = ctx.t_index.gather(1, ctx.last_text[:, None])  # (B, 1) the last prompt token's slot
+    rope_last = tuple(take(r, last, 2) for r in ctx.rope_x)
+    q_last = apply_rope(split_heads(layer.q_proj(take(h, last, 1)), layer.n_heads), rope_last)  # (B, H, 1, hd)
+    k = apply_rope(split_heads(layer.k_proj(h), layer.n_kv_heads), ctx.rope_x)  # (B, Hkv, S, hd)
+    probs = last_token_attention(q_last, k, torch.arange(ctx.seq, device=x.device)[None] <= last)
+    return take(probs, ctx.v_index, 3).mean(1)[:, 0]
+
+
+def drop_visual(v, ctx: Context, scores, drop: Drop, n_original: torch.Tensor, tok: Tokens, rotary, with_rope: bool):
+    """Keep each sample's top visual states v (B, Nv, D) by ``scores`` (B, Nv), floor(drop.keep x
+    ``n_original`` (B,)) of them, in original order. Returns (v, the rebuilt Context, each sample's
+    kept indices into v)."""
+    n_keep = torch.floor(n_original.double() * drop.keep).long()  # as math.floor in visor.flops
     width = max(1, int(n_keep.max()))
     top = scores.masked_fill(~ctx.visual_valid, float("-inf")).topk(width, dim=1).indices  # (B, K)
     kept = torch.arange(width, device=v.device)[None] < n_keep[:, None]
     order = ctx.visual_pos.gather(1, top).masked_fill(~kept, PADDING).argsort(dim=1)  # back to original order
     top, kept = top.gather(1, order), kept.gather(1, order)
-    visual_pos = ctx.visual_pos.gather(1, top)
-    new = Context.build(tok, rotary, v.dtype, with_rope, visual_pos, kept)
+    visual_pos, text_pos = ctx.visual_pos.gather(1, top), None
+    if drop.renumber:  # positions 0..n-1 over what is left: each token's rank in the original order
+        _, _, rank = Context.slots(visual_pos, kept, ctx.text_pos, tok.text_valid)
+        visual_pos, text_pos = rank[:, :width], rank[:, width:]
+    new = Context.build(tok, rotary, v.dtype, with_rope, visual_pos, kept, text_pos)
     return take(v, top, 1), new, [row[m].tolist() for row, m in zip(top, kept)]
 
 
 # ---- VisionZip: in the vision encoder --------------------------------------------------------------
 
 
-def visionzip_select(tokens, scores, keys, dominant: int, contextual: int):
-    """One crop: tokens (N, d), scores (N,), keys (N, dk) -> (n + m, d) reduced tokens and the
-    dominant indices (in original order). Rest merged into m contextual tokens."""
+def visionzip_select(tokens, scores, keys, dominant: int, contextual: int, n_fixed: int = 0):
+    """One crop, VisionZip's rule (dvlab-research/VisionZip, visionzip/utils.py): tokens (N, d),
+    scores (N,), keys (N, dk) -> (dominant + contextual, d) and the dominant indices (original order).
+
+    Dominant: the first ``n_fixed`` tokens (CLIP's CLS) and the ``dominant - n_fixed`` others with the
+    highest scores, in original order. Contextual: ``contextual`` targets strided evenly over the rest
+    (``arange(0, R, R // m)[:m]``); every other remaining token joins the target whose key is most
+    similar (cosine); a contextual token is its target plus the mean of the tokens that joined it."""
     n = tokens.shape[0]
     if dominant + contextual >= n:
         return tokens, torch.arange(n, device=tokens.device)
-    dom = scores.topk(dominant).indices.sort().values
+    top = scores[n_fixed:].topk(dominant - n_fixed).indices + n_fixed
+    dom = torch.cat([torch.arange(n_fixed, device=tokens.device), top]).sort().values
     rest = torch.ones(n, dtype=torch.bool, device=tokens.device)
     rest[dom] = False
     rest = rest.nonzero()[:, 0]  # (R,) in original order
     if contextual == 0:
         return tokens[dom], dom
-    targets = rest[torch.linspace(0, len(rest) - 1, contextual, device=tokens.device).round().long()]
+    is_target = torch.zeros(len(rest), dtype=torch.bool, device=tokens.device)
+    is_target[torch.arange(0, len(rest), max(1, len(rest) // contextual), device=tokens.device)[:contextual]] = True
+    targets, merged = rest[is_target], rest[~is_target]
     k = F.normalize(keys.float(), dim=-1)
-    group = (k[rest] @ k[targets].T).argmax(-1)  # (R,) most similar target; targets pick themselves
-    group[torch.isin(rest, targets)] = torch.searchsorted(targets, rest[torch.isin(rest, targets)])
-    sums = torch.zeros(contextual, tokens.shape[1], dtype=tokens.dtype, device=tokens.device).index_add_(
-        0, group, tokens[rest]
-    )
-    counts = torch.bincount(group, minlength=contextual).clamp(min=1).to(tokens.dtype)
-    return torch.cat([tokens[dom], sums / counts[:, None]]), dom
+    group = (k[merged] @ k[targets].T).argmax(-1)  # (R - m,) the most similar target
+    sums = torch.zeros(len(targets), tokens.shape[1], dtype=tokens.dtype, device=tokens.device)
+    sums.index_add_(0, group, tokens[merged])
+    counts = torch.bincount(group, minlength=len(targets)).clamp(min=1).to(tokens.dtype)
+    return torch.cat([tokens[dom], tokens[targets] + sums / counts[:, None]]), dom
 
 
 def visionzip_features(backbone, images, dominant: int, contextual: int) -> tuple[list[torch.Tensor], int]:
-    """VisionZip-reduced projector outputs per image and the number of crops encoded."""
+    """VisionZip-reduced projector outputs per image and the number of crops encoded.
+
+    Scores: CLIP (a CLS token) ranks patches by the CLS token's attention in the feature layer and
+    keeps the CLS token among the ``dominant`` ones, as the official code does; SigLIP (no CLS, no
+    official adapter) by the attention a token receives, averaged over queries and heads. The
+    reduced crops are laid out as the official LLaVA-NeXT adapter lays them out (``llava_arch.py``):
+    an AnyRes image is its base crop's tokens, then the other crops' dominant tokens in raster
+    order over the stitched grid, then their contextual tokens (no unpadding, no newline tokens);
+    a one-crop image of a model with newline tokens (LLaVA-OneVision) ends with one, as the model's
+    own packing does."""
     hf, config = backbone.hf, backbone.config
     if dominant + contextual >= (config.vision_config.image_size // config.vision_config.patch_size) ** 2:
         return backbone.image_features(images)  # nothing to reduce: the checkpoint's own path
@@ -160,15 +223,22 @@ def visionzip_features(backbone, images, dominant: int, contextual: int) -> tupl
     if not isinstance(layer_index, int):
         raise ConfigError("VisionZip needs a single vision feature layer")
     dtype = hf.lm_head.weight.dtype
+    grids = [None] * len(images)  # (rows, columns) of an AnyRes image's crops after its base crop
     if config.model_type == "llava_onevision":
-        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+        from transformers.models.llava_onevision.modeling_llava_onevision import (
+            get_anyres_image_grid_shape,
+            image_size_to_num_patches,
+        )
 
         inputs = backbone.image_processor([images], return_tensors="pt")
+        sizes = inputs["image_sizes"].tolist()
+        side = config.vision_config.image_size
         patches = [
-            image_size_to_num_patches(s, config.image_grid_pinpoints, config.vision_config.image_size)
-            if len(images) == 1
-            else 1
-            for s in inputs["image_sizes"].tolist()
+            image_size_to_num_patches(s, config.image_grid_pinpoints, side) if len(images) == 1 else 1 for s in sizes
+        ]
+        grids = [
+            get_anyres_image_grid_shape(s, config.image_grid_pinpoints, side) if p > 1 else None
+            for s, p in zip(sizes, patches)
         ]
         pixels = torch.cat([pv[:p] for pv, p in zip(inputs["pixel_values"], patches)])
     else:
@@ -186,14 +256,46 @@ def visionzip_features(backbone, images, dominant: int, contextual: int) -> tupl
     q, k = (p(h).unflatten(-1, (heads, -1)).transpose(1, 2) for p in (layer.self_attn.q_proj, layer.self_attn.k_proj))
     attn = ((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])).softmax(-1)  # (C, H, N, N)
     feats, keys = hidden[j], k.mean(1)  # (C, N, dv), (C, N, hd)
-    if config.vision_feature_select_strategy == "default":  # CLIP: score = the CLS token's attention
-        scores, feats, keys = attn[:, :, 0, 1:].mean(1), feats[:, 1:], keys[:, 1:]
+    has_cls = config.vision_config.model_type.startswith("clip")
+    if has_cls:  # CLIP: the CLS token's attention over the patches; CLS itself is kept
+        scores = torch.cat([attn.new_zeros(attn.shape[0], 1), attn[:, :, 0, 1:].mean(1)], 1)
     else:
         scores = attn.mean(1).mean(1)  # attention received, averaged over queries and heads
-    reduced = [visionzip_select(f, s, kk, dominant, contextual)[0] for f, s, kk in zip(feats, scores, keys)]
-    projected = [hf.model.multi_modal_projector(r) for r in reduced]
+    crops = [visionzip_select(f, s, kk, dominant, contextual, int(has_cls)) for f, s, kk in zip(feats, scores, keys)]
+    projected = [hf.model.multi_modal_projector(tokens) for tokens, _ in crops]
+    newline = getattr(hf.model, "image_newline", None)
     out, start = [], 0
-    for p in patches:
-        out.append(torch.cat(projected[start : start + p]))
+    for p, grid in zip(patches, grids):
+        if grid is None:
+            tokens = projected[start]
+            out.append(tokens if newline is None else torch.cat([tokens, newline[None].to(tokens)]))
+        else:
+            out.append(
+                _anyres_layout(
+                    projected[start : start + p],
+                    [d for _, d in crops[start : start + p]],
+                    grid,
+                    feats.shape[1] - int(has_cls),
+                    int(has_cls),
+                )
+            )
         start += p
     return out, pixels.shape[0]
+
+
+def _anyres_layout(projected, dominant, grid, n_patches: int, n_fixed: int) -> torch.Tensor:
+    """One AnyRes image as the official LLaVA-NeXT adapter packs it: the base crop's tokens; the other
+    crops' dominant patches in raster order over the stitched (rows x side, columns x side) grid; their
+    fixed (CLS) tokens; their contextual tokens, crop by crop."""
+    side, (_, columns) = math.isqrt(n_patches), grid
+    patches, places, fixed, merged = [], [], [], []
+    for c, (tokens, dom) in enumerate(zip(projected[1:], dominant[1:])):
+        n_dom = len(dom)
+        patch = dom[n_fixed:] - n_fixed  # index among the crop's patches
+        row, col = (c // columns) * side + patch // side, (c % columns) * side + patch % side
+        patches.append(tokens[n_fixed:n_dom])
+        places.append(row * columns * side + col)
+        fixed.append(tokens[:n_fixed])
+        merged.append(tokens[n_dom:])
+    order = torch.cat(places).argsort()
+    return torch.cat([projected[0], torch.cat(patches)[order], *fixed, *merged])
