@@ -12,10 +12,38 @@ from visor.reduce import Reduction
 from visor.synth import make_dataset
 
 
-def test_anls():
-    assert anls("Hello.", "hello") == 1.0
+def test_anls_as_docvqa_defines_it():
+    """Case-insensitive, whitespace collapsed, punctuation kept; 1 - NL (edit distance / the longer
+    length) below NL 0.5, else 0; the best of several references. A brute-force edit distance checks
+    the library's."""
+
+    def distance(a, b):  # Wagner-Fischer, the whole table
+        table = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+        for i in range(1, len(a) + 1):
+            for j in range(1, len(b) + 1):
+                table[i][j] = min(
+                    table[i - 1][j] + 1, table[i][j - 1] + 1, table[i - 1][j - 1] + (a[i - 1] != b[j - 1])
+                )
+        return table[-1][-1]
+
+    assert anls("  HELLO   World ", "hello world") == 1.0
+    assert anls("Hello.", "hello") == pytest.approx(1 - 1 / 6)
     assert anls("helo", "hello") == pytest.approx(0.8)
-    assert anls("xyz", "hello") == 0.0  # below the 0.5 threshold
+    assert anls("xyz", "hello") == 0.0  # NL 1
+    assert anls("abcd", "abef") == 0.0  # NL exactly 0.5: not below the threshold
+    assert anls("helo", ["goodbye", "hello", "hell"]) == pytest.approx(0.8)  # the best reference
+    for a, b in [("kitten", "sitting"), ("flaw", "lawn"), ("receipt total", "receipt totals")]:
+        nl = distance(a, b) / max(len(a), len(b))
+        assert anls(a, b) == pytest.approx(1 - nl if nl < 0.5 else 0.0)
+
+
+def test_wilson_interval():
+    from visor.evaluate import wilson
+
+    low, high = wilson(81, 100)  # a textbook value: 0.72 to 0.87 (Wilson, z = 1.96)
+    assert low == pytest.approx(0.7222, abs=1e-3) and high == pytest.approx(0.8744, abs=1e-3)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == pytest.approx(1.0)
+    assert wilson(5, 10)[0] == pytest.approx(1 - wilson(5, 10)[1])  # symmetric at one half
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +85,8 @@ def test_baselines_save_flops(model, bench):
 def test_compare_writes_a_table_and_a_plot(model, bench, tmp_path):
     result = compare(model, bench / "test.jsonl", tmp_path, max_new_tokens=2, limit=9)
     report = (tmp_path / "report.md").read_text()
-    assert "| base |" in report and "At matched FLOPs" in report and "fastv" in report and "visionzip" in report
+    assert "| base |" in report and "At matched FLOPs" in report and "FastV(" in report and "VisionZip(" in report
+    assert "PyramidDrop" in report and "fastv" not in report  # published names only
     image = Image.open(tmp_path / "pareto.png")
     assert image.size[0] > 800 and image.size[1] > 300
     pixels = np.asarray(image.convert("RGB"))

@@ -112,6 +112,8 @@ def test_task_files_for_lmms_eval(tmp_path):
     utils = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(utils)
     assert utils.doc_to_visual(docs[0])[0].size == (64, 64) and utils.doc_to_text(docs[0]) == docs[0]["question"]
-    assert utils.process_results(docs[0], [docs[0]["answer"] + "."]) == {"exact_match": 1.0, "anls": 1.0}
+    assert utils.process_results(docs[0], [docs[0]["answer"].upper()]) == {"exact_match": 1.0, "anls": 1.0}
+    dotted = utils.process_results(docs[0], [docs[0]["answer"] + "."])  # exact match drops punctuation, ANLS not
+    assert dotted["exact_match"] == 1.0 and dotted["anls"] < 1.0
     with pytest.raises(visor.OutputError, match="pass --overwrite"):
         write_tasks(tmp_path / "data", tmp_path / "tasks")

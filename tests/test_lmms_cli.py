@@ -56,4 +56,4 @@ def test_lmms_eval_scores_every_sample_and_visor_counts_its_flops(setup, name, m
     if name == "auto":
         assert report["budget"] == "auto" and {s["budget"] for s in report["samples"]} <= {0, 1, 2}
     if name == "fastv":
-        assert report["method"] == "fastv" and report["setting"].startswith("fastv(K=1")
+        assert report["method"] == "fastv" and report["setting"].startswith("FastV(K=1")

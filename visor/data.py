@@ -4,6 +4,8 @@
               "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"},
                                 {"from": "gpt", "value": "A cat."}, ...]}, ...]
     JSONL:  {"image": "a.png", "question": "What is it?", "answer": "A cat."}   (one per line)
+            {..., "answers": ["A cat.", "cat"]}   every accepted answer, as DocVQA gives them (evaluation
+                                                  accepts any; "answer" defaults to the first)
 
 Images resolve under ``images_dir`` and must lie inside it (``..`` or an absolute path is refused;
 symbolic links inside it are followed). Every turn is rendered with the checkpoint's chat template
@@ -34,6 +36,7 @@ class Record:
     source: str  # "file:line" for messages
     task: str = "all"  # benchmark task and family, where the record says ("task", "family")
     family: str = ""
+    references: list[str] | None = None  # every accepted answer (JSONL "answers", as DocVQA's), if given
 
     def load_images(self) -> list:
         """The record's images as RGB PIL images (InputError if one broke since it was read)."""
@@ -47,6 +50,11 @@ class Record:
     def answer(self) -> str:
         return next(text for role, text in reversed(self.turns) if role == "assistant")
 
+    @property
+    def answers(self) -> list[str]:
+        """What evaluation accepts: the record's "answers" where it has them, else its answer."""
+        return self.references or [self.answer]
+
 
 def _parse(item, images_dir: Path) -> Record | str:
     """A Record, or the reason the item is unusable."""
@@ -56,6 +64,11 @@ def _parse(item, images_dir: Path) -> Record | str:
     names = raw if isinstance(raw, list) else [raw]
     if not all(isinstance(n, str) and n for n in names):
         return "'image' must be a file name or a list of file names"
+    answers = item.get("answers")  # every accepted answer (DocVQA's form), for evaluation
+    if answers is not None and not (
+        isinstance(answers, list) and answers and all(isinstance(a, str) and a.strip() for a in answers)
+    ):
+        return "'answers' must be a non-empty list of strings"
     if "conversations" in item:
         turns = []
         for turn in item["conversations"] if isinstance(item["conversations"], list) else []:
@@ -63,10 +76,11 @@ def _parse(item, images_dir: Path) -> Record | str:
             if role is None or not isinstance(turn.get("value"), str):
                 return "a conversation turn needs 'from' (human/gpt) and a string 'value'"
             turns.append((role, turn["value"].replace("<image>", "").strip()))
-    elif isinstance(item.get("question"), str) and isinstance(item.get("answer"), str):
-        turns = [("user", item["question"].strip()), ("assistant", item["answer"].strip())]
     else:
-        return "needs 'conversations' or 'question' and 'answer'"
+        answer = item.get("answer", answers[0] if answers else None)
+        if not (isinstance(item.get("question"), str) and isinstance(answer, str)):
+            return "needs 'conversations' or 'question' and 'answer' (or 'answers')"
+        turns = [("user", item["question"].strip()), ("assistant", answer.strip())]
     if not any(role == "assistant" and text for role, text in turns):
         return "no assistant turn"
     if turns[0][0] != "user":
@@ -86,7 +100,8 @@ def _parse(item, images_dir: Path) -> Record | str:
                 im.verify()
         except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
             return f"unreadable image {p}: {e.__class__.__name__}"
-    return Record(paths, turns, "", str(item.get("task", "all")), str(item.get("family", "")))
+    references = [a.strip() for a in answers] if answers else None
+    return Record(paths, turns, "", str(item.get("task", "all")), str(item.get("family", "")), references)
 
 
 def read_records(path: str | Path, images_dir: str | Path) -> tuple[list[Record], list[str]]:

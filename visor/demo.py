@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from .evaluate import accuracy_cell
 from .outputs import atomic_write, claim
 
 console = Console()
@@ -389,13 +390,13 @@ def write_report(out: Path, results, cfg, quick, timings, elapsed, version, comp
     lines = [
         "# visor demo: VISOR vs. token reduction on a tiny LLaVA-OneVision, 2-core CPU",
         "",
-        "| method | hard % | easy % | LM prefill FLOPs vs. base | CPU prefill ms / sample |",
+        "| method | hard % (95% CI) | easy % (95% CI) | LM prefill FLOPs vs. base | CPU prefill ms / sample |",
         "|---|---|---|---|---|",
     ]
     for r in results:
-        n = r["summary"]["overall"]["n"]
+        n, family = r["summary"]["overall"]["n"], r["summary"]["family"]
         lines.append(
-            f"| {r['setting']} | {_acc(r, 'hard'):.1f} | {_acc(r, 'easy'):.1f} | "
+            f"| {r['setting']} | {accuracy_cell(family.get('hard'))} | {accuracy_cell(family.get('easy'))} | "
             f"{r['relative_lm_flops']:.3f} | {1000 * r['prefill_seconds'] / n:.2f} |"
         )
     lines += [

@@ -1,9 +1,9 @@
 """One evaluation harness for VISOR and the token-reduction baselines, and the sweep comparing them.
 
-``evaluate``: batched generation over a JSONL/LLaVA-JSON set; per sample exact match (after
-normalisation: lower case, punctuation removed, spaces collapsed) and ANLS (normalised
-Levenshtein similarity, 0 below 0.5); FLOPs (prefill and total, from ``visor.flops``);
-wall-clock. Summaries per task, per family (hard / easy) and overall.
+``evaluate``: batched generation over a JSONL/LLaVA-JSON set; per sample exact match against any
+reference answer (after normalisation: lower case, punctuation removed, spaces collapsed) and ANLS
+as DocVQA defines it (``anls``); FLOPs (prefill and total, from ``visor.flops``); wall-clock.
+Summaries per task, per family (hard / easy) and overall, each accuracy with its 95% Wilson interval.
 
 ``compare``: VISOR at every budget (and ``auto`` with a policy), the base model, FastV, PyramidDrop
 and VisionZip over their knobs, and VISOR + VisionZip; writes ``results.json``, ``report.md``
@@ -14,6 +14,7 @@ nearest FLOPs) and ``pareto.png`` (accuracy vs. relative LM prefill FLOPs, hard 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -29,18 +30,27 @@ from .reduce import Reduction
 METHODS = ("visor", "base", "fastv", "pdrop", "visionzip")
 
 
-def anls(prediction: str, answer: str, threshold: float = 0.5) -> float:
-    a, b = normalise(prediction), normalise(answer)
-    if not a and not b:
-        return 1.0
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):  # Levenshtein distance, one row at a time
-        row = [i]
-        for j, cb in enumerate(b, 1):
-            row.append(min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = row
-    similarity = 1 - prev[-1] / max(len(a), len(b))
-    return similarity if similarity >= threshold else 0.0
+def anls(prediction: str, references: str | list[str], threshold: float = 0.5) -> float:
+    """Average Normalized Levenshtein Similarity, one sample, as DocVQA defines it: prediction and
+    each reference lower-cased with whitespace collapsed; NL = edit distance / the longer length;
+    1 - NL where NL < ``threshold``, else 0; the best over the references."""
+    from rapidfuzz.distance import Levenshtein
+
+    def clean(text: str) -> str:
+        return " ".join(text.strip().lower().split())
+
+    refs = [references] if isinstance(references, str) else references
+    distances = [Levenshtein.normalized_distance(clean(prediction), clean(ref)) for ref in refs]
+    return max((1 - d if d < threshold else 0.0) for d in distances)
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% at z = 1.96)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n)))
 
 
 @dataclass
@@ -84,6 +94,7 @@ def summarise(rows: list[dict]) -> dict:
         return {
             "n": len(rs),
             "accuracy": statistics.fmean(r["correct"] for r in rs),
+            "accuracy_ci": wilson(sum(r["correct"] for r in rs), len(rs)),
             "anls": statistics.fmean(r["anls"] for r in rs),
             "prefill_flops": statistics.fmean(r["prefill_flops"] for r in rs),
             "lm_prefill_flops": statistics.fmean(r["lm_prefill_flops"] for r in rs),
@@ -149,8 +160,8 @@ def evaluate(
                     "answer": r.answer,
                     "prediction": g.text,
                     "budget": g.budget,
-                    "correct": float(normalise(g.text) == normalise(r.answer)),
-                    "anls": anls(g.text, r.answer),
+                    "correct": float(any(normalise(g.text) == normalise(a) for a in r.answers)),
+                    "anls": anls(g.text, r.answers),
                     "prefill_flops": g.flops["prefill"],
                     "lm_prefill_flops": g.flops["lm_prefill"],
                     "total_flops": g.flops["total"],
@@ -177,7 +188,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"### {result['setting']}",
         "",
-        "| group | n | accuracy | ANLS | prefill GFLOPs | LM prefill GFLOPs |",
+        "| group | n | accuracy (95% CI) | ANLS | prefill GFLOPs | LM prefill GFLOPs |",
         "|---|---|---|---|---|---|",
     ]
     s = result["summary"]
@@ -185,7 +196,8 @@ def markdown(result: dict) -> str:
     groups += [(f"task {k}", v) for k, v in s["task"].items()]
     for name, g in groups:
         lines.append(
-            f"| {name} | {g['n']} | {g['accuracy']:.3f} | {g['anls']:.3f} | "
+            f"| {name} | {g['n']} | {g['accuracy']:.3f} ({g['accuracy_ci'][0]:.3f}-{g['accuracy_ci'][1]:.3f}) | "
+            f"{g['anls']:.3f} | "
             f"{g['prefill_flops'] / 1e9:.3f} | {g['lm_prefill_flops'] / 1e9:.3f} |"
         )
     modes = result["modes"]
@@ -283,26 +295,38 @@ def compare(
     return {"results": results, "report": str(out / "report.md"), "plot": str(out / "pareto.png")}
 
 
-def _family(r: dict, name: str) -> float | None:
-    f = r["summary"]["family"].get(name)
-    return f["accuracy"] if f else None
+def display_name(method: str) -> str:
+    """A method's published name (FastV, PyramidDrop, VisionZip, VISOR) for tables and legends."""
+    from .reduce import NAMES
+
+    return {"visor": "VISOR", "base": "base", "visor+visionzip": "VISOR + VisionZip"}.get(
+        method, NAMES.get(method, method)
+    )
 
 
-def _fmt(x) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
+def _family(r: dict, name: str) -> dict | None:
+    return r["summary"]["family"].get(name)
+
+
+def accuracy_cell(group: dict | None) -> str:
+    """Accuracy (%) with its 95% Wilson interval."""
+    if group is None:
+        return "–"
+    low, high = group["accuracy_ci"]
+    return f"{100 * group['accuracy']:.1f} ({100 * low:.0f}–{100 * high:.0f})"
 
 
 def report_markdown(results: list[dict]) -> str:
     lines = [
-        "# VISOR vs. token reduction",
+        "# VISOR vs. token reduction (FastV, PyramidDrop, VisionZip)",
         "",
         "| setting | hard | easy | all | LM prefill FLOPs vs. base | prefill s |",
         "|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['setting']} | {_fmt(_family(r, 'hard'))} | {_fmt(_family(r, 'easy'))} | "
-            f"{_fmt(r['summary']['overall']['accuracy'])} | {r['relative_lm_flops']:.3f} | "
+            f"| {r['setting']} | {accuracy_cell(_family(r, 'hard'))} | {accuracy_cell(_family(r, 'easy'))} | "
+            f"{accuracy_cell(r['summary']['overall'])} | {r['relative_lm_flops']:.3f} | "
             f"{r['prefill_seconds']:.2f} |"
         )
     visor = [r for r in results if r["method"] == "visor" and r["budget"] != "auto"]
@@ -313,7 +337,7 @@ def report_markdown(results: list[dict]) -> str:
             "## At matched FLOPs (each baseline's setting nearest to the VISOR budget)",
             "",
             "| VISOR budget | FLOPs | hard | easy | "
-            + " | ".join(f"{b} (FLOPs, hard, easy)" for b in baselines)
+            + " | ".join(f"{display_name(b)} (FLOPs, hard, easy)" for b in baselines)
             + " |",
             "|---" * (4 + len(baselines)) + "|",
         ]
@@ -324,19 +348,28 @@ def report_markdown(results: list[dict]) -> str:
                     (r for r in results if r["method"] == b),
                     key=lambda r: abs(r["relative_lm_flops"] - v["relative_lm_flops"]),
                 )
-                cells.append(
-                    f"{near['relative_lm_flops']:.3f}, {_fmt(_family(near, 'hard'))}, {_fmt(_family(near, 'easy'))}"
-                )
+                hard, easy = (accuracy_cell(_family(near, f)) for f in ("hard", "easy"))
+                cells.append(f"{near['relative_lm_flops']:.3f}, {hard}, {easy}")
             lines.append(
-                f"| {v['budget']} | {v['relative_lm_flops']:.3f} | {_fmt(_family(v, 'hard'))} | "
-                f"{_fmt(_family(v, 'easy'))} | " + " | ".join(cells) + " |"
+                f"| {v['budget']} | {v['relative_lm_flops']:.3f} | {accuracy_cell(_family(v, 'hard'))} | "
+                f"{accuracy_cell(_family(v, 'easy'))} | " + " | ".join(cells) + " |"
             )
     lines += [
         "",
-        "Accuracy: exact match after normalisation (%). FLOPs: language-model prefill, mean per sample, "
+        "Accuracy: exact match after normalisation (%), with its 95% Wilson interval. "
+        "FLOPs: language-model prefill, mean per sample, "
         "relative to the base model (all tokens, all layers).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _with_intervals(points: list[tuple[float, dict]]):
+    """x, accuracy (%) and its 95% interval as error-bar lengths, for (x, summary group) points."""
+    xs = [x for x, _ in points]
+    ys = [100 * g["accuracy"] for _, g in points]
+    below = [100 * (g["accuracy"] - g["accuracy_ci"][0]) for _, g in points]
+    above = [100 * (g["accuracy_ci"][1] - g["accuracy"]) for _, g in points]
+    return xs, ys, [below, above]
 
 
 def pareto_plot(results: list[dict], path: Path) -> None:
@@ -356,12 +389,14 @@ def pareto_plot(results: list[dict], path: Path) -> None:
                 if r["method"] == method and r["budget"] != "auto" and _family(r, family) is not None
             )
             if points:
-                xs, ys = zip(*points)
+                xs, ys, errors = _with_intervals(points)
                 style = "o" if method == "base" else "o-"
-                ax.plot(xs, [100 * y for y in ys], style, label=method, lw=2 if method == "visor" else 1.2)
+                name = display_name(method)
+                ax.errorbar(xs, ys, errors, fmt=style, capsize=2, label=name, lw=2 if method == "visor" else 1.2)
         for r in results:
             if r["budget"] == "auto" and _family(r, family) is not None:
-                ax.plot(r["relative_lm_flops"], 100 * _family(r, family), "*", ms=14, label="visor auto")
+                xs, ys, errors = _with_intervals([(r["relative_lm_flops"], _family(r, family))])
+                ax.errorbar(xs, ys, errors, fmt="*", ms=14, capsize=2, label="VISOR auto")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())

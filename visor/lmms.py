@@ -234,9 +234,10 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 def process_results(doc, results):
     prediction = results[0] if results else ""
+    references = doc.get("answers") or [doc["answer"]]
     return {
-        "exact_match": float(normalise(prediction) == normalise(doc["answer"])),
-        "anls": anls(prediction, doc["answer"]),
+        "exact_match": float(any(normalise(prediction) == normalise(r) for r in references)),
+        "anls": anls(prediction, references),
     }
 '''
 

@@ -37,6 +37,7 @@ from .errors import ConfigError
 from .layout import PADDING, Context, Tokens, take
 
 METHODS = ("none", "fastv", "pdrop", "visionzip")
+NAMES = {"fastv": "FastV", "pdrop": "PyramidDrop", "visionzip": "VisionZip"}  # as published
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,13 @@ class Reduction:
         return (self.dominant, self.contextual) if self.method == "visionzip" else None
 
     def label(self) -> str:
+        """The published name and the knobs, as reports show them."""
         if self.method == "fastv":
-            return f"fastv(K={self.layer}, keep={self.keep:g})"
+            return f"FastV(K={self.layer}, keep={self.keep:g})"
         if self.method == "pdrop":
-            return f"pdrop(stages={self.stages or 'L/4,L/2,3L/4'}, ratio={self.ratio:g})"
+            return f"PyramidDrop(stages={self.stages or 'L/4,L/2,3L/4'}, λ={self.ratio:g})"
         if self.method == "visionzip":
-            return f"visionzip({self.dominant}+{self.contextual})"
+            return f"VisionZip({self.dominant}+{self.contextual})"
         return "none"
 
 
