@@ -81,11 +81,23 @@ def test_policy_round_trip_and_missing_policy(routed, images, tmp_path):
         base.generate(images[0], "What is shown?", budget="auto")
 
 
+def test_holdout_split():
+    from visor.policy import holdout_split
+
+    fit, held = holdout_split(50, 0.2, seed=3)
+    assert len(held) == 10 and sorted(fit.tolist() + held.tolist()) == list(range(50))
+    assert torch.equal(holdout_split(50, 0.2, seed=3)[1], held) and not torch.equal(holdout_split(50, 0.2, 4)[1], held)
+    assert [len(x) for x in holdout_split(1, 0.5, 0)] == [1, 0]  # one sample: nothing to hold out
+    assert [len(x) for x in holdout_split(3, 0.9, 0)] == [1, 2]  # at least one left to fit
+
+
 def test_train_policy_end_to_end(checkpoints, dataset, tmp_path):
     result = train_policy(checkpoints["llava-onevision"], dataset / "train.jsonl", dataset / "img", tmp_path,
                           PolicyTrainConfig(width=16, epochs=50))  # fmt: skip
     rows = {r["budget"]: r for r in result["rows"]}
-    assert set(rows) == {0, 1, 2, "auto"} and sum(rows["auto"]["chosen"]) == result["n_samples"]
+    assert (result["n_samples"], result["n_fit"], result["n_held_out"]) == (16, 13, 3)  # 20% held out
+    assert result["measured_on"] == "held-out samples" and sum(rows["auto"]["chosen"]) == 3
+    assert "Measured on held-out samples: 3 of 16" in (tmp_path / "policy_report.md").read_text()
     flops = [rows[b]["prefill_flops"] for b in (0, 1, 2)]
     assert flops[0] < flops[1] < flops[2] and flops[0] <= rows["auto"]["prefill_flops"] <= flops[2]
     assert (tmp_path / "policy_report.md").is_file()

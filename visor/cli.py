@@ -393,6 +393,9 @@ def train_policy(
     lr: float = 3e-3,
     batch_size: int = 8,
     seed: int = 0,
+    holdout: Annotated[
+        float, typer.Option(help="fraction of the samples kept out of the fit; the report is measured on them")
+    ] = 0.2,
     device: DeviceOpt = "auto",
     dtype: Annotated[
         str, typer.Option(help="float32 (default: the checkpoint written keeps the weights read), bfloat16, ...")
@@ -404,9 +407,13 @@ def train_policy(
     from .policy import train_policy as run
 
     _quiet_transformers()
-    cfg = PolicyTrainConfig(width=width, epochs=epochs, lr=lr, cost_weight=cost_weight, seed=seed)
+    cfg = PolicyTrainConfig(width=width, epochs=epochs, lr=lr, cost_weight=cost_weight, seed=seed, holdout=holdout)
     result = run(model, data, images or data.parent, out, cfg, batch_size, overwrite, device, dtype)
-    table = Table(title=f"budgets on {result['n_samples']} samples (score: exact match / answer likelihood)")
+    measured = result["n_held_out"] or result["n_fit"]
+    table = Table(
+        title=f"budgets on {measured} {result['measured_on']} (of {result['n_samples']}; "
+        "score: exact match / answer likelihood)"
+    )
     for column in ["budget", "score", "mean prefill GFLOPs"]:
         table.add_column(column, justify="right")
     for row in result["rows"]:

@@ -81,8 +81,10 @@ class PolicyTrainConfig:
     lr: float = 3e-3
     cost_weight: float = 0.0
     seed: int = 0
+    holdout: float = 0.2  # fraction of the samples the report is measured on, kept out of the fit
 
     def __post_init__(self):
+        checks.number("holdout", self.holdout, 0, 0.9)
         checks.count("width", self.width, 1)
         checks.count("epochs", self.epochs, 1)
         checks.number("lr", self.lr, 0, low_open=True)
@@ -106,6 +108,14 @@ def fit_policy(features: torch.Tensor, labels: torch.Tensor, n_budgets: int, cfg
 
 
 REPORT_ENTRIES = ("final", "policy_report.json", "policy_report.md")
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices the router is fitted on, indices its report is measured on): a seeded shuffle, the
+    held-out share rounded, at least one sample left to fit."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_held = min(round(n * fraction), n - 1) if n > 1 else 0
+    return order[n_held:].sort().values, order[:n_held].sort().values
 
 
 def train_policy(
@@ -172,14 +182,17 @@ def train_policy(
                 bar.update(len(chunk))
     features = torch.cat(features)
     labels = label_budgets(scores)
-    policy = fit_policy(features, labels, len(budgets), cfg)
+    fit, held = holdout_split(len(records), cfg.holdout, cfg.seed)
+    policy = fit_policy(features[fit], labels[fit], len(budgets), cfg)
+    report_on = held if len(held) else fit  # too few samples to hold any out: say so
     with torch.no_grad():
-        chosen = policy.choose(features)
+        chosen = policy.choose(features[report_on])
+    scores, prefill_flops = scores[report_on], prefill_flops[report_on]
     rows = [
         {"budget": b, "score": scores[:, b].mean().item(), "prefill_flops": prefill_flops[:, b].mean().item()}
         for b in budgets
     ]
-    pick = torch.arange(len(records))
+    pick = torch.arange(len(report_on))
     rows.append(
         {
             "budget": "auto",
@@ -193,15 +206,24 @@ def train_policy(
     final = model.save(out / "final", overwrite=True, adapter=True)  # the router is all that changed
     result = {
         "rows": rows,
-        "labels": torch.bincount(labels, minlength=len(budgets)).tolist(),
+        "labels": torch.bincount(labels[fit], minlength=len(budgets)).tolist(),
         "n_samples": len(records),
+        "n_fit": len(fit),
+        "n_held_out": len(held),
+        "measured_on": "held-out samples" if len(held) else "the fitted samples (too few to hold any out)",
         **model.placement,
         "skipped": skipped,
         "config": cfg.__dict__,
         "rule": __doc__,
     }
     atomic_write(out / "policy_report.json", json.dumps(result, indent=2) + "\n")
-    lines = ["| budget | score | mean prefill GFLOPs |", "|---|---|---|"]
+    lines = [
+        f"Measured on {result['measured_on']}: {len(report_on)} of {len(records)} "
+        f"(the router was fitted on {len(fit)}).",
+        "",
+        "| budget | score | mean prefill GFLOPs |",
+        "|---|---|---|",
+    ]
     lines += [f"| {r['budget']} | {r['score']:.3f} | {r['prefill_flops'] / 1e9:.4f} |" for r in rows]
     atomic_write(out / "policy_report.md", "\n".join(lines) + "\n")
     return result | {"final": str(final)}
