@@ -64,7 +64,10 @@ def test_budgets_are_sampled_and_logged(checkpoints, dataset, tmp_path):
     assert (run / "config.yaml").is_file()
 
 
-def test_bad_records_are_skipped_and_counted(checkpoints, dataset, tmp_path):
+def test_bad_records_are_skipped_when_met_and_counted(checkpoints, dataset, tmp_path):
+    """Records are read when a step needs them: the unusable ones (bad JSON, no answer, a missing or
+    broken image) are skipped and named in train.log; the run stops past --max-bad; a file whose first
+    records are all unusable fails before anything is written."""
     shutil.copytree(dataset / "img", tmp_path / "img")
     (tmp_path / "img" / "broken.png").write_bytes(b"not a png at all")
     good = (dataset / "train.jsonl").read_text().splitlines()[:3]
@@ -76,18 +79,60 @@ def test_bad_records_are_skipped_and_counted(checkpoints, dataset, tmp_path):
         json.dumps({"image": "0.png", "conversations": [{"from": "human", "value": "<image> hi"}]}),
     ]
     (tmp_path / "mixed.jsonl").write_text("\n".join(good + bad) + "\n")
-    records, skipped = read_records(tmp_path / "mixed.jsonl", tmp_path / "img")
+    records, skipped = read_records(tmp_path / "mixed.jsonl", tmp_path / "img")  # eval's reader: all at once
     assert len(records) == 3 and len(skipped) == 5
     assert any("image not found" in s for s in skipped) and any("unreadable image" in s for s in skipped)
     run = tmp_path / "run"
-    mixed = dict(data=str(tmp_path / "mixed.jsonl"), images=str(tmp_path / "img"))
-    train(config(checkpoints, dataset, run, stage=1, steps=1, **mixed))
+    mixed = dict(data=str(tmp_path / "mixed.jsonl"), images=str(tmp_path / "img"), max_bad=0.9)
+    train(config(checkpoints, dataset, run, stage=1, steps=2, **mixed))  # 2 steps x 4: every record met once
     log = (run / "train.log").read_text()
-    assert "3 usable records, 5 skipped" in log and "missing.png" in log
-    (tmp_path / "bad.jsonl").write_text("\n".join(bad) + "\n")
-    with pytest.raises(visor.InputError, match="no usable record"):
+    assert "8 records; of the first 8, 4 unusable" in log  # the start-up probe opens no image
+    for reason in ("mixed.jsonl:4: image not found", "mixed.jsonl:5:", "mixed.jsonl:7: invalid JSON", "no assistant"):
+        assert reason in log
+    assert len(losses(run)) == 2
+    with pytest.raises(visor.InputError, match="5 of the 8 records met so far are unusable, over --max-bad 0.5"):
+        train(config(checkpoints, dataset, tmp_path / "run3", stage=1, steps=2, **(mixed | {"max_bad": 0.5})))
+    (tmp_path / "bad.jsonl").write_text("\n".join(bad[:1] + bad[2:]) + "\n")  # not broken.png: found when opened
+    with pytest.raises(visor.InputError, match="no usable record among the first 4"):
         bad_set = dict(data=str(tmp_path / "bad.jsonl"), images=str(tmp_path / "img"))
         train(config(checkpoints, dataset, tmp_path / "run2", stage=1, steps=1, **bad_set))
+    assert not (tmp_path / "run2").exists()
+    (tmp_path / "bad.jsonl").write_text("\n".join(bad) + "\n")  # broken.png passes the probe
+    with pytest.raises(visor.InputError, match="all 4 records of a step were unusable"):
+        train(config(checkpoints, dataset, tmp_path / "run4", stage=1, steps=1, **bad_set))
+
+
+def test_workers_read_what_one_process_reads(checkpoints, dataset, tmp_path):
+    """2 DataLoader workers reading ahead give the losses of reading in the training process, and a
+    directory of JSONL shards trains like the one file it was cut from."""
+    rows = (dataset / "train.jsonl").read_text().splitlines()
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "a.jsonl").write_text("\n".join(rows[:7]) + "\n")
+    (tmp_path / "shards" / "b.jsonl").write_text("\n".join(rows[7:]) + "\n")
+    common = dict(stage=1, steps=3, budgets="0,2")
+    train(config(checkpoints, dataset, tmp_path / "w0", **common))
+    train(config(checkpoints, dataset, tmp_path / "w2", workers=2, **common))
+    shards = dict(data=str(tmp_path / "shards"), images=str(dataset / "img"))
+    train(config(checkpoints, dataset, tmp_path / "sh", **common, **shards))
+    assert losses(tmp_path / "w0") == losses(tmp_path / "w2") == losses(tmp_path / "sh")
+
+
+def test_record_index_finds_every_record_without_reading_them(tmp_path):
+    from visor.data import RecordIndex
+
+    (tmp_path / "a.jsonl").write_text('{"x": 1}\n\n{"x": 2}\r\n{broken\n{"x": 3}')  # blank line, CRLF, no final newline
+    index = RecordIndex(tmp_path / "a.jsonl")
+    got = [index.get(i) for i in range(len(index))]
+    assert [g[0] for g in got] == ["a.jsonl:1", "a.jsonl:3", "a.jsonl:4", "a.jsonl:5"]
+    assert [g[1] for g in got[:2]] + [got[3][1]] == [{"x": 1}, {"x": 2}, {"x": 3}]
+    assert got[2][1].startswith("invalid JSON")
+    (tmp_path / "b.json").write_text('[{"x": 4}, {"x": 5}]')
+    assert RecordIndex(tmp_path / "b.json").get(1) == ("b.json[1]", {"x": 5})
+    with pytest.raises(visor.InputError, match="not found"):
+        RecordIndex(tmp_path / "none.jsonl")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(visor.InputError, match="no \\*.jsonl shard"):
+        RecordIndex(tmp_path / "empty")
 
 
 def test_llava_json_and_jsonl_tokenize_alike(checkpoints, dataset):

@@ -357,6 +357,10 @@ def train(
     ] = None,
     seed: int | None = None,
     fsdp: Annotated[bool | None, typer.Option("--fsdp", help="FSDP2 instead of DDP (several processes)")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader processes reading records ahead (0: none)")] = None,
+    max_bad: Annotated[
+        float | None, typer.Option(help="stop once more than this fraction of the records met are unusable")
+    ] = None,
     device: Annotated[
         str | None, typer.Option(help="auto (cuda:LOCAL_RANK if there is a GPU), cpu, cuda, cuda:N")
     ] = None,

@@ -17,10 +17,13 @@ turn, missing or unreadable image) is skipped and reported; a set with no usable
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image
 
 from .backbone import Backbone, load_image, user_turn
@@ -56,8 +59,9 @@ class Record:
         return self.references or [self.answer]
 
 
-def _parse(item, images_dir: Path) -> Record | str:
-    """A Record, or the reason the item is unusable."""
+def _parse(item, images_dir: Path, open_images: bool = True) -> Record | str:
+    """A Record, or the reason the item is unusable (``open_images``: decode-check its images now;
+    else only their paths are checked, and loading them later finds a broken one)."""
     if not isinstance(item, dict):
         return "not a JSON object"
     raw = item.get("image", [])
@@ -95,6 +99,8 @@ def _parse(item, images_dir: Path) -> Record | str:
     for p in paths:
         if not p.is_file():
             return f"image not found: {p}"
+        if not open_images:
+            continue
         try:
             with Image.open(p) as im:
                 im.verify()
@@ -162,3 +168,125 @@ def tokenize(backbone: Backbone, record: Record) -> tuple[list[int], list[bool]]
     enc = backbone.tokenizer(full, return_offsets_mapping=True)
     labels = [any(a <= start < b for a, b in spans) and end > start for start, end in enc["offset_mapping"]]
     return enc["input_ids"], labels
+
+
+# ---- training at scale: records indexed up front, read and loaded when a step needs them ----------
+
+
+class RecordIndex:
+    """Where every record of a training set is, found without parsing or opening anything: a JSONL
+    file or a directory of ``*.jsonl`` shards (the byte offset of each non-empty line), or an LLaVA
+    JSON file (its list, held in memory). ``get(i)`` reads record i: (where, item or why unusable)."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if path.is_dir():
+            self.files = sorted(path.glob("*.jsonl"))
+            if not self.files:
+                raise InputError(f"{path} holds no *.jsonl shard")
+        elif path.is_file():
+            self.files = [path]
+        else:
+            raise InputError(f"data file not found: {path}")
+        self.items = None
+        if path.is_file() and path.suffix != ".jsonl":
+            try:
+                self.items = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise InputError(f"{path} is not valid JSON: {e}") from None
+            if not isinstance(self.items, list):
+                raise InputError(f"{path} must hold a JSON list of records (LLaVA format) or be a .jsonl file")
+            return
+        parts = [_line_offsets(f) for f in self.files]
+        self.file = np.concatenate([np.full(len(p[0]), k, dtype=np.int32) for k, p in enumerate(parts)])
+        self.start, self.length, self.line = (np.concatenate([p[j] for p in parts]) for j in range(3))
+
+    def __len__(self) -> int:
+        return len(self.items) if self.items is not None else len(self.start)
+
+    def get(self, i: int) -> tuple[str, object]:
+        if self.items is not None:
+            return f"{self.files[0].name}[{i}]", self.items[i]
+        file = self.files[self.file[i]]
+        with open(file, "rb") as f:
+            f.seek(int(self.start[i]))
+            raw = f.read(int(self.length[i]))
+        where = f"{file.name}:{self.line[i]}"
+        try:
+            return where, json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return where, f"invalid JSON: {getattr(e, 'msg', e)}"
+
+
+def _line_offsets(file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, length, 1-based line number) of every non-empty line of a file, without reading it
+    into Python objects (a memory map scanned by numpy)."""
+    size = file.stat().st_size
+    if size == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    with open(file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        data = np.frombuffer(m, dtype=np.uint8)
+        newlines = np.flatnonzero(data == ord("\n"))
+        del data  # the map closes only once no array points into it
+    starts = np.concatenate([[0], newlines + 1])
+    ends = np.concatenate([newlines, [size]])
+    lines = np.arange(1, len(starts) + 1)
+    keep = ends > starts
+    return starts[keep], (ends - starts)[keep], lines[keep]
+
+
+@dataclass
+class Example:
+    """One training record, tokenized, with its images loaded."""
+
+    ids: list[int]
+    labels: list[bool]
+    images: list
+    source: str
+
+
+@dataclass
+class Bad:
+    """A record met during training that cannot be used, and why."""
+
+    source: str
+    reason: str
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """``RecordIndex`` records parsed, tokenized and their images loaded when asked for (in
+    ``DataLoader`` workers): ``Example`` or, for an unusable record, ``Bad``."""
+
+    def __init__(self, index: RecordIndex, images_dir: str | Path, backbone: Backbone):
+        self.index, self.images_dir, self.backbone = index, Path(images_dir), backbone
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> Example | Bad:
+        where, item = self.index.get(i)
+        try:
+            record = item if isinstance(item, str) else _parse(item, self.images_dir, open_images=False)
+            if isinstance(record, str):
+                return Bad(where, record)
+            ids, labels = tokenize(self.backbone, record)
+            return Example(ids, labels, record.load_images(), where)
+        except InputError as e:
+            return Bad(where, str(e))
+
+    def probe(self, n: int = 1000) -> tuple[int, list[str]]:
+        """Parse the first ``n`` records (paths checked, images not opened) before a run starts, so
+        that a wrong --images or a file of bad records fails at once: (usable count, reasons)."""
+        usable, bad = 0, []
+        for i in range(min(n, len(self.index))):
+            where, item = self.index.get(i)
+            try:
+                record = item if isinstance(item, str) else _parse(item, self.images_dir, open_images=False)
+            except InputError as e:
+                raise InputError(f"{where}: {e}") from None
+            if isinstance(record, str):
+                bad.append(f"{where}: {record}")
+            else:
+                usable += 1
+        return usable, bad

@@ -35,7 +35,7 @@ from torch import nn
 
 from . import checks
 from .api import VisorModel, load
-from .data import Record, read_records, tokenize
+from .data import Bad, Example, RecordIndex, TrainSet
 from .errors import ConfigError, InputError
 from .generate import collate
 from .outputs import atomic_write, claim, drop_aside, remove_stale, set_aside, writing
@@ -67,6 +67,8 @@ class TrainConfig:
     seed: int = 0
     fsdp: bool = False
     device: str = "auto"  # auto: cuda:LOCAL_RANK if available, else cpu
+    workers: int = 0  # DataLoader processes reading, tokenizing and loading images ahead of the steps
+    max_bad: float = 0.05  # stop once more than this fraction of the records met are unusable
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
@@ -93,8 +95,9 @@ class TrainConfig:
             raise ConfigError(f"--stage must be 1 or 2, not {self.stage}")
         for name in ("batch_size", "grad_accum"):
             checks.count(name, getattr(self, name), 1)
-        for name in ("steps", "warmup_steps", "save_every", "seed"):
+        for name in ("steps", "warmup_steps", "save_every", "seed", "workers"):
             checks.count(name, getattr(self, name))
+        checks.number("max_bad", self.max_bad, 0, 1)
         checks.number("lr", self.lr, 0, low_open=True)
         checks.number("epochs", self.epochs, 0, low_open=True)
         checks.number("min_lr_ratio", self.min_lr_ratio, 0, 1)
@@ -329,17 +332,15 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.budget_weights and len(cfg.budget_weights) != len(budgets):
         raise ConfigError(f"{len(cfg.budget_weights)} budget weights for {len(budgets)} budgets {budgets}")
 
-    records, skipped = read_records(cfg.data, cfg.images or Path(cfg.data).parent)
-    log.line(f"data: {len(records)} usable records, {len(skipped)} skipped")
-    for reason in skipped:
-        log.line(f"skipped {reason}", echo=False)
-    if skipped:
-        log.warn(f"skipped {len(skipped)} bad record(s); see {out / 'train.log'}")
-    tokenized = [tokenize(model.backbone, r) for r in records]
+    data = TrainSet(RecordIndex(cfg.data), images_dir(cfg), model.backbone)
+    usable, bad = data.probe()
+    if not usable:
+        raise InputError(f"no usable record among the first {len(bad)} of {cfg.data} (first: {bad[:1]})")
     per_step = cfg.batch_size * world * cfg.grad_accum
-    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(records) / per_step))
+    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(data) / per_step))
     start_run(out, cfg, rank)  # every check passed: only now is anything in `out` written or moved
     log.open()
+    log.line(f"data: {len(data)} records; of the first {usable + len(bad)}, {len(bad)} unusable (skipped when met)")
     if rank == 0:
         atomic_write(out / "config.yaml", yaml.safe_dump(asdict(cfg) | {"total_steps": total_steps, "world": world}))
 
@@ -370,16 +371,23 @@ def train(cfg: TrainConfig) -> Path:
     trainee.train()
     bar = log.progress(total_steps, start)
     began, samples_done, tokens_done = time.perf_counter(), 0, 0
+    batches = iter(loader(data, cfg, start, total_steps, world, rank))
+    seen = torch.zeros(2, dtype=torch.long)  # records met, unusable ones among them (all ranks)
     for step in range(start, total_steps):
         budget = budget_for_step(step, budgets, cfg.budget_weights, cfg.seed)
-        micro = [sample_indices(step, m, cfg, len(records), world, rank) for m in range(cfg.grad_accum)]
-        everyone = [
-            sample_indices(step, m, cfg, len(records), world, r) for m in range(cfg.grad_accum) for r in range(world)
-        ]
-        n_targets = sum(sum(tokenized[i][1][1:]) for idx in everyone for i in idx)  # global, no communication
+        micro = [next(batches) for _ in range(cfg.grad_accum)]  # this rank's micro-batches of Example/Bad
+        for item in (x for items in micro for x in items if isinstance(x, Bad)):
+            log.line(f"skipped {item.source}: {item.reason}", echo=False)
+        local = [sum(sum(x.labels[1:]) for items in micro for x in items if isinstance(x, Example))]
+        local += [sum(len(items) for items in micro), sum(isinstance(x, Bad) for items in micro for x in items)]
+        counts = torch.tensor(local, device=device)
+        if world > 1:
+            dist.all_reduce(counts)  # the step's answer tokens, records met and bad ones, over all ranks
+        n_targets, seen = int(counts[0]), seen + counts[1:].cpu()
+        check_bad(seen, counts[1:].cpu(), cfg, len(data), log)
         loss_sum = torch.zeros((), device=device)
-        for m, idx in enumerate(micro):
-            batch = [(*tokenized[i], images) for i in idx if (images := _images(records[i], log)) is not None]
+        for m, items in enumerate(micro):
+            batch = [(x.ids, x.labels, x.images) for x in items if isinstance(x, Example)]
             if not batch:
                 continue
             sync = m == len(micro) - 1 or not isinstance(trainee, nn.parallel.DistributedDataParallel)
@@ -480,12 +488,46 @@ def start_run(out: Path, cfg: TrainConfig, rank: int) -> None:
         dist.barrier()
 
 
-def _images(record: Record, log: _Log) -> list | None:
-    try:
-        return record.load_images()
-    except InputError as e:  # broke after the start-up check: skip the record, keep the run alive
-        log.warn(f"{record.source}: {e}")
-        return None
+def images_dir(cfg: TrainConfig) -> Path:
+    """Where image paths are relative to: --images, else the data file's directory (or the shards')."""
+    data = Path(cfg.data)
+    return Path(cfg.images) if cfg.images else (data if data.is_dir() else data.parent)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """One rank's micro-batches (record indices) for steps ``start``..``total``, in order: what the
+    DataLoader reads ahead. A pure function of the step, so a resumed run reads what it would have."""
+
+    def __init__(self, start: int, total: int, cfg: TrainConfig, n_records: int, world: int, rank: int):
+        self.start, self.total, self.cfg, self.n, self.world, self.rank = start, total, cfg, n_records, world, rank
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            for m in range(self.cfg.grad_accum):
+                yield sample_indices(step, m, self.cfg, self.n, self.world, self.rank)
+
+    def __len__(self) -> int:
+        return (self.total - self.start) * self.cfg.grad_accum
+
+
+def loader(data: TrainSet, cfg: TrainConfig, start: int, total: int, world: int, rank: int):
+    """Micro-batches (lists of ``Example``/``Bad``) read by ``cfg.workers`` processes (0: in this one)."""
+    sampler = StepBatches(start, total, cfg, len(data), world, rank)
+    ahead = {"prefetch_factor": 2, "multiprocessing_context": "fork"} if cfg.workers else {}
+    return torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=list, **ahead)
+
+
+def check_bad(seen: torch.Tensor, step: torch.Tensor, cfg: TrainConfig, n_records: int, log: _Log) -> None:
+    """Stop when more than --max-bad of the records met are unusable (judged from 100 met, or all),
+    or when every record of a step is (records met, unusable ones: ``seen`` so far, ``step`` in this one)."""
+    if int(step[0]) == int(step[1]):
+        raise InputError(f"all {int(step[0])} records of a step were unusable; see {log.out / 'train.log'}")
+    met, bad = int(seen[0]), int(seen[1])
+    if bad and met >= min(100, n_records) and bad > cfg.max_bad * met:
+        raise InputError(
+            f"{bad} of the {met} records met so far are unusable, over --max-bad {cfg.max_bad:g}; "
+            f"see {log.out / 'train.log'} for each one"
+        )
 
 
 def _maybe_no_sync(module, sync: bool):
