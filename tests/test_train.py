@@ -198,6 +198,66 @@ def test_torchrun_two_processes_equal_one_with_twice_the_batch(checkpoints, data
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
 
 
+GATHER_COUNTER = """
+import sys
+import visor.train as t
+
+calls = []
+gather = t.full_states
+t.full_states = lambda trainee, optimizer, fsdp: calls.append(fsdp) or gather(trainee, optimizer, fsdp)
+sys.argv = ["visor.train", *sys.argv[1:]]
+t.main()
+print(f"full gathers: {len(calls)}")
+"""
+
+
+def torchrun(script_or_module, args, tmp_path, n=2):
+    runner = str(Path(sys.executable).with_name("torchrun"))
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    target = ["-m", script_or_module] if script_or_module.startswith("visor") else [script_or_module]
+    cmd = [runner, "--nproc_per_node", str(n), "--master_port", str(port), *target, *map(str, args)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_fsdp_checkpoints_are_sharded_and_resume_on_another_process_count(checkpoints, dataset, tmp_path):
+    """An FSDP run's checkpoint is every rank's shards (torch.distributed.checkpoint), written with no
+    gather (only the final model is gathered); resumed by one process at the same global batch, the
+    next steps' losses are those of the two-process run."""
+    (tmp_path / "count.py").write_text(GATHER_COUNTER)
+    two = tmp_path / "two"
+    out = torchrun(
+        str(tmp_path / "count.py"), cli_args(checkpoints, dataset, two, 4, 2, ["--fsdp", "--save-every", 2]), tmp_path
+    )
+    assert out.count("full gathers: 1") == 2  # each rank: the final model only
+    step = two / "checkpoints" / "step-0000002"
+    assert sorted(p.name for p in (step / "shards").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (step / "model").exists() and (step / "state.pt").is_file()
+    one = tmp_path / "one"
+    shutil.copytree(two, one)
+    shutil.rmtree(one / "final")
+    done = run_cli(cli_args(checkpoints, dataset, one, 4, 4, ["--fsdp", "--save-every", 2, "--resume"]))
+    assert done.wait() == 0, done.stderr.read().decode()
+    assert "resumed from" in (one / "train.log").read_text()
+    assert losses(one)[:2] == losses(two)[:2] and losses(one)[2:] == pytest.approx(losses(two)[2:], abs=1e-5)
+    a, b = weights(one / "final"), weights(two / "final")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    again = tmp_path / "again"  # the same two processes: the same numbers exactly
+    shutil.copytree(two, again)
+    shutil.rmtree(again / "final")
+    torchrun(
+        "visor.train", cli_args(checkpoints, dataset, again, 4, 2, ["--fsdp", "--save-every", 2, "--resume"]), tmp_path
+    )
+    assert losses(again) == losses(two)
+    a, b = weights(again / "final"), weights(two / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    wrong = run_cli(cli_args(checkpoints, dataset, one, 4, 2, ["--fsdp", "--save-every", 2, "--resume"]))
+    assert wrong.wait() == 2 and "global batch of 4" in wrong.stderr.read().decode()
+
+
 def test_accumulation_and_activation_checkpointing_change_nothing(checkpoints, dataset, tmp_path):
     runs = {
         "plain": dict(batch_size=4),

@@ -267,11 +267,65 @@ def load_optimizer_state(trainee: nn.Module, optimizer, state: dict, fsdp: bool)
     set_optimizer_state_dict(trainee, optimizer, optim_state_dict=state["optimizer"], options=options)
 
 
+def sharded_states(trainee: nn.Module, optimizer) -> dict:
+    """Each rank's shards of the model and optimizer state (DTensors under FSDP; whole tensors
+    otherwise), by parameter name: what ``torch.distributed.checkpoint`` writes and reshards."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(trainee), "optimizer": get_optimizer_state_dict(trainee, optimizer)}
+
+
+def load_sharded(checkpoint: Path, trainee: nn.Module, optimizer) -> None:
+    """Read an FSDP run's sharded checkpoint into this run's model and optimizer, resharded to this
+    run's processes (any number, FSDP or not)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    states = sharded_states(trainee, optimizer)  # the optimizer's: every parameter's state, made up
+    saved = set(dcp.FileSystemReader(str(checkpoint / "shards")).read_metadata().state_dict_metadata)
+    states["optimizer"]["state"] = {  # only what the run had: a parameter no gradient reached has none
+        name: entry
+        for name, entry in states["optimizer"]["state"].items()
+        if all(f"optimizer.state.{name}.{key}" in saved for key in entry)
+    }
+    dcp.load(states, checkpoint_id=str(checkpoint / "shards"), no_dist=not dist.is_initialized())
+    set_model_state_dict(trainee, states["model"])
+    set_optimizer_state_dict(trainee, optimizer, states["optimizer"], options=StateDictOptions(strict=False))
+
+
+def save_sharded_checkpoint(out: Path, step: int, trainee, optimizer, scheduler, rank: int) -> None:
+    """An FSDP run's checkpoints/step-N/{shards/, state.pt}: every rank writes its own shards
+    (``torch.distributed.checkpoint``; nothing is gathered), under a temporary name rank 0 renames
+    once all are written."""
+    import torch.distributed.checkpoint as dcp
+
+    final = out / "checkpoints" / f"step-{step:07d}"
+    name = [f".{final.name}.visor-tmp-{os.getpid()}"]  # rank 0's, so that a kill leaves it removable
+    dist.broadcast_object_list(name, src=0)
+    tmp = final.with_name(name[0])
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    with writing(final):
+        dcp.save(sharded_states(trainee, optimizer), checkpoint_id=str(tmp / "shards"))
+        if rank == 0:
+            state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(), "sharded": True}
+            torch.save(state, tmp / "state.pt")
+    dist.barrier()
+    if rank == 0:
+        tmp.rename(final)
+    dist.barrier()
+
+
 def save_checkpoint(
     out: Path, step: int, model: VisorModel, trainee, optimizer, scheduler, fsdp: bool, rank: int, adapter: bool
 ):
-    """checkpoints/step-N/{model/, state.pt}, written under a temporary name, then renamed.
-    ``adapter``: the model as an adapter over its base (stage 1, where the base does not change)."""
+    """checkpoints/step-N/{model/, state.pt}, written under a temporary name, then renamed (FSDP:
+    ``save_sharded_checkpoint``). ``adapter``: the model as an adapter over its base (stage 1)."""
+    if fsdp:
+        save_sharded_checkpoint(out, step, trainee, optimizer, scheduler, rank)
+        return
     model_state, optim_state = full_states(trainee, optimizer, fsdp)
     if rank == 0:
         final = out / "checkpoints" / f"step-{step:07d}"
@@ -316,7 +370,7 @@ def train(cfg: TrainConfig) -> Path:
     """Run (or resume) one training stage; return the path of the final VISOR checkpoint."""
     cfg.check()
     world, rank, device = setup_distributed(cfg)
-    out = claim_run(cfg, rank)
+    out = claim_run(cfg, world)
     log = _Log(out, rank)
     if cfg.resume and (out / "final").is_dir():
         log.line(f"--resume: the run in {out} is complete; its model is {out / 'final'}")
@@ -325,7 +379,8 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.resume and resume_from is None:
         log.line("--resume: no checkpoint yet, starting from the beginning")
     torch.manual_seed(cfg.seed)
-    start_from = resume_from / "model" if resume_from else cfg.model
+    sharded = resume_from is not None and (resume_from / "shards").is_dir()  # read in after wrapping
+    start_from = resume_from / "model" if resume_from and not sharded else cfg.model
     model = load(start_from, dtype="float32", device=str(device))  # float32 master weights; autocast on CUDA
     model.lm.gradient_checkpointing = cfg.activation_checkpointing
     budgets = parse_budgets(cfg.budgets, model.schedule)
@@ -360,7 +415,10 @@ def train(cfg: TrainConfig) -> Path:
     start = 0
     if resume_from is not None:
         state = torch.load(resume_from / "state.pt", weights_only=True, map_location=device)
-        load_optimizer_state(trainee, optimizer, state, fsdp)
+        if sharded:
+            load_sharded(resume_from, trainee, optimizer)
+        else:
+            load_optimizer_state(trainee, optimizer, state, fsdp)
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start = state["step"]
@@ -438,12 +496,14 @@ def train(cfg: TrainConfig) -> Path:
 
 
 RUN_ENTRIES = ("checkpoints", "final", "metrics.jsonl", "train.log", "config.yaml")
-RESUMABLE = {"resume", "overwrite", "device", "out"}  # the settings a resumed run may change
+RESUMABLE = {"resume", "overwrite", "device", "out", "workers", "max_bad"}  # a resumed run may change these
+PROCESS_SHAPE = {"batch_size", "grad_accum", "fsdp"}  # ... and these, with the processes, at the same global batch
 
 
-def claim_run(cfg: TrainConfig, rank: int) -> Path:
+def claim_run(cfg: TrainConfig, world: int) -> Path:
     """The run directory, checked (read only, on every rank): new or empty, or an earlier run of
-    ours to continue (``--resume``: with the same settings) or to start again (``--overwrite``)."""
+    ours to continue (``--resume``: with the same settings; on another number of processes where
+    each step still sees the same global batch) or to start again (``--overwrite``)."""
     out = Path(cfg.out)
     claim(out, "train", RUN_ENTRIES, _inputs(cfg), cfg.overwrite, cfg.resume, mark=False)
     if cfg.resume and (out / "config.yaml").is_file():
@@ -455,6 +515,16 @@ def claim_run(cfg: TrainConfig, rank: int) -> Path:
             now = _comparable(asdict(cfg))
             before = _comparable(before)
             changed = [k for k, v in now.items() if k not in RESUMABLE and k in before and before[k] != v]
+            if set(changed) <= PROCESS_SHAPE and "world" in before:
+                was = before["batch_size"] * before["grad_accum"] * before["world"]
+                if cfg.batch_size * cfg.grad_accum * world != was:
+                    raise ConfigError(
+                        f"--resume with {world} process(es) needs the run's global batch of {was} "
+                        f"(batch size x grad accum x processes), not {cfg.batch_size * cfg.grad_accum * world}"
+                    )
+                if "fsdp" in changed and not _sharded_checkpoints(out):
+                    raise ConfigError("resume with the same --fsdp setting the checkpoint was written with")
+                changed = []
             if changed:
                 shown = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed[:4])
                 raise ConfigError(
@@ -462,6 +532,11 @@ def claim_run(cfg: TrainConfig, rank: int) -> Path:
                     "Start a new run with --overwrite or another --out"
                 )
     return out
+
+
+def _sharded_checkpoints(out: Path) -> bool:
+    newest = latest_checkpoint(out)
+    return newest is not None and (newest / "shards").is_dir()
 
 
 def _inputs(cfg: TrainConfig) -> list[str]:
