@@ -61,6 +61,22 @@ def test_budgets_are_sampled_and_logged(checkpoints, dataset, tmp_path):
     sampled = [json.loads(line)["budget"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert set(sampled) <= {0, 2, "full"} and len(set(sampled)) > 1
     assert "mean loss per budget" in (run / "train.log").read_text()
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["visual_tokens_per_s"] > 0 and row["text_tokens_per_s"] > 0 and "mfu" not in row  # no GPU peak here
+    # the step's forward FLOPs (visor.flops, per sample) x 3 for forward + backward, over its time
+    from visor.data import RecordIndex, TrainSet
+    from visor.train import sample_indices
+
+    model = visor.load(checkpoints["llava-onevision"])
+    data = TrainSet(RecordIndex(dataset / "train.jsonl"), dataset / "img", model.backbone)
+    cfg = config(checkpoints, dataset, run, stage=1, steps=12, budgets="0,2,full")
+    flops = 0
+    for i in sample_indices(0, 0, cfg, len(data), 1, 0):
+        x = data[i]
+        sample = model.backbone.expand(x.ids, *model.backbone.image_features(x.images))
+        n_visual = sample.visual.shape[0]
+        flops += model.flops(n_visual, len(sample.ids) - n_visual, row["budget"], sample.n_crops).prefill
+    assert row["model_tflops_per_s"] * 1e12 * row["elapsed_s"] == pytest.approx(3 * flops, rel=1e-6)
     assert (run / "config.yaml").is_file()
 
 
@@ -256,6 +272,33 @@ def test_fsdp_checkpoints_are_sharded_and_resume_on_another_process_count(checkp
     assert all(torch.equal(a[k], b[k]) for k in a)
     wrong = run_cli(cli_args(checkpoints, dataset, one, 4, 2, ["--fsdp", "--save-every", 2, "--resume"]))
     assert wrong.wait() == 2 and "global batch of 4" in wrong.stderr.read().decode()
+
+
+def test_bfloat16_training_with_float32_master_weights(checkpoints, dataset, tmp_path):
+    """--dtype bfloat16: one process computes under autocast, two FSDP processes gather bfloat16 shards
+    (their mixed-precision policy); the losses follow float32's, the optimizer state stays float32,
+    and final/ is written in bfloat16."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    common = ["--budgets", "0,2", "--save-every", 2]
+    assert run_cli(cli_args(checkpoints, dataset, tmp_path / "fp32", 4, 4, common)).wait() == 0
+    bf16 = run_cli(cli_args(checkpoints, dataset, tmp_path / "bf16", 4, 4, [*common, "--dtype", "bfloat16"]))
+    assert bf16.wait() == 0, bf16.stderr.read().decode()
+    sharded = tmp_path / "fsdp"
+    torchrun(
+        "visor.train",
+        cli_args(checkpoints, dataset, sharded, 4, 2, [*common, "--dtype", "bfloat16", "--fsdp"]),
+        tmp_path,
+    )
+    reference = losses(tmp_path / "fp32")
+    for run in ("bf16", "fsdp"):
+        got = losses(tmp_path / run)
+        assert got != reference and got == pytest.approx(reference, rel=0.05), run
+        assert {t.dtype for t in weights(tmp_path / run / "final").values()} == {torch.bfloat16}
+    assert {t.dtype for t in weights(tmp_path / "fp32" / "final").values()} == {torch.float32}
+    meta = FileSystemReader(str(sharded / "checkpoints" / "step-0000002" / "shards")).read_metadata()
+    moments = [m for k, m in meta.state_dict_metadata.items() if k.endswith(".exp_avg")]
+    assert moments and {m.properties.dtype for m in moments} == {torch.float32}
 
 
 def test_accumulation_and_activation_checkpointing_change_nothing(checkpoints, dataset, tmp_path):

@@ -357,6 +357,9 @@ def train(
     ] = None,
     seed: int | None = None,
     fsdp: Annotated[bool | None, typer.Option("--fsdp", help="FSDP2 instead of DDP (several processes)")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="compute and final/ precision: auto (bfloat16 on a GPU), float32, bfloat16")
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader processes reading records ahead (0: none)")] = None,
     max_bad: Annotated[
         float | None, typer.Option(help="stop once more than this fraction of the records met are unusable")

@@ -166,7 +166,7 @@ def train_policy(
             for b in budgets:
                 new = generate(runner, tok, b, GenerationConfig(max_new_tokens=longest), bb.eos_token_ids).tokens
                 if long_rows:
-                    losses, owner = answer_token_losses(bb, lm, batch, b)
+                    losses, owner, _ = answer_token_losses(bb, lm, batch, b)
                     mean = torch.zeros(len(batch)).index_add_(0, owner.cpu(), losses.cpu()) / torch.bincount(
                         owner.cpu(), minlength=len(batch)
                     ).clamp(min=1)

@@ -67,6 +67,9 @@ class TrainConfig:
     seed: int = 0
     fsdp: bool = False
     device: str = "auto"  # auto: cuda:LOCAL_RANK if available, else cpu
+    dtype: str = (
+        "auto"  # compute (and final/) precision: auto = bfloat16 on CUDA, float32 on CPU; master weights float32
+    )
     workers: int = 0  # DataLoader processes reading, tokenizing and loading images ahead of the steps
     max_bad: float = 0.05  # stop once more than this fraction of the records met are unusable
 
@@ -98,6 +101,8 @@ class TrainConfig:
         for name in ("steps", "warmup_steps", "save_every", "seed", "workers"):
             checks.count(name, getattr(self, name))
         checks.number("max_bad", self.max_bad, 0, 1)
+        if checks.dtype(self.dtype) == torch.float16:
+            raise ConfigError("--dtype float16 would need loss scaling; train in bfloat16 or float32")
         checks.number("lr", self.lr, 0, low_open=True)
         checks.number("epochs", self.epochs, 0, low_open=True)
         checks.number("min_lr_ratio", self.min_lr_ratio, 0, 1)
@@ -168,9 +173,18 @@ class Trainee(nn.Module):
         self.hf, self.lm = model.backbone.hf, model.lm
         self.backbone = [model.backbone]  # in a list: not a submodule (its modules are in hf)
 
-    def forward(self, batch: list[tuple[list[int], list[bool], list]], budget) -> tuple[torch.Tensor, int]:
-        losses, _ = answer_token_losses(self.backbone[0], self.lm, batch, budget)
-        return losses.sum(), losses.numel()
+    def forward(self, batch: list[tuple[list[int], list[bool], list]], budget) -> tuple[torch.Tensor, list[float]]:
+        """Summed answer loss, and the batch's [visual tokens, text tokens, forward FLOPs (visor.flops)]."""
+        from .flops import count_flops
+
+        backbone = self.backbone[0]
+        losses, _, samples = answer_token_losses(backbone, self.lm, batch, budget)
+        work = [0.0, 0.0, 0.0]
+        for s in samples:
+            n_visual = s.visual.shape[0]
+            report = count_flops(backbone.config, self.lm.schedule, budget, n_visual, len(s.ids) - n_visual, s.n_crops)
+            work = [work[0] + n_visual, work[1] + len(s.ids) - n_visual, work[2] + report.prefill]
+        return losses.sum(), work
 
 
 def answer_token_losses(backbone, lm, batch: list[tuple[list[int], list[bool], list]], budget):
@@ -191,7 +205,7 @@ def answer_token_losses(backbone, lm, batch: list[tuple[list[int], list[bool], l
     keep = targets != -100
     logits = lm.logits(t[keep])  # (n_targets, V): only where the loss is
     owner = torch.arange(len(samples), device=keep.device)[:, None].expand_as(keep)[keep]
-    return F.cross_entropy(logits.float(), targets[keep], reduction="none"), owner
+    return F.cross_entropy(logits.float(), targets[keep], reduction="none"), owner, samples
 
 
 def set_trainable(model: VisorModel, cfg: TrainConfig) -> list[tuple[str, nn.Parameter]]:
@@ -238,6 +252,16 @@ def set_rng_state(state: dict) -> None:
 def latest_checkpoint(out: Path) -> Path | None:
     found = sorted((out / "checkpoints").glob("step-*"))  # only complete ones: they appear by rename
     return found[-1] if found else None
+
+
+def final_state(trainee: nn.Module, optimizer, fsdp: bool, dtype: torch.dtype) -> dict | None:
+    """What final/ holds, in the training precision: None = the model's own (float32) tensors."""
+    state, _ = full_states(trainee, optimizer, fsdp)
+    if dtype == torch.float32:
+        return state
+    if state is None:
+        state = getattr(trainee, "module", trainee).state_dict()  # under DDP: the wrapped Trainee's
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def full_states(trainee: nn.Module, optimizer, fsdp: bool) -> tuple[dict | None, dict]:
@@ -381,7 +405,8 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     sharded = resume_from is not None and (resume_from / "shards").is_dir()  # read in after wrapping
     start_from = resume_from / "model" if resume_from and not sharded else cfg.model
-    model = load(start_from, dtype="float32", device=str(device))  # float32 master weights; autocast on CUDA
+    compute = checks.dtype(cfg.dtype, device)
+    model = load(start_from, dtype="float32", device=str(device))  # float32 master weights (and optimizer state)
     model.lm.gradient_checkpointing = cfg.activation_checkpointing
     budgets = parse_budgets(cfg.budgets, model.schedule)
     if cfg.budget_weights and len(cfg.budget_weights) != len(budgets):
@@ -404,7 +429,7 @@ def train(cfg: TrainConfig) -> Path:
     trainee = Trainee(model)
     fsdp = cfg.fsdp and world > 1
     if fsdp:
-        _shard(trainee)
+        _shard(trainee, compute)
     elif world > 1:
         trainee = nn.parallel.DistributedDataParallel(
             trainee, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True
@@ -428,7 +453,8 @@ def train(cfg: TrainConfig) -> Path:
 
     trainee.train()
     bar = log.progress(total_steps, start)
-    began, samples_done, tokens_done = time.perf_counter(), 0, 0
+    began, samples_done, tokens_done, totals = time.perf_counter(), 0, 0, [0.0, 0.0, 0.0]
+    peak = peak_flops(device)
     batches = iter(loader(data, cfg, start, total_steps, world, rank))
     seen = torch.zeros(2, dtype=torch.long)  # records met, unusable ones among them (all ranks)
     for step in range(start, total_steps):
@@ -444,19 +470,21 @@ def train(cfg: TrainConfig) -> Path:
         n_targets, seen = int(counts[0]), seen + counts[1:].cpu()
         check_bad(seen, counts[1:].cpu(), cfg, len(data), log)
         loss_sum = torch.zeros((), device=device)
+        work = torch.zeros(3, dtype=torch.float64, device=device)  # visual tokens, text tokens, forward FLOPs
         for m, items in enumerate(micro):
             batch = [(x.ids, x.labels, x.images) for x in items if isinstance(x, Example)]
             if not batch:
                 continue
             sync = m == len(micro) - 1 or not isinstance(trainee, nn.parallel.DistributedDataParallel)
             with (
-                _maybe_no_sync(trainee, sync),
-                torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"),
+                _maybe_no_sync(trainee, sync),  # FSDP casts by its policy; the rest by autocast
+                torch.autocast(device.type, compute, enabled=compute != torch.float32 and not fsdp),
             ):
-                loss, _ = trainee(batch, budget)
+                loss, counted = trainee(batch, budget)
                 if loss.requires_grad:  # False when nothing trainable runs (stage 1 at budget "full")
                     (loss * world / max(1, n_targets)).backward()
             loss_sum += loss.detach()
+            work += torch.tensor(counted, dtype=torch.float64, device=device)
         if cfg.clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         optimizer.step()
@@ -464,7 +492,9 @@ def train(cfg: TrainConfig) -> Path:
         optimizer.zero_grad(set_to_none=True)
         if world > 1:
             dist.all_reduce(loss_sum)
+            dist.all_reduce(work)
         step_loss = loss_sum.item() / max(1, n_targets)
+        totals = [t + w for t, w in zip(totals, work.tolist())]
         samples_done += per_step
         tokens_done += n_targets
         elapsed = time.perf_counter() - began
@@ -476,6 +506,10 @@ def train(cfg: TrainConfig) -> Path:
                 "lr": scheduler.get_last_lr()[0],
                 "samples_per_s": samples_done / elapsed,
                 "target_tokens_per_s": tokens_done / elapsed,
+                "visual_tokens_per_s": totals[0] / elapsed,
+                "text_tokens_per_s": totals[1] / elapsed,
+                "model_tflops_per_s": 3 * totals[2] / elapsed / 1e12,  # forward + backward ~ 3 forwards
+                **({"mfu": 3 * totals[2] / elapsed / (peak * world)} if peak else {}),
                 "elapsed_s": elapsed,
             }
         )
@@ -485,7 +519,7 @@ def train(cfg: TrainConfig) -> Path:
             save_checkpoint(out, step + 1, model, trainee, optimizer, scheduler, fsdp, rank, cfg.stage == 1)
     bar.close()
     final = out / "final"
-    model_state, _ = full_states(trainee, optimizer, fsdp)
+    model_state = final_state(trainee, optimizer, fsdp, compute)
     if rank == 0:
         model.save(final, model_state, overwrite=True, adapter=cfg.stage == 1)  # stage 1: the base is unchanged
         drop_aside(out)  # the run --overwrite replaced, kept until now
@@ -563,6 +597,17 @@ def start_run(out: Path, cfg: TrainConfig, rank: int) -> None:
         dist.barrier()
 
 
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The dense bfloat16 peak of the GPU, for the model FLOPs utilisation (None: unknown)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
 def images_dir(cfg: TrainConfig) -> Path:
     """Where image paths are relative to: --images, else the data file's directory (or the shards')."""
     data = Path(cfg.data)
@@ -611,19 +656,21 @@ def _maybe_no_sync(module, sync: bool):
     return nullcontext() if sync else module.no_sync()
 
 
-def _shard(trainee: Trainee) -> None:
+def _shard(trainee: Trainee, compute: torch.dtype) -> None:
     """FSDP2: one unit per decoder layer (its projections, which both our layer and HF's layer
-    reference) and per CA module; everything else (embeddings, norms, vision) at the root."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    reference) and per CA module; everything else (embeddings, norms, vision) at the root. The
+    float32 shards are gathered and computed in ``compute`` (bfloat16: half the traffic), gradients
+    reduced in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     for layer in trainee.lm.originals:
-        fully_shard(
-            [layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj, layer.gate_proj, layer.up_proj, layer.down_proj]
-        )
+        projections = [layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj, layer.gate_proj, layer.up_proj]
+        fully_shard([*projections, layer.down_proj], mp_policy=policy)
     for ca in trainee.lm.cross.values():
-        fully_shard(ca)
+        fully_shard(ca, mp_policy=policy)
         register_fsdp_forward_method(ca, "visual_kv")
-    fully_shard(trainee)
+    fully_shard(trainee, mp_policy=policy)
 
 
 class _Log:
