@@ -43,3 +43,26 @@ def test_conv_position_code(checkpoints, images):
         assert torch.allclose(out[1, :6], alone[0], atol=1e-6)  # padding does not leak into real tokens
     after = model.generate(images[1], "What is shown?", budget=1, max_new_tokens=8).token_ids
     assert before != after
+
+
+def test_one_pass_of_the_tower_for_a_batch(base_model, images):
+    """Training encodes a step's images in one pass: the same features as sample by sample, and each
+    sample's crop count is what the tower was given for it (counted by a hook here)."""
+    from visor.backbone import load_image
+
+    bb = base_model.backbone
+    batch = [[images[1]], [images[0], images[2]], [], [images[3]]]  # one image (tiled), two, none, one
+    loaded = [[load_image(p) for p in sample] for sample in batch]
+    seen = []
+    hook = bb.hf.model.vision_tower.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            together = bb.image_features_batch(loaded)
+            alone = [bb.image_features_batch([sample])[0] for sample in loaded]
+    finally:
+        hook.remove()
+    assert sum(seen[1:]) == seen[0] == sum(n for _, n in together)  # the batch's crops, in one pass
+    assert [n for _, n in together] == [n for _, n in alone] == seen[1:][:2] + [0] + seen[1:][2:]
+    for (feats, _), (reference, _) in zip(together, alone):
+        assert len(feats) == len(reference)
+        assert all(torch.allclose(f, r, atol=1e-5) for f, r in zip(feats, reference))

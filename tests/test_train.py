@@ -178,16 +178,15 @@ def test_resume_after_sigkill_is_exact(checkpoints, dataset, tmp_path):
     straight = tmp_path / "straight"
     assert run_cli(cli_args(checkpoints, dataset, straight, 2 * n, 4)).wait() == 0
     killed = tmp_path / "killed"
-    proc = run_cli(cli_args(checkpoints, dataset, killed, 2 * n, 4, ["--save-every", n, "--grad-accum", 2]))
+    reading = ["--save-every", n, "--grad-accum", 2, "--workers", 2]  # records read ahead by 2 processes
+    proc = run_cli(cli_args(checkpoints, dataset, killed, 2 * n, 4, reading))
     while not (killed / "checkpoints" / f"step-{n:07d}").exists():
         assert proc.poll() is None, proc.stderr.read().decode()
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "final").exists()
-    resumed = run_cli(
-        cli_args(checkpoints, dataset, killed, 2 * n, 4, ["--save-every", n, "--grad-accum", 2, "--resume"])
-    )
+    resumed = run_cli(cli_args(checkpoints, dataset, killed, 2 * n, 4, [*reading, "--resume"]))
     assert resumed.wait() == 0, resumed.stderr.read().decode()
     reference = tmp_path / "reference"  # the same flags, never interrupted
     assert run_cli(cli_args(checkpoints, dataset, reference, 2 * n, 4, ["--grad-accum", 2])).wait() == 0

@@ -172,11 +172,6 @@ class Backbone:
         self.image_token_id = self.config.image_token_id
         if self.tokenizer.convert_ids_to_tokens(self.image_token_id) is None:
             raise CheckpointError(f"the tokenizer has no token for image_token_id={self.image_token_id}")
-        self._crops = 0
-        self.hf.model.vision_tower.register_forward_pre_hook(self._count_crops)
-
-    def _count_crops(self, module, args):
-        self._crops += args[0].shape[0]
 
     @property
     def device(self) -> torch.device:
@@ -199,31 +194,46 @@ class Backbone:
         return self.render([user_turn(prompt, n_images)], add_generation_prompt=True)
 
     def image_features(self, images: list[Image.Image], visionzip=None) -> tuple[list[torch.Tensor], int]:
-        """Projector outputs per image [(n_i, D)] and the number of crops the tower encoded.
-        Gradients flow when the caller enables them (training). ``visionzip`` (n, m): reduce
+        """Projector outputs per image [(n_i, D)] of one sample and the number of crops the tower
+        encoded. Gradients flow when the caller enables them (training). ``visionzip`` (n, m): reduce
         each crop to n dominant + m contextual tokens (see visor.reduce)."""
-        if not images:
-            return [], 0
-        if visionzip is not None:
+        if visionzip is not None and images:
             from .reduce import visionzip_features
 
             return visionzip_features(self, images, *visionzip)
-        self._crops = 0
+        return self.image_features_batch([images])[0]
+
+    def image_features_batch(self, samples: list[list[Image.Image]]) -> list[tuple[list[torch.Tensor], int]]:
+        """``image_features`` for several samples' images in one pass of the vision tower."""
+        flat = [im for images in samples for im in images]
+        if not flat:
+            return [([], 0) for _ in samples]
         dtype = self.hf.lm_head.weight.dtype
+        with_images = [images for images in samples if images]
         if self.config.model_type == "llava_onevision":
-            inputs = self.image_processor([images], return_tensors="pt")  # one sample, n images
+            from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+            inputs = self.image_processor(with_images, return_tensors="pt")  # one entry per sample
             out = self.hf.model.get_image_features(
                 pixel_values=inputs["pixel_values"].to(self.device, dtype),
                 image_sizes=inputs["image_sizes"].to(self.device),
                 batch_num_images=inputs["batch_num_images"],
                 return_dict=True,
             )
+            side, pinpoints = self.config.vision_config.image_size, self.config.image_grid_pinpoints
+            sizes, crops, k = inputs["image_sizes"].tolist(), [], 0
+            for images in with_images:  # a lone image is tiled (AnyRes); several get one crop each
+                alone = len(images) == 1
+                crops.append(image_size_to_num_patches(sizes[k], pinpoints, side) if alone else len(images))
+                k += len(images)
         else:
-            inputs = self.image_processor(images, return_tensors="pt")
+            inputs = self.image_processor(flat, return_tensors="pt")
             out = self.hf.model.get_image_features(
                 pixel_values=inputs["pixel_values"].to(self.device, dtype), return_dict=True
             )
-        return list(out.pooler_output), self._crops
+            crops = [len(images) for images in with_images]
+        features, per_sample = iter(out.pooler_output), iter(crops)
+        return [([next(features) for _ in images], next(per_sample)) if images else ([], 0) for images in samples]
 
     def expand(self, ids: list[int], features: list[torch.Tensor], n_crops: int, labels=None) -> Sample:
         """Expand each image placeholder in ``ids`` to its image's feature count."""

@@ -190,10 +190,8 @@ class Trainee(nn.Module):
 def answer_token_losses(backbone, lm, batch: list[tuple[list[int], list[bool], list]], budget):
     """Cross-entropy of every answer token in a batch of (ids, answer mask, images), and the
     index of the sample each belongs to. Gradients flow wherever parameters require them."""
-    samples = []
-    for ids, labels, images in batch:
-        features, n_crops = backbone.image_features(images)
-        samples.append(backbone.expand(ids, features, n_crops, labels))
+    encoded = backbone.image_features_batch([images for _, _, images in batch])  # one pass of the tower
+    samples = [backbone.expand(ids, *features, labels) for (ids, labels, _), features in zip(batch, encoded)]
     tok = collate(samples, backbone.image_token_id, backbone.device)
     targets = torch.full_like(tok.text_ids, -100)
     for b, s in enumerate(samples):  # target of text token j: text token j+1, if it is an answer token
