@@ -252,8 +252,9 @@ def test_graphed_prefill_needs_cuda_and_a_fixed_budget(visor_model, images):
     )
     with pytest.raises(VisorError, match="needs a CUDA device"):
         GraphedPrefill(visor_model.lm, 1, capacity=40)(tok)
-    with pytest.raises(VisorError, match="fixed budget"):
-        GraphedPrefill(visor_model.lm, "auto", capacity=40)
+    for routed in ("auto", [1, "auto"]):
+        with pytest.raises(VisorError, match="fixed budget"):
+            GraphedPrefill(visor_model.lm, routed, capacity=40)
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])

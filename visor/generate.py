@@ -105,6 +105,11 @@ def pick_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Gene
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def routed(budget) -> bool:
+    """Whether the policy picks the budget (of the batch, or of some sample in it)."""
+    return budget == "auto" or (isinstance(budget, (list, tuple)) and "auto" in budget)
+
+
 def capture_graph(fn):
     """``fn()`` captured as a CUDA graph: run twice on a side stream first (as capture requires; the
     first call of compiled code compiles it), then captured. Returns (graph, what ``fn`` returned,
@@ -210,7 +215,7 @@ class GraphedPrefill:
     FIELDS = ("visual", "visual_pos", "visual_valid", "text_ids", "text_pos", "text_valid")
 
     def __init__(self, lm: VisorLM, budget, capacity: int, compiled: bool = False):
-        if budget == "auto":
+        if routed(budget):
             raise ConfigError("a CUDA-graph prefill needs a fixed budget ('auto' decides on the device's data)")
         self.lm, self.budget, self.capacity, self.compiled = lm, budget, capacity, compiled
         self.graphs: dict = {}  # (layout, shapes) -> (static inputs, graph, its Prefilled)
@@ -259,7 +264,7 @@ class Runner:
 
     def prefill(self, tok: Tokens, budget, capacity: int, drops: dict | None = None) -> Prefilled:
         mode = self.prefill_mode
-        if mode.endswith("graph") and (budget == "auto" or drops) and self.asked == "auto":
+        if mode.endswith("graph") and (routed(budget) or drops) and self.asked == "auto":
             mode = "compile"  # the budget is chosen, or tokens dropped, on the device's data: no graph
         key = (tuple(budget) if isinstance(budget, list) else budget, capacity, mode)
         if key not in self.prefills:
