@@ -8,8 +8,8 @@
    path gives the CPU's tokens too, and `full` gives transformers' own generate tokens.
 3. The API path, what users run: ``VisorModel.generate`` with its default modes (compile-graph
    prefill and decode on CUDA, prompts padded to buckets) on a batch of unequal prompts, in
-   float32: the CPU's tokens for every budget, and a second batch of other prompts in the same
-   buckets replays the graphs captured for the first (no new capture).
+   float32: the CPU's tokens for every budget, and a second batch (the same prompts in other rows)
+   in the same buckets replays the graphs captured for the first (no new capture).
 
     python benchmarks/check_cuda.py            # exits 1 and says what differs, if anything does
     python benchmarks/check_cuda.py cpu        # the same checks on the CPU (no CUDA graphs there)
@@ -122,10 +122,8 @@ def main() -> int:
 def api_path(path, state, image, device) -> list[str]:
     """Check 3 (see the module docstring); returns what failed."""
     failures = []
-    batches = [
-        (["Describe the picture.", "What colour is it?", "Is there text?"], [[image], [image, image], []]),
-        (["Describe this picture.", "What colour is this?", "Is there any text?"], [[image], [image, image], []]),
-    ]
+    prompts, pictures = ["Describe the picture.", "What colour is it?", "Is there text?"], [[image], [image, image], []]
+    batches = [(prompts, pictures), (prompts[::-1], pictures[::-1])]  # other rows, the same longest lengths
     reference = visor.load(path)
     load_visor_state(reference, state)
     model = visor.load(path, dtype="float32", device=device)

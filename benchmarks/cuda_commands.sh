@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every command that loads a model, run on the GPU with --device/--dtype (a tiny random model and a
-# small generated data set; about a minute), then the output-safety tests on that machine's filesystem.
+# small generated data set; about a minute), eval on the default (compile-graph) and the eager path,
+# bf16 training with DataLoader workers, benchmarks/check_cuda.py, then the output-safety tests.
 #   bash benchmarks/cuda_commands.sh              # from the repository root, on a machine with a GPU
 #   DEVICE=cpu bash benchmarks/cuda_commands.sh   # the same on the CPU (a dry run)
 set -u
@@ -39,6 +40,10 @@ run() {  # name command...: one line per command, its log under $OUT
     --save-every 2 --device "$DEV" --out "$OUT/s2"
   run train-resume-done $V train --model "$OUT/s1/final" --data "$OUT/data/train.jsonl" --stage 2 --steps 4 \
     --batch-size 4 --save-every 2 --device "$DEV" --out "$OUT/s2" --resume
+  run train-bf16-workers $V train --model "$OUT/s1/final" --data "$OUT/data/train.jsonl" --stage 2 --steps 4 \
+    --batch-size 4 --dtype bfloat16 --workers 2 --device "$DEV" --out "$OUT/s2-bf16"
+  run eval-eager $V eval --model "$OUT/visor" --data "$OUT/data/test.jsonl" "${on[@]}" --prefill eager --decode dynamic \
+    --out "$OUT/eval-eager"
   run train-policy $V train-policy --model "$OUT/s2/final" --data "$OUT/data/val.jsonl" --epochs 5 "${on[@]}" \
     --out "$OUT/policy"
   run compare $V compare --model "$OUT/policy/final" --data "$OUT/data/test.jsonl" --limit 2 "${on[@]}" \
@@ -49,10 +54,10 @@ run() {  # name command...: one line per command, its log under $OUT
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-for name, path in [("eval", "eval/result.json"), ("train-policy", "policy/policy_report.json")]:
+for name, path in [("eval", "eval/result.json"), ("eval-eager", "eval-eager/result.json"), ("train-policy", "policy/policy_report.json")]:
     if (out / path).is_file():
         r = json.loads((out / path).read_text())
-        print(f"{name}: device {r['device']}, dtype {r['dtype']}")
+        print(f"{name}: device {r['device']}, dtype {r['dtype']}, modes {r.get('modes')}, prefill {r.get('prefill_seconds', 0):.3f} s")
 if (out / "compare/results.json").is_file():
     rows = json.loads((out / "compare/results.json").read_text())["results"]
     print("compare:", sorted({(r["device"], r["dtype"]) for r in rows}))
@@ -62,6 +67,8 @@ for name in ["generate", "generate-auto", "generate-merged"]:
 sizes = {d: sum(f.stat().st_size for f in (out / d).iterdir() if f.is_file()) for d in ["visor", "s1/final", "s2/final", "merged"] if (out / d).is_dir()}
 print("checkpoint bytes:", sizes)
 EOF
+  if [ "$DEV" = cuda ]; then run check-cuda $PY benchmarks/check_cuda.py; else run check-cuda $PY benchmarks/check_cuda.py cpu; fi
+  tail -n 4 "$OUT/check-cuda.log"
   echo "== output-safety tests ($(date +%T))"
   timeout "${TTESTS:-300}" $PY -m pytest -q -p no:cacheprovider tests/test_outputs.py tests/test_safety.py \
     2>&1 | tail -n 15
