@@ -78,7 +78,7 @@ def main() -> int:
     image = f"{root}/im.png"
     Image.effect_noise((48, 40), 64).convert("RGB").save(image)
     prompt = "Describe the picture."
-    reference = visor.load(path)
+    reference = visor.load(path, dtype="float32", device="cpu")  # the CPU float32 reference
     for p in reference.lm.cross.values():  # non-zero gates: CA layers change the result
         torch.nn.init.constant_(p.gate, 0.7)
     state = reference.lm.visor_state_dict()
@@ -124,7 +124,7 @@ def api_path(path, state, image, device) -> list[str]:
     failures = []
     prompts, pictures = ["Describe the picture.", "What colour is it?", "Is there text?"], [[image], [image, image], []]
     batches = [(prompts, pictures), (prompts[::-1], pictures[::-1])]  # other rows, the same longest lengths
-    reference = visor.load(path)
+    reference = visor.load(path, dtype="float32", device="cpu")  # the CPU float32 reference
     load_visor_state(reference, state)
     model = visor.load(path, dtype="float32", device=device)
     load_visor_state(model, state)

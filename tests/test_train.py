@@ -1,6 +1,7 @@
 """Stage 1 / stage 2 universal training, resume after SIGKILL, torchrun == one process."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -113,9 +114,25 @@ def test_bad_records_are_skipped_when_met_and_counted(checkpoints, dataset, tmp_
         bad_set = dict(data=str(tmp_path / "bad.jsonl"), images=str(tmp_path / "img"))
         train(config(checkpoints, dataset, tmp_path / "run2", stage=1, steps=1, **bad_set))
     assert not (tmp_path / "run2").exists()
-    (tmp_path / "bad.jsonl").write_text("\n".join(bad) + "\n")  # broken.png passes the probe
-    with pytest.raises(visor.InputError, match="all 4 records of a step were unusable"):
+    (tmp_path / "bad.jsonl").write_text("\n".join(bad) + "\n")  # broken.png passes the probe, fails to load
+    with pytest.raises(visor.InputError, match="no usable record in the training set"):
         train(config(checkpoints, dataset, tmp_path / "run4", stage=1, steps=1, **bad_set))
+    assert not (tmp_path / "run4").exists()
+
+
+def test_a_rank_whose_micro_batch_is_all_unusable_keeps_step_with_the_others(checkpoints, dataset, tmp_path):
+    """Two DDP processes, one record each per step, half the records bad: a rank with nothing usable
+    still runs its forward and backward (a usable record at weight 0), so the collectives pair up."""
+    good = (dataset / "train.jsonl").read_text().splitlines()[:4]
+    missing = [json.dumps({"image": f"gone{i}.png", "question": "q", "answer": "a"}) for i in range(4)]
+    (tmp_path / "half.jsonl").write_text("\n".join(x for pair in zip(good, missing) for x in pair) + "\n")
+    run = tmp_path / "run"
+    args = ["--model", checkpoints["llava-onevision"], "--data", tmp_path / "half.jsonl", "--images", dataset / "img"]
+    args += ["--out", run, "--stage", 2, "--steps", 4, "--batch-size", 1, "--max-bad", 0.9]
+    torchrun("visor.train", args, tmp_path)
+    log = (run / "train.log").read_text()
+    assert log.count("image not found") >= 1 and len(losses(run)) == 4
+    assert all(math.isfinite(x) for x in losses(run))
 
 
 def test_workers_read_what_one_process_reads(checkpoints, dataset, tmp_path):

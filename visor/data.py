@@ -229,11 +229,18 @@ def _line_offsets(file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         data = np.frombuffer(m, dtype=np.uint8)
         newlines = np.flatnonzero(data == ord("\n"))
         del data  # the map closes only once no array points into it
-    starts = np.concatenate([[0], newlines + 1])
-    ends = np.concatenate([newlines, [size]])
-    lines = np.arange(1, len(starts) + 1)
-    keep = ends > starts
-    return starts[keep], (ends - starts)[keep], lines[keep]
+        starts = np.concatenate([[0], newlines + 1])
+        ends = np.concatenate([newlines, [size]])
+        lines = np.arange(1, len(starts) + 1)
+        keep = ends > starts
+        starts, ends, lines = starts[keep], ends[keep], lines[keep]
+        if len(starts):  # lines of whitespace alone are no records (read_records skips them too)
+            data = np.frombuffer(m, dtype=np.uint8)
+            printable = ~np.isin(data, np.frombuffer(b" \t\r\n", dtype=np.uint8))
+            keep = np.add.reduceat(printable, starts, dtype=np.int64) > 0
+            del data, printable
+            starts, ends, lines = starts[keep], ends[keep], lines[keep]
+    return starts, ends - starts, lines
 
 
 @dataclass
@@ -274,10 +281,20 @@ class TrainSet(torch.utils.data.Dataset):
             return Example(ids, labels, record.load_images(), where)
         except InputError as e:
             return Bad(where, str(e))
+        except Exception as e:  # noqa: BLE001 - a chat template or image decoder refusing a record: skip it
+            return Bad(where, f"{e.__class__.__name__}: {e}")
+
+    def first_usable(self) -> Example:
+        """The first record that loads: what a micro-batch of unusable records runs instead (weight 0)."""
+        for i in range(len(self)):
+            item = self[i]
+            if isinstance(item, Example):
+                return item
+        raise InputError("no usable record in the training set")
 
     def probe(self, n: int = 1000) -> tuple[int, list[str]]:
-        """Parse the first ``n`` records (paths checked, images not opened) before a run starts, so
-        that a wrong --images or a file of bad records fails at once: (usable count, reasons)."""
+        """Parse and tokenize the first ``n`` records (paths checked, images not opened) before a run
+        starts, so that a wrong --images or a file of bad records fails at once: (usable, reasons)."""
         usable, bad = 0, []
         for i in range(min(n, len(self.index))):
             where, item = self.index.get(i)
@@ -287,6 +304,10 @@ class TrainSet(torch.utils.data.Dataset):
                 raise InputError(f"{where}: {e}") from None
             if isinstance(record, str):
                 bad.append(f"{where}: {record}")
-            else:
+                continue
+            try:
+                tokenize(self.backbone, record)
                 usable += 1
+            except Exception as e:  # noqa: BLE001 - e.g. a chat template refusing the turn order
+                bad.append(f"{where}: {e.__class__.__name__}: {e}")
         return usable, bad

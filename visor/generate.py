@@ -213,12 +213,13 @@ class GraphedPrefill:
     """
 
     FIELDS = ("visual", "visual_pos", "visual_valid", "text_ids", "text_pos", "text_valid")
+    MAX_GRAPHS = 8  # shapes kept captured per budget and capacity
 
     def __init__(self, lm: VisorLM, budget, capacity: int, compiled: bool = False):
         if routed(budget):
             raise ConfigError("a CUDA-graph prefill needs a fixed budget ('auto' decides on the device's data)")
         self.lm, self.budget, self.capacity, self.compiled = lm, budget, capacity, compiled
-        self.graphs: dict = {}  # (layout, shapes) -> (static inputs, graph, its Prefilled)
+        self.graphs: dict = {}  # (layout, shapes) -> (static inputs, graph, its Prefilled), the newest last
 
     @torch.no_grad()
     def __call__(self, tok: Tokens) -> Prefilled:
@@ -227,6 +228,8 @@ class GraphedPrefill:
         layout = tok.layout or Context.layout_of(tok)  # one host sync, unless the batch is bucketed
         key = (layout, *(getattr(tok, f).shape for f in self.FIELDS))
         if key not in self.graphs:
+            if len(self.graphs) >= self.MAX_GRAPHS:  # each holds a memory pool: keep the newest few
+                del self.graphs[next(iter(self.graphs))]
             static = Tokens(*(getattr(tok, f).clone() for f in self.FIELDS), layout=layout)
             with self.lm.compiled() if self.compiled else contextlib.nullcontext():
                 graph, out = capture_graph(lambda: self.lm.prefill(static, self.budget, self.capacity))
@@ -252,7 +255,7 @@ class Runner:
     def __init__(self, lm: VisorLM, prefill: str = "auto", decode: str = "auto"):
         self.lm = lm
         self.prefill_mode, self.decode_mode = modes(lm.lm_head.weight.device, prefill, decode)
-        self.asked = prefill
+        self.asked = (prefill, decode)
         self.prefills: dict = {}  # (budget, capacity, mode) -> Prefill
         self.decoders: dict = {}  # id(cache) -> Decoder, for the caches graphed prefills reuse
         self.reused = False  # the last prefill rewrote a cache it had returned before (a graphed one)
@@ -264,7 +267,7 @@ class Runner:
 
     def prefill(self, tok: Tokens, budget, capacity: int, drops: dict | None = None) -> Prefilled:
         mode = self.prefill_mode
-        if mode.endswith("graph") and (routed(budget) or drops) and self.asked == "auto":
+        if mode.endswith("graph") and (routed(budget) or drops) and self.asked[0] == "auto":
             mode = "compile"  # the budget is chosen, or tokens dropped, on the device's data: no graph
         key = (tuple(budget) if isinstance(budget, list) else budget, capacity, mode)
         if key not in self.prefills:
@@ -276,8 +279,13 @@ class Runner:
     def decoder(self, cache: KVCache) -> Decoder:
         """The decoder of the last prefill's cache: a graphed prefill's cache keeps its decoder (and
         that decoder's CUDA graph); any other cache is new and gets a new one."""
-        if not self.reused:
-            return Decoder(self.lm, cache, self.decode_mode)
+        if not self.reused:  # a new cache: capturing a graph for it would be a capture per batch
+            mode = self.decode_mode
+            if mode.endswith("graph") and self.asked[1] == "auto":
+                mode = "compile"
+            return Decoder(self.lm, cache, mode)
+        live = {id(out.cache) for p in self.prefills.values() if p.graphed for _, _, out in p.graphed.graphs.values()}
+        self.decoders = {key: d for key, d in self.decoders.items() if key in live}  # evicted graphs' go too
         decoder = self.decoders.get(id(cache))
         if decoder is None:
             decoder = self.decoders[id(cache)] = Decoder(self.lm, cache, self.decode_mode)
@@ -300,7 +308,9 @@ def generate(
     if max_new == 0:
         return Generated([[] for _ in range(batch)], [budget] * batch, 0.0)
     start = time.perf_counter()
-    logits, cache, budgets, _ = runner.prefill(tok, budget, tok.text_ids.shape[1] + max_new, drops)
+    capacity = tok.text_ids.shape[1] + max_new
+    capacity = bucket(capacity) if runner.buckets else capacity  # compiled paths: a few capacities too
+    logits, cache, budgets, _ = runner.prefill(tok, budget, capacity, drops)
     if logits.is_cuda:
         torch.cuda.synchronize()
     prefill_seconds = time.perf_counter() - start

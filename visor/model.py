@@ -320,7 +320,9 @@ class VisorLM(nn.Module):
                 v, t, scores = torch.utils.checkpoint.checkpoint(step, v, t, use_reentrant=False)
             else:
                 v, t, scores = step(v, t)
-            if i in drops:
+            if i in drops and v.shape[1] == 0:  # no visual token in the batch: nothing to drop
+                kept[i] = [[] for _ in budgets]
+            elif i in drops:
                 if drops[i].next_layer:
                     scores = next_layer_scores(self.originals[i + 1], v, t, ctx)
                 elif scores is None:

@@ -149,7 +149,8 @@ def train_policy(
         raise ConfigError(f"{model_path}: the schedule has no SA candidate, so there is no budget to choose")
     budgets = model.schedule.sa_budgets
     records, skipped = read_records(data, images)
-    bb, lm, runner = model.backbone, model.lm, model.runner()
+    bb, lm = model.backbone, model.lm
+    runner = model.runner("eager", "dynamic")  # answers of every length: shapes no compiled path would reuse
     scores = torch.zeros(len(records), len(budgets))
     prefill_flops = torch.zeros(len(records), len(budgets), dtype=torch.float64)
     features = []

@@ -36,7 +36,7 @@ from torch import nn
 from . import checks
 from .api import VisorModel, load
 from .data import Bad, Example, RecordIndex, TrainSet
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, OutputError
 from .generate import collate
 from .outputs import atomic_write, claim, drop_aside, remove_stale, set_aside, writing
 from .schedule import Schedule
@@ -252,14 +252,15 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def final_state(trainee: nn.Module, optimizer, fsdp: bool, dtype: torch.dtype) -> dict | None:
-    """What final/ holds, in the training precision: None = the model's own (float32) tensors."""
+def final_state(trainee: nn.Module, optimizer, fsdp: bool, dtype: torch.dtype, rank: int) -> dict | None:
+    """What final/ holds, in the training precision, on rank 0 (on the host: no second copy of the model
+    on a GPU); None = the model's own (float32) tensors. Under FSDP every rank must call it (it gathers)."""
     state, _ = full_states(trainee, optimizer, fsdp)
-    if dtype == torch.float32:
+    if dtype == torch.float32 or rank != 0:
         return state
     if state is None:
         state = getattr(trainee, "module", trainee).state_dict()  # under DDP: the wrapped Trainee's
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return {k: v.to("cpu", dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def full_states(trainee: nn.Module, optimizer, fsdp: bool) -> tuple[dict | None, dict]:
@@ -329,15 +330,24 @@ def save_sharded_checkpoint(out: Path, step: int, trainee, optimizer, scheduler,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    with writing(final):
-        dcp.save(sharded_states(trainee, optimizer), checkpoint_id=str(tmp / "shards"))
-        if rank == 0:
-            state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(), "sharded": True}
-            torch.save(state, tmp / "state.pt")
-    dist.barrier()
-    if rank == 0:
+    failed = None
+    try:
+        with writing(final):
+            dcp.save(sharded_states(trainee, optimizer), checkpoint_id=str(tmp / "shards"))
+            if rank == 0:
+                state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(), "sharded": True}
+                atomic_write(tmp / "state.pt", lambda path: torch.save(state, path))  # fsynced
+    except OutputError as e:
+        failed = e
+    ok = torch.tensor([failed is None], dtype=torch.int32, device=next(trainee.parameters()).device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank learns whether every rank wrote its shards
+    if rank == 0 and ok.item():
         tmp.rename(final)
+    elif rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
+    if not ok.item():
+        raise failed or OutputError(f"another process could not write its part of {final}")
 
 
 def save_checkpoint(
@@ -414,6 +424,7 @@ def train(cfg: TrainConfig) -> Path:
     usable, bad = data.probe()
     if not usable:
         raise InputError(f"no usable record among the first {len(bad)} of {cfg.data} (first: {bad[:1]})")
+    stand_in = data.first_usable()  # run, with weight 0, where a micro-batch holds no usable record
     per_step = cfg.batch_size * world * cfg.grad_accum
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(data) / per_step))
     start_run(out, cfg, rank)  # every check passed: only now is anything in `out` written or moved
@@ -466,13 +477,14 @@ def train(cfg: TrainConfig) -> Path:
         if world > 1:
             dist.all_reduce(counts)  # the step's answer tokens, records met and bad ones, over all ranks
         n_targets, seen = int(counts[0]), seen + counts[1:].cpu()
-        check_bad(seen, counts[1:].cpu(), cfg, len(data), log)
+        check_bad(seen, cfg, min(len(data), total_steps * per_step), log)
+        usable_step = int(counts[1]) > int(counts[2])  # some rank has a usable record
         loss_sum = torch.zeros((), device=device)
         work = torch.zeros(3, dtype=torch.float64, device=device)  # visual tokens, text tokens, forward FLOPs
         for m, items in enumerate(micro):
             batch = [(x.ids, x.labels, x.images) for x in items if isinstance(x, Example)]
-            if not batch:
-                continue
+            weight = 1.0 if batch else 0.0  # every rank runs every micro-batch: FSDP/DDP collectives pair up
+            batch = batch or [(stand_in.ids, stand_in.labels, stand_in.images)]
             sync = m == len(micro) - 1 or not isinstance(trainee, nn.parallel.DistributedDataParallel)
             with (
                 _maybe_no_sync(trainee, sync),  # FSDP casts by its policy; the rest by autocast
@@ -480,12 +492,13 @@ def train(cfg: TrainConfig) -> Path:
             ):
                 loss, counted = trainee(batch, budget)
                 if loss.requires_grad:  # False when nothing trainable runs (stage 1 at budget "full")
-                    (loss * world / max(1, n_targets)).backward()
-            loss_sum += loss.detach()
-            work += torch.tensor(counted, dtype=torch.float64, device=device)
+                    (loss * (weight * world / max(1, n_targets))).backward()
+            loss_sum += weight * loss.detach()
+            work += weight * torch.tensor(counted, dtype=torch.float64, device=device)
         if cfg.clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        optimizer.step()
+        if usable_step:  # a step of unusable records only moves nothing (AdamW's momentum would)
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if world > 1:
@@ -517,7 +530,7 @@ def train(cfg: TrainConfig) -> Path:
             save_checkpoint(out, step + 1, model, trainee, optimizer, scheduler, fsdp, rank, cfg.stage == 1)
     bar.close()
     final = out / "final"
-    model_state = final_state(trainee, optimizer, fsdp, compute)
+    model_state = final_state(trainee, optimizer, fsdp, compute, rank)
     if rank == 0:
         model.save(final, model_state, overwrite=True, adapter=cfg.stage == 1)  # stage 1: the base is unchanged
         drop_aside(out)  # the run --overwrite replaced, kept until now
@@ -635,13 +648,11 @@ def loader(data: TrainSet, cfg: TrainConfig, start: int, total: int, world: int,
     return torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=list, **ahead)
 
 
-def check_bad(seen: torch.Tensor, step: torch.Tensor, cfg: TrainConfig, n_records: int, log: _Log) -> None:
-    """Stop when more than --max-bad of the records met are unusable (judged from 100 met, or all),
-    or when every record of a step is (records met, unusable ones: ``seen`` so far, ``step`` in this one)."""
-    if int(step[0]) == int(step[1]):
-        raise InputError(f"all {int(step[0])} records of a step were unusable; see {log.out / 'train.log'}")
+def check_bad(seen: torch.Tensor, cfg: TrainConfig, horizon: int, log: _Log) -> None:
+    """Stop when more than --max-bad of the records met (``seen``: met, unusable) are unusable, judged
+    once 100 were met, or all the run will meet (``horizon``)."""
     met, bad = int(seen[0]), int(seen[1])
-    if bad and met >= min(100, n_records) and bad > cfg.max_bad * met:
+    if bad and met >= min(100, horizon) and bad > cfg.max_bad * met:
         raise InputError(
             f"{bad} of the {met} records met so far are unusable, over --max-bad {cfg.max_bad:g}; "
             f"see {log.out / 'train.log'} for each one"
