@@ -272,13 +272,25 @@ class TrainSet(torch.utils.data.Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> Example | Bad:
+        return self.read(i)
+
+    def read(self, i: int, load_images: bool = True, strict: bool = False) -> Example | Bad:
+        """Record i tokenized (``load_images``: with its images), or why it cannot be used. ``strict``:
+        an image path leaving the images directory raises (a user's mistake, not one bad record)."""
         where, item = self.index.get(i)
+        if isinstance(item, str):
+            return Bad(where, item)
         try:
-            record = item if isinstance(item, str) else _parse(item, self.images_dir, open_images=False)
-            if isinstance(record, str):
-                return Bad(where, record)
+            record = _parse(item, self.images_dir, open_images=False)
+        except InputError as e:
+            if strict:
+                raise InputError(f"{where}: {e}") from None
+            return Bad(where, str(e))
+        if isinstance(record, str):
+            return Bad(where, record)
+        try:
             ids, labels = tokenize(self.backbone, record)
-            return Example(ids, labels, record.load_images(), where)
+            return Example(ids, labels, record.load_images() if load_images else [], where)
         except InputError as e:
             return Bad(where, str(e))
         except Exception as e:  # noqa: BLE001 - a chat template or image decoder refusing a record: skip it
@@ -295,19 +307,7 @@ class TrainSet(torch.utils.data.Dataset):
     def probe(self, n: int = 1000) -> tuple[int, list[str]]:
         """Parse and tokenize the first ``n`` records (paths checked, images not opened) before a run
         starts, so that a wrong --images or a file of bad records fails at once: (usable, reasons)."""
-        usable, bad = 0, []
-        for i in range(min(n, len(self.index))):
-            where, item = self.index.get(i)
-            try:
-                record = item if isinstance(item, str) else _parse(item, self.images_dir, open_images=False)
-            except InputError as e:
-                raise InputError(f"{where}: {e}") from None
-            if isinstance(record, str):
-                bad.append(f"{where}: {record}")
-                continue
-            try:
-                tokenize(self.backbone, record)
-                usable += 1
-            except Exception as e:  # noqa: BLE001 - e.g. a chat template refusing the turn order
-                bad.append(f"{where}: {e.__class__.__name__}: {e}")
-        return usable, bad
+        read = [self.read(i, load_images=False, strict=True) for i in range(min(n, len(self)))]
+        return sum(isinstance(x, Example) for x in read), [
+            f"{x.source}: {x.reason}" for x in read if isinstance(x, Bad)
+        ]

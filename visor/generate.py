@@ -170,11 +170,9 @@ class Decoder:
         self.pos += 1
         return logits
 
-    def restart(self, cache: KVCache) -> None:
-        """Decode a new prompt whose prefill rewrote ``cache`` in place (a graphed prefill's)."""
-        if cache is not self.cache:
-            raise ValueError("a decoder restarts only on the cache it was made for")
-        self.pos = cache.n_prompt
+    def restart(self) -> None:
+        """Decode a new prompt whose prefill rewrote this decoder's cache in place (a graphed prefill's)."""
+        self.pos = self.cache.n_prompt
 
 
 class Prefill:
@@ -219,7 +217,8 @@ class GraphedPrefill:
         if routed(budget):
             raise ConfigError("a CUDA-graph prefill needs a fixed budget ('auto' decides on the device's data)")
         self.lm, self.budget, self.capacity, self.compiled = lm, budget, capacity, compiled
-        self.graphs: dict = {}  # (layout, shapes) -> (static inputs, graph, its Prefilled), the newest last
+        self.graphs: dict = {}  # (layout, shapes) -> [static inputs, graph, its Prefilled, its Decoder], newest last
+        self.last = None  # the key of the last replay
 
     @torch.no_grad()
     def __call__(self, tok: Tokens) -> Prefilled:
@@ -233,12 +232,22 @@ class GraphedPrefill:
             static = Tokens(*(getattr(tok, f).clone() for f in self.FIELDS), layout=layout)
             with self.lm.compiled() if self.compiled else contextlib.nullcontext():
                 graph, out = capture_graph(lambda: self.lm.prefill(static, self.budget, self.capacity))
-            self.graphs[key] = static, graph, out
-        static, graph, out = self.graphs[key]
+            self.graphs[key] = [static, graph, out, None]
+        static, graph, out, _ = self.graphs[key]
         for f in self.FIELDS:
             getattr(static, f).copy_(getattr(tok, f))
         graph.replay()
+        self.last = key
         return out
+
+    def decoder(self, mode: str) -> Decoder:
+        """The decoder of the last replay's cache: made once per shape, so its own CUDA graph is kept
+        (and dropped with the prefill's graph)."""
+        entry = self.graphs[self.last]
+        if entry[3] is None:
+            entry[3] = Decoder(self.lm, entry[2].cache, mode)
+        entry[3].restart()
+        return entry[3]
 
 
 @dataclass
@@ -257,8 +266,7 @@ class Runner:
         self.prefill_mode, self.decode_mode = modes(lm.lm_head.weight.device, prefill, decode)
         self.asked = (prefill, decode)
         self.prefills: dict = {}  # (budget, capacity, mode) -> Prefill
-        self.decoders: dict = {}  # id(cache) -> Decoder, for the caches graphed prefills reuse
-        self.reused = False  # the last prefill rewrote a cache it had returned before (a graphed one)
+        self.graphed: GraphedPrefill | None = None  # the last prefill's, where it was replayed from a graph
 
     @property
     def buckets(self) -> bool:
@@ -273,24 +281,18 @@ class Runner:
         if key not in self.prefills:
             self.prefills[key] = Prefill(self.lm, budget, capacity, mode)
         prefill = self.prefills[key]
-        self.reused = prefill.graphed is not None and not drops
+        self.graphed = prefill.graphed if not drops else None
         return prefill(tok, drops)
 
     def decoder(self, cache: KVCache) -> Decoder:
         """The decoder of the last prefill's cache: a graphed prefill's cache keeps its decoder (and
         that decoder's CUDA graph); any other cache is new and gets a new one."""
-        if not self.reused:  # a new cache: capturing a graph for it would be a capture per batch
-            mode = self.decode_mode
-            if mode.endswith("graph") and self.asked[1] == "auto":
-                mode = "compile"
-            return Decoder(self.lm, cache, mode)
-        live = {id(out.cache) for p in self.prefills.values() if p.graphed for _, _, out in p.graphed.graphs.values()}
-        self.decoders = {key: d for key, d in self.decoders.items() if key in live}  # evicted graphs' go too
-        decoder = self.decoders.get(id(cache))
-        if decoder is None:
-            decoder = self.decoders[id(cache)] = Decoder(self.lm, cache, self.decode_mode)
-        decoder.restart(cache)
-        return decoder
+        if self.graphed is not None:
+            return self.graphed.decoder(self.decode_mode)
+        mode = self.decode_mode  # a new cache: capturing a graph for it would be a capture per batch
+        if mode.endswith("graph") and self.asked[1] == "auto":
+            mode = "compile"
+        return Decoder(self.lm, cache, mode)
 
 
 @torch.no_grad()

@@ -501,9 +501,10 @@ def train(cfg: TrainConfig) -> Path:
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if world > 1:
-            dist.all_reduce(loss_sum)
-            dist.all_reduce(work)
+        if world > 1:  # one collective: the loss with the work counts
+            summed = torch.cat([loss_sum.double()[None], work])
+            dist.all_reduce(summed)
+            loss_sum, work = summed[0], summed[1:]
         step_loss = loss_sum.item() / max(1, n_targets)
         totals = [t + w for t, w in zip(totals, work.tolist())]
         samples_done += per_step
