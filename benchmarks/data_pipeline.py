@@ -1,10 +1,11 @@
-"""The training data pipeline at scale (a benchmark, not a test): index 1,000,000 JSONL records, start
-a run on them, and check that 2 DataLoader workers keep the steps from waiting for data.
+"""The training data pipeline at scale (a benchmark, not a test): index 1,000,000 records (JSONL, and
+the same as an LLaVA JSON list), start a run on them, and check that 2 DataLoader workers keep the
+steps from waiting for data.
 
     python benchmarks/data_pipeline.py                       # 1,000,000 records, tiny model, batch 32
     python benchmarks/data_pipeline.py --records 100000 --out /tmp/dp
 
-Prints (and writes OUT/data_pipeline.json): index time and peak RSS (in a fresh process), the
+Prints (and writes OUT/data_pipeline.json): index time and peak RSS (in a fresh process, per format), the
 training start-up (process start to the first step done), and per-step time with 0 and 2 workers
 beside the time the loader alone needs per micro-batch.
 """
@@ -37,10 +38,14 @@ def make_data(out: Path, n_records: int, n_images: int = 300) -> Path:
         Image.fromarray(pixels).save(out / "img" / f"{i}.png")
         names.append(name)
     path = out / "train.jsonl"
-    with open(path, "w") as f:
-        for _ in range(n_records):
-            i = rng.randrange(n_images)
-            f.write(json.dumps({"image": f"{i}.png", "question": rng.choice(QUESTIONS), "answer": names[i]}) + "\n")
+    with open(path, "w") as f, open(out / "train.json", "w") as llava:
+        llava.write("[\n")
+        for n in range(n_records):
+            i, question = rng.randrange(n_images), rng.choice(QUESTIONS)
+            f.write(json.dumps({"image": f"{i}.png", "question": question, "answer": names[i]}) + "\n")
+            turns = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": names[i]}]
+            llava.write(("," if n else "") + json.dumps({"image": f"{i}.png", "conversations": turns}) + "\n")
+        llava.write("]\n")
     return path
 
 
@@ -98,8 +103,11 @@ def main() -> int:
     data = make_data(args.out, args.records)
     print(f"wrote {args.records:,} records in {time.perf_counter() - t:.1f} s")
     model = build_tiny(args.out / "tiny", TinySpec(), overwrite=True)
-    result = {"index": index_in_fresh_process(data)}
-    print(f"index: {result['index']}")
+    result = {
+        "index": index_in_fresh_process(data),
+        "index_llava_json": index_in_fresh_process(data.with_suffix(".json")),
+    }
+    print(f"index: JSONL {result['index']}, LLaVA JSON {result['index_llava_json']}")
     result["start_up"] = train_run(model, data, args.out / "run1", steps=1, workers=2)
     print(f"start-up (process start to the end of a 1-step run): {result['start_up']['wall_s']:.1f} s")
     for workers in (0, 2):

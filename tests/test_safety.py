@@ -289,7 +289,7 @@ CLI_CASES = [
     ("train-dtype-unknown", T + " --dtype half", "unknown dtype 'half'"),
     ("train-workers-negative", T + " --workers -1", "workers must be an integer >= 0"),
     ("train-max-bad-two", T + " --max-bad 2", "max_bad must be a number >= 0 and <= 1"),
-    ("train-data-empty-dir", T + " --data {root}", "holds no *.jsonl shard"),
+    ("train-data-empty-dir", T + " --data {root}", "holds no *.json or *.jsonl shard"),
     (
         "train-no-model",
         "train --data {data}/train.jsonl --images {data}/img --out {scratch}/r",

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import visor
 from visor.data import read_records, tokenize
-from visor.train import TrainConfig, train
+from visor.train import TrainConfig, latest_checkpoint, train
 
 
 def losses(run: Path) -> list[float]:
@@ -153,10 +153,11 @@ def test_workers_read_what_one_process_reads(checkpoints, dataset, tmp_path):
 def test_record_index_finds_every_record_without_reading_them(tmp_path):
     from visor.data import RecordIndex
 
-    (tmp_path / "a.jsonl").write_text('{"x": 1}\n\n{"x": 2}\r\n{broken\n{"x": 3}')  # blank line, CRLF, no final newline
+    # an empty line, CRLF, a line of whitespace, an indented record, no final newline
+    (tmp_path / "a.jsonl").write_text('{"x": 1}\n\n{"x": 2}\r\n \t\r\n{broken\n {"x": 3}')
     index = RecordIndex(tmp_path / "a.jsonl")
     got = [index.get(i) for i in range(len(index))]
-    assert [g[0] for g in got] == ["a.jsonl:1", "a.jsonl:3", "a.jsonl:4", "a.jsonl:5"]
+    assert [g[0] for g in got] == ["a.jsonl:1", "a.jsonl:3", "a.jsonl:5", "a.jsonl:6"]
     assert [g[1] for g in got[:2]] + [got[3][1]] == [{"x": 1}, {"x": 2}, {"x": 3}]
     assert got[2][1].startswith("invalid JSON")
     (tmp_path / "b.json").write_text('[{"x": 4}, {"x": 5}]')
@@ -164,8 +165,48 @@ def test_record_index_finds_every_record_without_reading_them(tmp_path):
     with pytest.raises(visor.InputError, match="not found"):
         RecordIndex(tmp_path / "none.jsonl")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(visor.InputError, match="no \\*.jsonl shard"):
+    with pytest.raises(visor.InputError, match="no \\*.json or \\*.jsonl shard"):
         RecordIndex(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_llava_json_is_indexed_element_by_element(tmp_path, indent):
+    """An LLaVA JSON list is indexed by each element's byte range, read through a window much smaller
+    than the file (so elements straddle its edges), as json.loads reads the whole file."""
+    from visor.data import RecordIndex, _element_offsets
+
+    turns = [{"from": "human", "value": 'é ] [ \\" ,{'}, {"value": 12.5}]  # JSON syntax inside strings
+    items = [{"image": f"{i}.png", "conversations": turns, "n": i * 10**i} for i in range(40)]
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(items, indent=indent, ensure_ascii=False))
+    for chunk in (1, 7, 64, 1 << 24):
+        start, length, number = _element_offsets(path, chunk)
+        raw = path.read_bytes()
+        assert [json.loads(raw[a : a + n]) for a, n in zip(start, length)] == json.loads(raw)
+        assert list(number) == list(range(40))
+    index = RecordIndex(path)
+    assert index.get(39) == ("a.json[39]", items[39])
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "0.json").write_text(json.dumps(items[:3]))
+    (tmp_path / "shards" / "1.jsonl").write_text("\n".join(json.dumps(x) for x in items[3:5]))
+    shards = RecordIndex(tmp_path / "shards")
+    assert [shards.get(i) for i in range(len(shards))] == [
+        ("0.json[0]", items[0]), ("0.json[1]", items[1]), ("0.json[2]", items[2]),
+        ("1.jsonl:1", items[3]), ("1.jsonl:2", items[4]),
+    ]  # fmt: skip
+    for text, why in [
+        ('[{"a": 1},]', "byte 10: a ',' before"),
+        ('[{"a": 1} {"b": 2}]', "byte 10: expected ','"),
+        ('[{"a": 1}] x', "byte 11: data after"),
+        ('[{"a": ', "byte 7: Expecting value"),
+        ('{"a": 1}', "must hold a JSON list"),
+        ("", "must hold a JSON list"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(visor.InputError, match=why):
+            _element_offsets(path, 3)
+    path.write_text(" [ ]\n")
+    assert len(RecordIndex(path)) == 0
 
 
 def test_llava_json_and_jsonl_tokenize_alike(checkpoints, dataset):
@@ -243,7 +284,29 @@ print(f"full gathers: {len(calls)}")
 """
 
 
-def torchrun(script_or_module, args, tmp_path, n=2):
+KILL_MID_SAVE = """
+import os, signal, sys
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import visor.train as t
+
+saves = []
+save = dcp.save
+def save_then_die(*args, **kwargs):  # the second checkpoint's shards written, not yet complete
+    save(*args, **kwargs)
+    saves.append(1)
+    if len(saves) == 2:
+        if dist.get_rank() == 0:
+            os.kill(os.getppid(), signal.SIGKILL)  # torchrun
+        dist.barrier()
+        os.kill(os.getpid(), signal.SIGKILL)
+dcp.save = save_then_die
+sys.argv = ["visor.train", *sys.argv[1:]]
+t.main()
+"""
+
+
+def torchrun(script_or_module, args, tmp_path, n=2, returncode=0):
     runner = str(Path(sys.executable).with_name("torchrun"))
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
@@ -251,14 +314,15 @@ def torchrun(script_or_module, args, tmp_path, n=2):
     target = ["-m", script_or_module] if script_or_module.startswith("visor") else [script_or_module]
     cmd = [runner, "--nproc_per_node", str(n), "--master_port", str(port), *target, *map(str, args)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == returncode, done.stderr[-3000:]
     return done.stdout
 
 
 def test_fsdp_checkpoints_are_sharded_and_resume_on_another_process_count(checkpoints, dataset, tmp_path):
     """An FSDP run's checkpoint is every rank's shards (torch.distributed.checkpoint), written with no
     gather (only the final model is gathered); resumed by one process at the same global batch, the
-    next steps' losses are those of the two-process run."""
+    next steps' losses are those of the two-process run; killed while writing one, resumed from the one
+    before it by two processes, the run ends exactly as if never killed."""
     (tmp_path / "count.py").write_text(GATHER_COUNTER)
     two = tmp_path / "two"
     out = torchrun(
@@ -277,12 +341,14 @@ def test_fsdp_checkpoints_are_sharded_and_resume_on_another_process_count(checkp
     assert losses(one)[:2] == losses(two)[:2] and losses(one)[2:] == pytest.approx(losses(two)[2:], abs=1e-5)
     a, b = weights(one / "final"), weights(two / "final")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
-    again = tmp_path / "again"  # the same two processes: the same numbers exactly
-    shutil.copytree(two, again)
-    shutil.rmtree(again / "final")
-    torchrun(
-        "visor.train", cli_args(checkpoints, dataset, again, 4, 2, ["--fsdp", "--save-every", 2, "--resume"]), tmp_path
-    )
+    again = tmp_path / "again"  # killed (SIGKILL, every process) while writing step 2, resumed by two processes
+    (tmp_path / "kill.py").write_text(KILL_MID_SAVE)
+    again_args = cli_args(checkpoints, dataset, again, 4, 2, ["--fsdp", "--save-every", 1])
+    torchrun(str(tmp_path / "kill.py"), again_args, tmp_path, returncode=-signal.SIGKILL)
+    assert not (again / "final").exists() and latest_checkpoint(again).name == "step-0000001"
+    assert list((again / "checkpoints").glob(".step-0000002.visor-tmp-*/shards"))  # left half-written
+    torchrun("visor.train", [*again_args, "--resume"], tmp_path)
+    assert sorted(p.name for p in (again / "checkpoints").iterdir()) == [f"step-000000{i}" for i in (1, 2, 3)]
     assert losses(again) == losses(two)
     a, b = weights(again / "final"), weights(two / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)

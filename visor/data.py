@@ -174,44 +174,34 @@ def tokenize(backbone: Backbone, record: Record) -> tuple[list[int], list[bool]]
 
 
 class RecordIndex:
-    """Where every record of a training set is, found without parsing or opening anything: a JSONL
-    file or a directory of ``*.jsonl`` shards (the byte offset of each non-empty line), or an LLaVA
-    JSON file (its list, held in memory). ``get(i)`` reads record i: (where, item or why unusable)."""
+    """Where every record of a training set is, found without keeping or opening anything: the byte
+    offset of each non-empty line of a JSONL file, or of each element of an LLaVA JSON list, or of
+    those of every ``*.json``/``*.jsonl`` shard in a directory. ``get(i)`` reads record i from its
+    file: (where, item or why it is unusable)."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
         if path.is_dir():
-            self.files = sorted(path.glob("*.jsonl"))
+            self.files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl") and p.is_file())
             if not self.files:
-                raise InputError(f"{path} holds no *.jsonl shard")
+                raise InputError(f"{path} holds no *.json or *.jsonl shard")
         elif path.is_file():
             self.files = [path]
         else:
             raise InputError(f"data file not found: {path}")
-        self.items = None
-        if path.is_file() and path.suffix != ".jsonl":
-            try:
-                self.items = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise InputError(f"{path} is not valid JSON: {e}") from None
-            if not isinstance(self.items, list):
-                raise InputError(f"{path} must hold a JSON list of records (LLaVA format) or be a .jsonl file")
-            return
-        parts = [_line_offsets(f) for f in self.files]
+        parts = [_line_offsets(f) if f.suffix == ".jsonl" else _element_offsets(f) for f in self.files]
         self.file = np.concatenate([np.full(len(p[0]), k, dtype=np.int32) for k, p in enumerate(parts)])
-        self.start, self.length, self.line = (np.concatenate([p[j] for p in parts]) for j in range(3))
+        self.start, self.length, self.number = (np.concatenate([p[j] for p in parts]) for j in range(3))
 
     def __len__(self) -> int:
-        return len(self.items) if self.items is not None else len(self.start)
+        return len(self.start)
 
     def get(self, i: int) -> tuple[str, object]:
-        if self.items is not None:
-            return f"{self.files[0].name}[{i}]", self.items[i]
         file = self.files[self.file[i]]
         with open(file, "rb") as f:
             f.seek(int(self.start[i]))
             raw = f.read(int(self.length[i]))
-        where = f"{file.name}:{self.line[i]}"
+        where = f"{file.name}:{self.number[i]}" if file.suffix == ".jsonl" else f"{file.name}[{self.number[i]}]"
         try:
             return where, json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -228,19 +218,75 @@ def _line_offsets(file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     with open(file, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         data = np.frombuffer(m, dtype=np.uint8)
         newlines = np.flatnonzero(data == ord("\n"))
-        del data  # the map closes only once no array points into it
         starts = np.concatenate([[0], newlines + 1])
         ends = np.concatenate([newlines, [size]])
         lines = np.arange(1, len(starts) + 1)
         keep = ends > starts
         starts, ends, lines = starts[keep], ends[keep], lines[keep]
-        if len(starts):  # lines of whitespace alone are no records (read_records skips them too)
-            data = np.frombuffer(m, dtype=np.uint8)
-            printable = ~np.isin(data, np.frombuffer(b" \t\r\n", dtype=np.uint8))
-            keep = np.add.reduceat(printable, starts, dtype=np.int64) > 0
-            del data, printable
-            starts, ends, lines = starts[keep], ends[keep], lines[keep]
+        # lines of whitespace alone are no records (read_records skips them too): only a line that
+        # starts with whitespace can be one, and those are few enough to look at one by one
+        maybe = np.flatnonzero(np.isin(data[starts], np.frombuffer(b" \t\r", dtype=np.uint8)))
+        del data  # the map closes only once no array points into it
+        keep = np.ones(len(starts), dtype=bool)
+        keep[[j for j in maybe if not m[starts[j] : ends[j]].strip()]] = False
+        starts, ends, lines = starts[keep], ends[keep], lines[keep]
     return starts, ends - starts, lines
+
+
+def _element_offsets(file: Path, chunk: int = 1 << 24) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, length, index) of every element of the JSON list in a file, parsing one element at a
+    time from a window of the file (decoded as latin-1, so that characters are bytes: JSON's own
+    syntax is ASCII), so that a file of millions of records never becomes Python objects at once."""
+    decoder, starts, ends = json.JSONDecoder(), [], []
+    with open(file, "rb") as f:
+        text, base, eof = "", 0, False  # text is the file's bytes from offset base
+
+        def read_on() -> None:
+            nonlocal text, eof
+            more = f.read(chunk)
+            eof, text = not more, text + more.decode("latin-1")
+
+        def at(pos: int) -> int:  # the next non-whitespace position, reading on as needed
+            while True:
+                while pos < len(text) and text[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(text) or eof:
+                    return pos
+                read_on()
+
+        def invalid(pos: int, why: str) -> InputError:
+            return InputError(f"{file} is not valid JSON at byte {base + pos}: {why}")
+
+        pos = at(0)
+        if text[pos : pos + 1] != "[":
+            raise InputError(f"{file} must hold a JSON list of records (LLaVA format) or be a .jsonl file")
+        pos = at(pos + 1)
+        while text[pos : pos + 1] != "]":
+            while True:  # an element may run past the window, or look complete where the window cuts it
+                try:
+                    end = decoder.raw_decode(text, pos)[1]
+                except json.JSONDecodeError as e:
+                    if eof:
+                        raise invalid(e.pos, e.msg) from None
+                    end = len(text)
+                if end < len(text) or eof:
+                    break
+                read_on()
+            starts.append(base + pos)
+            ends.append(base + end)
+            pos = at(end)
+            if text[pos : pos + 1] == ",":
+                pos = at(pos + 1)
+                if text[pos : pos + 1] == "]":
+                    raise invalid(pos, "a ',' before the list's end")
+            elif text[pos : pos + 1] != "]":
+                raise invalid(pos, "expected ',' or ']' after a record")
+            if pos > chunk:  # forget what was parsed (offsets stay the file's)
+                text, base, pos = text[pos:], base + pos, 0
+        if at(pos + 1) != len(text):
+            raise invalid(at(pos + 1), "data after the list")
+    start = np.array(starts, dtype=np.int64)
+    return start, np.array(ends, dtype=np.int64) - start, np.arange(len(start))
 
 
 @dataclass
