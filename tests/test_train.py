@@ -45,6 +45,21 @@ def test_stage1_trains_only_cross_attention(checkpoints, dataset, tmp_path):
     assert after.backbone.weights_path == checkpoints["llava-onevision"]
 
 
+def test_bfloat16_stage1_reads_the_base_in_bfloat16_and_trains_float32(checkpoints, dataset, tmp_path, monkeypatch):
+    """--dtype bfloat16: the starting checkpoint is read in bfloat16 (no float32 copy of the base on
+    the way in); the frozen base stays bfloat16, the trained CA weights become float32 masters."""
+    import visor.train as t
+
+    loaded = []
+    load = t.load
+    monkeypatch.setattr(t, "load", lambda *a, **kw: loaded.append((kw["dtype"], load(*a, **kw))) or loaded[-1][1])
+    train(config(checkpoints, dataset, tmp_path / "s1", stage=1, steps=2, budgets="0-2", dtype="bfloat16"))
+    ((dtype, model),) = loaded
+    assert dtype == torch.bfloat16
+    assert {p.dtype for p in model.backbone.hf.parameters()} == {torch.bfloat16}
+    assert {p.dtype for ca in model.lm.cross.values() for p in ca.parameters()} == {torch.float32}
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_loss_decreases_on_a_tiny_overfit_set(checkpoints, dataset, tmp_path, stage):
     run = tmp_path / f"s{stage}"
@@ -255,20 +270,28 @@ def test_resume_after_sigkill_is_exact(checkpoints, dataset, tmp_path):
 
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_torchrun_two_processes_equal_one_with_twice_the_batch(checkpoints, dataset, tmp_path, sharding):
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    """Two processes at batch 2 equal one at batch 4; killed (SIGKILL, launcher and every process) while
+    writing a checkpoint and resumed, the two-process run ends exactly as if never killed."""
     two = tmp_path / "two"
-    args = cli_args(checkpoints, dataset, two, 4, 2, ["--fsdp"] if sharding == "fsdp" else [])
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(port), "-m", "visor.train", *map(str, args)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    flags = ["--fsdp"] if sharding == "fsdp" else []
+    torchrun("visor.train", cli_args(checkpoints, dataset, two, 4, 2, flags), tmp_path)
     one = tmp_path / "one"
     assert run_cli(cli_args(checkpoints, dataset, one, 4, 4)).wait() == 0
     assert losses(two) == pytest.approx(losses(one), abs=1e-5)
     a, b = weights(two / "final"), weights(one / "final")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+    killed = tmp_path / "killed"
+    (tmp_path / "kill.py").write_text(KILL_MID_SAVE)
+    args = cli_args(checkpoints, dataset, killed, 4, 2, [*flags, "--save-every", 1, "--workers", 2])
+    torchrun(str(tmp_path / "kill.py"), args, tmp_path, returncode=-signal.SIGKILL)
+    assert not (killed / "final").exists() and latest_checkpoint(killed).name == "step-0000001"
+    assert list((killed / "checkpoints").glob(".step-0000002.visor-tmp-*"))  # left half-written
+    torchrun("visor.train", [*args, "--resume"], tmp_path)
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == [f"step-000000{i}" for i in (1, 2, 3)]
+    assert losses(killed) == losses(two)
+    a, b = weights(killed / "final"), weights(two / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 GATHER_COUNTER = """
@@ -286,21 +309,22 @@ print(f"full gathers: {len(calls)}")
 
 KILL_MID_SAVE = """
 import os, signal, sys
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
+from pathlib import Path
 import visor.train as t
 
+pids = Path("pids")
+pids.mkdir(exist_ok=True)
+(pids / os.environ["RANK"]).write_text(str(os.getpid()))
 saves = []
-save = dcp.save
-def save_then_die(*args, **kwargs):  # the second checkpoint's shards written, not yet complete
-    save(*args, **kwargs)
+rng_state = t.rng_state
+def die_in_second_save():  # rank 0, writing the second checkpoint (its model or shards written)
     saves.append(1)
     if len(saves) == 2:
-        if dist.get_rank() == 0:
-            os.kill(os.getppid(), signal.SIGKILL)  # torchrun
-        dist.barrier()
-        os.kill(os.getpid(), signal.SIGKILL)
-dcp.save = save_then_die
+        os.kill(os.getppid(), signal.SIGKILL)  # torchrun, then every worker (this one last)
+        for rank in sorted(pids.iterdir(), reverse=True):
+            os.kill(int(rank.read_text()), signal.SIGKILL)
+    return rng_state()
+t.rng_state = die_in_second_save
 sys.argv = ["visor.train", *sys.argv[1:]]
 t.main()
 """
@@ -321,8 +345,7 @@ def torchrun(script_or_module, args, tmp_path, n=2, returncode=0):
 def test_fsdp_checkpoints_are_sharded_and_resume_on_another_process_count(checkpoints, dataset, tmp_path):
     """An FSDP run's checkpoint is every rank's shards (torch.distributed.checkpoint), written with no
     gather (only the final model is gathered); resumed by one process at the same global batch, the
-    next steps' losses are those of the two-process run; killed while writing one, resumed from the one
-    before it by two processes, the run ends exactly as if never killed."""
+    next steps' losses are those of the two-process run."""
     (tmp_path / "count.py").write_text(GATHER_COUNTER)
     two = tmp_path / "two"
     out = torchrun(
@@ -341,28 +364,17 @@ def test_fsdp_checkpoints_are_sharded_and_resume_on_another_process_count(checkp
     assert losses(one)[:2] == losses(two)[:2] and losses(one)[2:] == pytest.approx(losses(two)[2:], abs=1e-5)
     a, b = weights(one / "final"), weights(two / "final")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
-    again = tmp_path / "again"  # killed (SIGKILL, every process) while writing step 2, resumed by two processes
-    (tmp_path / "kill.py").write_text(KILL_MID_SAVE)
-    again_args = cli_args(checkpoints, dataset, again, 4, 2, ["--fsdp", "--save-every", 1])
-    torchrun(str(tmp_path / "kill.py"), again_args, tmp_path, returncode=-signal.SIGKILL)
-    assert not (again / "final").exists() and latest_checkpoint(again).name == "step-0000001"
-    assert list((again / "checkpoints").glob(".step-0000002.visor-tmp-*/shards"))  # left half-written
-    torchrun("visor.train", [*again_args, "--resume"], tmp_path)
-    assert sorted(p.name for p in (again / "checkpoints").iterdir()) == [f"step-000000{i}" for i in (1, 2, 3)]
-    assert losses(again) == losses(two)
-    a, b = weights(again / "final"), weights(two / "final")
-    assert all(torch.equal(a[k], b[k]) for k in a)
     wrong = run_cli(cli_args(checkpoints, dataset, one, 4, 2, ["--fsdp", "--save-every", 2, "--resume"]))
     assert wrong.wait() == 2 and "global batch of 4" in wrong.stderr.read().decode()
 
 
 def test_bfloat16_training_with_float32_master_weights(checkpoints, dataset, tmp_path):
     """--dtype bfloat16: one process computes under autocast, two FSDP processes gather bfloat16 shards
-    (their mixed-precision policy); the losses follow float32's, the optimizer state stays float32,
-    and final/ is written in bfloat16."""
+    (their mixed-precision policy) beside the frozen tower's bfloat16 ones; the losses follow float32's,
+    the optimizer state stays float32, and final/ is written in bfloat16."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    common = ["--budgets", "0,2", "--save-every", 2]
+    common = ["--budgets", "0,2", "--save-every", 2, "--freeze-vision"]  # a frozen bfloat16 tower in FSDP's root
     assert run_cli(cli_args(checkpoints, dataset, tmp_path / "fp32", 4, 4, common)).wait() == 0
     bf16 = run_cli(cli_args(checkpoints, dataset, tmp_path / "bf16", 4, 4, [*common, "--dtype", "bfloat16"]))
     assert bf16.wait() == 0, bf16.stderr.read().decode()

@@ -414,7 +414,9 @@ def train(cfg: TrainConfig) -> Path:
     sharded = resume_from is not None and (resume_from / "shards").is_dir()  # read in after wrapping
     start_from = resume_from / "model" if resume_from and not sharded else cfg.model
     compute = checks.dtype(cfg.dtype, device)
-    model = load(start_from, dtype="float32", device=str(device))  # float32 master weights (and optimizer state)
+    # the starting checkpoint is read in the training dtype (a bfloat16 base never passes through
+    # float32); a checkpoint of this run in float32, as its master weights were saved
+    model = load(start_from, dtype=compute if start_from == cfg.model else torch.float32, device=str(device))
     model.lm.gradient_checkpointing = cfg.activation_checkpointing
     budgets = parse_budgets(cfg.budgets, model.schedule)
     if cfg.budget_weights and len(cfg.budget_weights) != len(budgets):
@@ -434,8 +436,10 @@ def train(cfg: TrainConfig) -> Path:
         atomic_write(out / "config.yaml", yaml.safe_dump(asdict(cfg) | {"total_steps": total_steps, "world": world}))
 
     named = set_trainable(model, cfg)
-    log.line(f"stage {cfg.stage}: training {sum(p.numel() for _, p in named):,} parameters in {len(named)} tensors")
     trainee = Trainee(model)
+    for p in trainee.parameters():  # trained weights (and AdamW's state) in float32, frozen ones in the training dtype
+        p.data = p.data.to(torch.float32 if p.requires_grad else compute)
+    log.line(f"stage {cfg.stage}: training {sum(p.numel() for _, p in named):,} parameters in {len(named)} tensors")
     fsdp = cfg.fsdp and world > 1
     if fsdp:
         _shard(trainee, compute)
