@@ -10,7 +10,7 @@ from visor.generate import Decoder, collate
 from visor.tiny import TinySpec, build_tiny
 
 torch.set_num_threads(2)
-ARCHS = ["llava-onevision", "llava"]
+ARCHS = ["llava-onevision", "llava", "qwen2-vl", "qwen2.5-vl"]
 
 
 def random_image(path, width, height, seed=0):
@@ -28,6 +28,16 @@ def set_visor_weights(model, seed=0, scale=1.0):
                 p.fill_(scale)
             elif "pos_conv.pointwise" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def extended(sample, new_ids):
+    """The sample with ``new_ids`` appended as text (positions continuing after its last token)."""
+    import dataclasses
+
+    positions = sample.positions
+    if positions is not None:  # multimodal RoPE: text continues one past the last position, all three alike
+        positions = torch.cat([positions, positions[-1] + 1 + torch.arange(len(new_ids))[:, None]])
+    return dataclasses.replace(sample, ids=sample.ids + new_ids, positions=positions)
 
 
 def greedy(model, samples, n_new, budget, decode="dynamic", drops=None):

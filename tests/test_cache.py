@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from conftest import greedy
+from conftest import extended, greedy
 
-from visor.backbone import Sample
 from visor.generate import collate
 
 BUDGETS = [0, 1, 2, "full"]  # 2 = every SA candidate of the 6-layer default schedule
@@ -21,7 +20,7 @@ def test_cached_decode_equals_prefill_from_scratch(visor_model, images, budget):
     sample = visor_model.backbone.encode("Describe the picture.", [images[1]])
     tokens, logits = greedy(visor_model, [sample], 6, budget)
     for step in range(1, 6):
-        longer = Sample(sample.ids + tokens[0, :step].tolist(), sample.visual, sample.n_crops)
+        longer = extended(sample, tokens[0, :step].tolist())
         assert (prefill_logits(visor_model, longer, budget) - logits[0, step]).abs().max() <= 1e-4
 
 
@@ -193,11 +192,11 @@ def test_prefill_with_a_known_layout_skips_the_host_sync(visor_model, images, mo
         assert Context.layout_of(tok) == (ctx.seq, ctx.block)
         known = dataclasses.replace(tok, layout=Context.layout_of(tok))
         with torch.no_grad():
-            expected = {b: lm.prefill(tok, b, capacity=40)[0] for b in BUDGETS}
+            expected = {b: lm.prefill(tok, b, capacity=64)[0] for b in BUDGETS}
             with monkeypatch.context() as m:
                 m.setattr(Context, "layout", lambda *a: pytest.fail("host sync with a known layout"))
                 for budget in BUDGETS:
-                    assert torch.equal(lm.prefill(known, budget, capacity=40)[0], expected[budget])
+                    assert torch.equal(lm.prefill(known, budget, capacity=64)[0], expected[budget])
 
 
 def test_compiled_layers_give_the_eager_prefill(visor_model, images):
@@ -215,14 +214,14 @@ def test_compiled_layers_give_the_eager_prefill(visor_model, images):
     batches = [[one], [one, bb.encode("Compare the two.", [images[1], images[2]])]]
     toks = [collate(samples, bb.image_token_id, "cpu") for samples in batches]
     with torch.no_grad():
-        expected = [[lm.prefill(tok, b, capacity=40) for b in BUDGETS] for tok in toks]
+        expected = [[lm.prefill(tok, b, capacity=64) for b in BUDGETS] for tok in toks]
     torch._dynamo.reset()
     counters.clear()
-    Prefill(lm, "full", 40, "compile")(toks[0])  # every layer SA: one qkv and one finish for all layers
+    Prefill(lm, "full", 64, "compile")(toks[0])  # every layer SA: one qkv and one finish for all layers
     assert counters["stats"]["unique_graphs"] == 2 < lm.cfg.n_layers
     for tok, runs in zip(toks, expected):
         for budget, (logits, cache, *_) in zip(BUDGETS, runs):
-            got, got_cache, *_ = Prefill(lm, budget, 40, "compile")(tok)
+            got, got_cache, *_ = Prefill(lm, budget, 64, "compile")(tok)
             assert (got - logits).abs().max() <= 1e-5
             for i in range(lm.cfg.n_layers):
                 assert (got_cache.layers[i].k - cache.layers[i].k).abs().max() <= 1e-5
@@ -251,10 +250,10 @@ def test_graphed_prefill_needs_cuda_and_a_fixed_budget(visor_model, images):
         [visor_model.backbone.encode("What is shown?", [images[0]])], visor_model.backbone.image_token_id, "cpu"
     )
     with pytest.raises(VisorError, match="needs a CUDA device"):
-        GraphedPrefill(visor_model.lm, 1, capacity=40)(tok)
+        GraphedPrefill(visor_model.lm, 1, capacity=64)(tok)
     for routed in ("auto", [1, "auto"]):
         with pytest.raises(VisorError, match="fixed budget"):
-            GraphedPrefill(visor_model.lm, routed, capacity=40)
+            GraphedPrefill(visor_model.lm, routed, capacity=64)
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])

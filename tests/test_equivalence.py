@@ -5,6 +5,8 @@ import torch
 from conftest import greedy
 from PIL import Image
 
+from visor.backbone import MROPE
+
 PROMPTS = ["What is shown in the image?", "Which colour dominates?"]
 
 
@@ -19,6 +21,9 @@ def hf_reference(model, prompts, image_lists, n_new):
     pil = [[Image.open(p).convert("RGB") for p in ims] for ims in image_lists]
     if bb.config.model_type == "llava_onevision":
         extra = dict(bb.image_processor(pil, return_tensors="pt"))
+    elif bb.config.model_type in MROPE:  # pixel values + patch grids; M-RoPE needs each token's modality
+        extra = dict(bb.image_processor([im for ims in pil for im in ims], return_tensors="pt"))
+        extra["mm_token_type_ids"] = (ids == bb.image_token_id).int()
     else:
         extra = {
             "pixel_values": bb.image_processor([im for ims in pil for im in ims], return_tensors="pt")["pixel_values"]
@@ -37,10 +42,12 @@ def hf_reference(model, prompts, image_lists, n_new):
     return out.sequences[:, width:], torch.stack(out.logits, 1), samples  # (B, n_new), (B, n_new, V)
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["single", "batched"])
-def test_full_budget_equals_hugging_face(base_model, images, batched):
-    prompts = PROMPTS if batched else PROMPTS[:1]
-    image_lists = [[images[0]], [images[1]]][: len(prompts)]
+@pytest.mark.parametrize("case", ["single", "batched", "two-images"])
+def test_full_budget_equals_hugging_face(base_model, images, case):
+    """One image; a batch of two prompts of different lengths; two images of different sizes."""
+    prompts = PROMPTS if case == "batched" else PROMPTS[:1]
+    cases = {"single": [[images[0]]], "batched": [[images[0]], [images[1]]], "two-images": [[images[1], images[3]]]}
+    image_lists = cases[case]
     hf_tokens, hf_logits, samples = hf_reference(base_model, prompts, image_lists, 16)
     with torch.no_grad():
         tokens, logits = greedy(base_model, samples, 16, "full")

@@ -43,7 +43,7 @@ def broken(tmp_path_factory, checkpoints):
     save_file(tensors, paths["missing"] / "model.safetensors", metadata={"format": "pt"})
     weights = (src / "model.safetensors").read_bytes()
     (paths["truncated"] / "model.safetensors").write_bytes(weights[: len(weights) // 2])
-    (paths["arch"] / "config.json").write_text(json.dumps({**config, "model_type": "qwen2_vl"}))
+    (paths["arch"] / "config.json").write_text(json.dumps({**config, "model_type": "paligemma"}))
     from visor.api import convert
 
     shutil.rmtree(paths["visor_truncated"])
@@ -99,7 +99,7 @@ def test_schedule_that_does_not_fit(monkeypatch, capsys, checkpoints, images):
         ("mismatch", "do not match its config.json"),
         ("missing", "layers.1.mlp.up_proj.weight (missing from the file)"),
         ("truncated", "cannot load the weights"),
-        ("arch", "unsupported architecture 'qwen2_vl'; supported: llava_onevision"),
+        ("arch", "unsupported architecture 'paligemma'; supported: llava_onevision"),
         ("visor_truncated", "truncated or corrupt"),
     ],
 )

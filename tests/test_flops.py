@@ -42,7 +42,7 @@ def test_prefill_and_decode_flops_match_the_counter(eager_model, images, budget,
         )
         step_flops, _ = measured(lambda: eager_model.lm.decode_one_token(logits.argmax(-1), cache, cache.n_prompt))
     n_visual = sample.visual.shape[0]
-    report = eager_model.flops(n_visual, len(sample.ids) - n_visual, budget, sample.n_crops)
+    report = eager_model.flops(n_visual, len(sample.ids) - n_visual, budget, sample.n_crops, grids=sample.grids)
     assert report.prefill == pytest.approx(vision_flops + lm_flops, rel=0.01)
     vision = report.breakdown["prefill"]["vision_tower"] + report.breakdown["prefill"]["projector"]
     assert vision == pytest.approx(vision_flops, rel=0.01)

@@ -1,10 +1,13 @@
 """Prompts are built exactly as Hugging Face's processor builds them."""
 
+import pytest
 import torch
 from PIL import Image
 from transformers import AutoProcessor
 
 import visor
+
+PROMPT = "What is shown?"
 
 
 def test_llava_prompt_ids_equal_the_hf_processor(checkpoints, images):
@@ -47,22 +50,64 @@ def test_conv_position_code(checkpoints, images):
 
 def test_one_pass_of_the_tower_for_a_batch(base_model, images):
     """Training encodes a step's images in one pass: the same features as sample by sample, and each
-    sample's crop count is what the tower was given for it (counted by a hook here)."""
+    sample's crop count (dynamic resolution: patch grids) is what the tower was given for it (counted
+    by a hook here)."""
     from visor.backbone import load_image
 
     bb = base_model.backbone
     batch = [[images[1]], [images[0], images[2]], [], [images[3]]]  # one image (tiled), two, none, one
     loaded = [[load_image(p) for p in sample] for sample in batch]
     seen = []
-    hook = bb.hf.model.vision_tower.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    tower = getattr(bb.hf.model, "vision_tower", None) or bb.hf.model.visual
+    hook = tower.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
     try:
         with torch.no_grad():
             together = bb.image_features_batch(loaded)
             alone = [bb.image_features_batch([sample])[0] for sample in loaded]
     finally:
         hook.remove()
-    assert sum(seen[1:]) == seen[0] == sum(n for _, n in together)  # the batch's crops, in one pass
-    assert [n for _, n in together] == [n for _, n in alone] == seen[1:][:2] + [0] + seen[1:][2:]
-    for (feats, _), (reference, _) in zip(together, alone):
-        assert len(feats) == len(reference)
-        assert all(torch.allclose(f, r, atol=1e-5) for f, r in zip(feats, reference))
+    if together[0].grids is not None:  # the tower's input: every image's patches, flattened
+        patches = [sum(t * h * w for t, h, w in v.grids or []) for v in together]
+        assert seen == [sum(patches), *(p for p in patches if p)]  # the batch in one pass, then alone
+        assert [v.grids for v in together] == [v.grids for v in alone]
+    else:
+        assert sum(seen[1:]) == seen[0] == sum(v.n_crops for v in together)  # the batch's crops, in one pass
+        assert [v.n_crops for v in together] == [v.n_crops for v in alone] == seen[1:][:2] + [0] + seen[1:][2:]
+    for v, reference in zip(together, alone):
+        assert len(v.features) == len(reference.features)
+        assert all(torch.allclose(f, r, atol=1e-5) for f, r in zip(v.features, reference.features))
+
+
+@pytest.mark.parametrize("arch", ["qwen2-vl", "qwen2.5-vl"])
+def test_qwen_inputs_are_what_its_processor_builds(checkpoints, images, arch):
+    """Ids, patch grids, image-token types, visual features and M-RoPE positions are those of the
+    family's own HF processor and model (its Processor needs torchvision only for videos: a subclass
+    here takes none)."""
+    import transformers
+
+    from visor.backbone import user_turn
+
+    bb = visor.load(checkpoints[arch]).backbone
+    base = {"qwen2-vl": transformers.Qwen2VLProcessor, "qwen2.5-vl": transformers.Qwen2_5_VLProcessor}[arch]
+
+    class WithoutVideo(base):
+        def check_argument_for_proper_class(self, name, argument):
+            if name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(name, argument)
+
+    processor = WithoutVideo(bb.image_processor, bb.tokenizer, None, chat_template=bb.chat_template)
+    for paths in ([images[0]], [images[1], images[3]]):
+        text = processor.apply_chat_template(
+            [user_turn(PROMPT, len(paths))], add_generation_prompt=True, tokenize=False
+        )
+        ref = processor(text=[text], images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")
+        sample = bb.encode(PROMPT, paths)
+        assert ref["input_ids"][0].tolist() == sample.ids
+        assert ref["image_grid_thw"].tolist() == [list(g) for g in sample.grids]
+        assert ref["mm_token_type_ids"][0].tolist() == [int(i == bb.image_token_id) for i in sample.ids]
+        with torch.no_grad():
+            features = bb.hf.model.get_image_features(ref["pixel_values"], ref["image_grid_thw"]).pooler_output
+            positions, _ = bb.hf.model.get_rope_index(ref["input_ids"], ref["mm_token_type_ids"], ref["image_grid_thw"])
+        assert torch.allclose(torch.cat(features), sample.visual, atol=1e-6)
+        assert torch.equal(positions[:, 0].T, sample.positions)

@@ -8,10 +8,21 @@ from conftest import set_visor_weights
 from torch.utils.flop_counter import FlopCounterMode
 
 import visor
+from visor.backbone import MROPE
 from visor.generate import collate
 from visor.reduce import Reduction, visionzip_select
 
 PROMPT = "What is shown in this picture?"
+
+
+def refuses(model, reduction, images) -> bool:
+    """PyramidDrop (it renumbers 1-D positions) and VisionZip (fixed-size crops) are not defined for
+    Qwen-VL (M-RoPE, a dynamic-resolution tower): the model refuses them, with a message saying why."""
+    if model.backbone.config.model_type not in MROPE or reduction.method not in ("pdrop", "visionzip"):
+        return False
+    with pytest.raises(visor.ConfigError, match="M-RoPE|dynamic-resolution"):
+        prefill_logits(model, images, reduction=reduction)
+    return True
 
 
 def prefill_logits(model, images, budget="full", reduction=None):
@@ -34,6 +45,8 @@ def prefill_logits(model, images, budget="full", reduction=None):
     ids=["fastv", "pdrop", "visionzip"],
 )
 def test_keeping_everything_is_the_base_model(base_model, images, reduction):
+    if refuses(base_model, reduction, [images[1]]):
+        return
     base, *_ = prefill_logits(base_model, [images[1]])
     reduced, *_ = prefill_logits(base_model, [images[1]], reduction=reduction)
     assert torch.equal(base, reduced)
@@ -54,8 +67,9 @@ def test_fastv_keeps_what_the_attention_matrix_says(eager_base, images, layer, k
     embeds = eager_base.lm.embed_tokens(ids)
     is_image = ids[0] == eager_base.backbone.image_token_id
     embeds[0, is_image] = sample.visual
+    positions = {} if sample.positions is None else {"position_ids": sample.positions.T[:, None]}  # M-RoPE
     with torch.no_grad():
-        out = eager_base.backbone.hf.model.language_model(inputs_embeds=embeds, output_attentions=True)
+        out = eager_base.backbone.hf.model.language_model(inputs_embeds=embeds, output_attentions=True, **positions)
     row = out.attentions[layer - 1][0, :, -1, :].mean(0)  # (S,) the last token's attention
     visual_scores = row[is_image]
     n_keep = int(keep * len(visual_scores))  # the official KV-cache code: int(576 * ratio)
@@ -110,6 +124,8 @@ def test_pyramid_drop_is_the_official_rule(eager_base, images):
     from conftest import greedy
 
     pdrop = Reduction("pdrop", stages=[2, 3, 5], ratio=0.5)
+    if refuses(eager_base, pdrop, [images[3]]):
+        return
     logits, sample, tok, kept = prefill_logits(eager_base, [images[3]], reduction=pdrop)
     drops = pdrop.drops(eager_base.lm.cfg.n_layers)
     with torch.no_grad():
@@ -208,6 +224,8 @@ def test_visionzip_token_counts(base_model, images):
     """n + m tokens per crop (CLIP: the CLS token among the n); a one-crop image of LLaVA-OneVision
     ends with its newline token, an AnyRes one has none (the official adapter drops them)."""
     zip_ = Reduction("visionzip", dominant=6, contextual=2)
+    if refuses(base_model, zip_, [images[1]]):
+        return
     newline = int(base_model.config.model_type == "llava_onevision")
     sample = base_model.encode([PROMPT], [[images[1]]], zip_)[0]
     assert sample.visual.shape[0] == sample.n_crops * 8 + (newline if sample.n_crops == 1 else 0)
@@ -230,6 +248,8 @@ def test_reduction_flops_match_the_counter(checkpoints, arch, images, budget, re
     model = visor.load(checkpoints[arch], attn_implementation="eager")
     model.lm.explicit_attention = True
     set_visor_weights(model)
+    if refuses(model, reduction, [images[1]]):
+        return
     drops = reduction.drops(model.lm.cfg.n_layers)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         sample = model.encode([PROMPT], [[images[1]]], reduction)[0]
@@ -238,9 +258,10 @@ def test_reduction_flops_match_the_counter(checkpoints, arch, images, budget, re
     with torch.no_grad(), FlopCounterMode(display=False) as step:
         model.lm.decode_one_token(logits.argmax(-1), cache, cache.n_prompt)
     n_visual = sample.visual.shape[0]
-    report = model.flops(n_visual, len(sample.ids) - n_visual, budget, sample.n_crops, reduction)
+    report = model.flops(n_visual, len(sample.ids) - n_visual, budget, sample.n_crops, reduction, sample.grids)
     assert report.prefill == pytest.approx(counter.get_total_flops(), rel=0.01)
     assert report.decode_per_token == pytest.approx(step.get_total_flops(), rel=0.01)
     plain = model.encode([PROMPT], [[images[1]]])[0]
-    full = model.flops(plain.visual.shape[0], len(plain.ids) - plain.visual.shape[0], "full", plain.n_crops)
+    n_plain = plain.visual.shape[0]
+    full = model.flops(n_plain, len(plain.ids) - n_plain, "full", plain.n_crops, grids=plain.grids)
     assert report.lm_prefill < full.lm_prefill

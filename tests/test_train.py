@@ -89,9 +89,10 @@ def test_budgets_are_sampled_and_logged(checkpoints, dataset, tmp_path):
     flops = 0
     for i in sample_indices(0, 0, cfg, len(data), 1, 0):
         x = data[i]
-        sample = model.backbone.expand(x.ids, *model.backbone.image_features(x.images))
+        sample = model.backbone.expand(x.ids, model.backbone.image_features(x.images))
         n_visual = sample.visual.shape[0]
-        flops += model.flops(n_visual, len(sample.ids) - n_visual, row["budget"], sample.n_crops).prefill
+        n_text = len(sample.ids) - n_visual
+        flops += model.flops(n_visual, n_text, row["budget"], sample.n_crops, grids=sample.grids).prefill
     assert row["model_tflops_per_s"] * 1e12 * row["elapsed_s"] == pytest.approx(3 * flops, rel=1e-6)
     assert (run / "config.yaml").is_file()
 

@@ -98,7 +98,7 @@ class VisorModel:
         for sample, ids, budget in zip(samples, out.tokens, out.budgets):
             n_visual = sample.visual.shape[0]
             n_text = len(sample.ids) - n_visual
-            report = self.flops(n_visual, n_text, budget, sample.n_crops, reduction)
+            report = self.flops(n_visual, n_text, budget, sample.n_crops, reduction, sample.grids)
             decode = decode_flops(self.config, self.schedule, budget, n_visual, n_text, len(ids), reduction)
             text = self.backbone.tokenizer.decode(ids, skip_special_tokens=True)
             flops = {
@@ -140,10 +140,17 @@ class VisorModel:
         return self.schedule.parse_budget(budget)
 
     def flops(
-        self, n_visual: int, n_text: int, budget: Budget | str = "full", n_crops: int | None = None, reduction=None
+        self,
+        n_visual: int,
+        n_text: int,
+        budget: Budget | str = "full",
+        n_crops: int | None = None,
+        reduction=None,
+        grids: list | None = None,
     ) -> FlopReport:
-        """FLOPs of one sample: n_visual image tokens and n_text text tokens, n_crops tower crops."""
-        return count_flops(self.config, self.schedule, budget, n_visual, n_text, n_crops, reduction)
+        """FLOPs of one sample: n_visual image tokens and n_text text tokens, n_crops tower crops
+        (``grids``: the images' patch grids, for a dynamic-resolution tower; see ``visor.flops``)."""
+        return count_flops(self.config, self.schedule, budget, n_visual, n_text, n_crops, reduction, grids)
 
     # ---- persistence --------------------------------------------------------------------
     def save(

@@ -14,6 +14,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -24,8 +25,11 @@ from .errors import CheckpointError, InputError
 ARCHITECTURES = {
     "llava_onevision": "LlavaOnevisionForConditionalGeneration",
     "llava": "LlavaForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
 }
-TEXT_MODELS = ("qwen2", "llama")
+TEXT_MODELS = ("qwen2", "llama", "qwen2_vl_text", "qwen2_5_vl_text")
+MROPE = ("qwen2_vl", "qwen2_5_vl")  # multimodal RoPE: visual tokens at (time, row, column) positions
 
 
 def read_config(path: str | Path):
@@ -126,6 +130,16 @@ class Sample:
     visual: torch.Tensor  # (Nv, D) projector outputs of all images, in order
     n_crops: int  # images/tiles the vision tower encoded (for FLOP accounting)
     labels: list[bool] | None = None  # training: True where the token is part of an answer
+    positions: torch.Tensor | None = None  # (L, 3) multimodal RoPE positions (Qwen-VL); None: 0..L-1
+    grids: list[tuple[int, int, int]] | None = None  # (t, h, w) patch grid per image (dynamic resolution)
+
+
+class Visual(NamedTuple):
+    """What the vision path made of one sample's images."""
+
+    features: list[torch.Tensor]  # (n_i, D) projector outputs per image
+    n_crops: int  # images/tiles the tower encoded
+    grids: list[tuple[int, int, int]] | None = None  # (t, h, w) patch grid per image (dynamic resolution)
 
 
 class Backbone:
@@ -193,23 +207,24 @@ class Backbone:
     def prompt_text(self, prompt: str, n_images: int) -> str:
         return self.render([user_turn(prompt, n_images)], add_generation_prompt=True)
 
-    def image_features(self, images: list[Image.Image], visionzip=None) -> tuple[list[torch.Tensor], int]:
-        """Projector outputs per image [(n_i, D)] of one sample and the number of crops the tower
-        encoded. Gradients flow when the caller enables them (training). ``visionzip`` (n, m): reduce
-        each crop to n dominant + m contextual tokens (see visor.reduce)."""
+    def image_features(self, images: list[Image.Image], visionzip=None) -> Visual:
+        """The projector outputs of one sample's images. Gradients flow when the caller enables them
+        (training). ``visionzip`` (n, m): reduce each crop to n dominant + m contextual tokens (see
+        visor.reduce)."""
         if visionzip is not None and images:
             from .reduce import visionzip_features
 
             return visionzip_features(self, images, *visionzip)
         return self.image_features_batch([images])[0]
 
-    def image_features_batch(self, samples: list[list[Image.Image]]) -> list[tuple[list[torch.Tensor], int]]:
+    def image_features_batch(self, samples: list[list[Image.Image]]) -> list[Visual]:
         """``image_features`` for several samples' images in one pass of the vision tower."""
         flat = [im for images in samples for im in images]
         if not flat:
-            return [([], 0) for _ in samples]
+            return [Visual([], 0) for _ in samples]
         dtype = self.hf.lm_head.weight.dtype
         with_images = [images for images in samples if images]
+        grids = None
         if self.config.model_type == "llava_onevision":
             from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
@@ -226,6 +241,15 @@ class Backbone:
                 alone = len(images) == 1
                 crops.append(image_size_to_num_patches(sizes[k], pinpoints, side) if alone else len(images))
                 k += len(images)
+        elif self.config.model_type in MROPE:  # dynamic resolution: one patch grid per image
+            inputs = self.image_processor(flat, return_tensors="pt")
+            out = self.hf.model.get_image_features(
+                pixel_values=inputs["pixel_values"].to(self.device, dtype),
+                image_grid_thw=inputs["image_grid_thw"].to(self.device),
+                return_dict=True,
+            )
+            crops = [len(images) for images in with_images]
+            grids = iter([tuple(g) for g in inputs["image_grid_thw"].tolist()])
         else:
             inputs = self.image_processor(flat, return_tensors="pt")
             out = self.hf.model.get_image_features(
@@ -233,10 +257,18 @@ class Backbone:
             )
             crops = [len(images) for images in with_images]
         features, per_sample = iter(out.pooler_output), iter(crops)
-        return [([next(features) for _ in images], next(per_sample)) if images else ([], 0) for images in samples]
+        visual = []
+        for images in samples:
+            own_grids = None if grids is None else [next(grids) for _ in images]
+            visual.append(
+                Visual([next(features) for _ in images], next(per_sample), own_grids) if images else Visual([], 0)
+            )
+        return visual
 
-    def expand(self, ids: list[int], features: list[torch.Tensor], n_crops: int, labels=None) -> Sample:
-        """Expand each image placeholder in ``ids`` to its image's feature count."""
+    def expand(self, ids: list[int], visual: Visual, labels=None) -> Sample:
+        """Expand each image placeholder in ``ids`` to its image's feature count (and, with
+        multimodal RoPE, give every token its position as the model's ``get_rope_index`` does)."""
+        features = visual.features
         slots = [i for i, tok in enumerate(ids) if tok == self.image_token_id]
         if len(slots) != len(features):
             raise InputError(
@@ -257,18 +289,27 @@ class Backbone:
                 "use a shorter prompt or smaller/fewer images"
             )
         hidden = self.config.text_config.hidden_size
-        visual = torch.cat(features) if features else torch.zeros(0, hidden, device=self.device)
+        visual_states = torch.cat(features) if features else torch.zeros(0, hidden, device=self.device)
         labels = None if labels is None else expanded_labels + labels[start:]
-        return Sample(expanded, visual, n_crops, labels)
+        positions = None
+        if self.config.model_type in MROPE:
+            ids_t = torch.tensor([expanded])
+            positions, _ = self.hf.model.get_rope_index(
+                input_ids=ids_t,
+                mm_token_type_ids=(ids_t == self.image_token_id).int(),
+                image_grid_thw=torch.tensor(visual.grids) if visual.grids else None,
+            )
+            positions = positions[:, 0].T.contiguous()  # (L, 3)
+        return Sample(expanded, visual_states, visual.n_crops, labels, positions, visual.grids)
 
     @torch.no_grad()
     def encode(self, prompt: str, images: list, visionzip=None) -> Sample:
         """Template + tokenise one prompt, run the vision path, expand the placeholders."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("the prompt is empty")
-        features, n_crops = self.image_features([load_image(im) for im in images], visionzip)
+        visual = self.image_features([load_image(im) for im in images], visionzip)
         ids = self.tokenizer(self.prompt_text(prompt, len(images)))["input_ids"]
-        return self.expand(ids, features, n_crops)
+        return self.expand(ids, visual)
 
 
 def user_turn(text: str, n_images: int) -> dict:

@@ -158,16 +158,18 @@ def flops(
 
     if (model is None) == (config is None):
         raise ConfigError("give exactly one of --model DIR or --config config.json")
+    grids = None  # a dynamic-resolution tower's patch grids: counted from --image, else one square image
     if image:
-        visual_tokens, text_tokens, crops = _count_tokens(model, image, prompt, visual_tokens, text_tokens, crops)
+        counted = _count_tokens(model, image, prompt, visual_tokens, text_tokens, crops)
+        visual_tokens, text_tokens, crops, grids = counted
     elif visual_tokens is None or text_tokens is None:
         raise ConfigError("give --visual-tokens and --text-tokens, or --image (with --model) to count them")
     hf_config = read_config(model or config)
     n_layers = hf_config.text_config.num_hidden_layers
     meta = read_visor_json(model) if model is not None else None
     sched = Schedule.from_spec(meta["schedule"] if meta else schedule, n_layers)
-    report = count_flops(hf_config, sched, budget, visual_tokens, text_tokens, crops)
-    full = count_flops(hf_config, sched, "full", visual_tokens, text_tokens, crops)
+    report = count_flops(hf_config, sched, budget, visual_tokens, text_tokens, crops, None, grids)
+    full = count_flops(hf_config, sched, "full", visual_tokens, text_tokens, crops, None, grids)
     if as_json:
         print(json.dumps(report.to_dict() | {"full_prefill": full.prefill, "schedule": sched.to_dict()}))
         return
@@ -189,7 +191,7 @@ def flops(
     for column in ["budget", "SA layers", "GFLOPs", "x fewer than full"]:
         budgets.add_column(column, justify="right")
     for b in sched.budgets:
-        r = count_flops(hf_config, sched, b, visual_tokens, text_tokens, crops)
+        r = count_flops(hf_config, sched, b, visual_tokens, text_tokens, crops, None, grids)
         row = [
             str(b),
             str(len(sched.active_sa(b))),
@@ -200,8 +202,9 @@ def flops(
     console.print(budgets)
 
 
-def _count_tokens(model, images, prompt, visual_tokens, text_tokens, crops) -> tuple[int, int, int]:
-    """Visual and text tokens (and tower crops) of one prompt with its images, as generate builds it."""
+def _count_tokens(model, images, prompt, visual_tokens, text_tokens, crops) -> tuple[int, int, int, list | None]:
+    """Visual and text tokens (and tower crops, patch grids) of one prompt with its images, as generate
+    builds it."""
     from .api import load
 
     if model is None:
@@ -211,7 +214,7 @@ def _count_tokens(model, images, prompt, visual_tokens, text_tokens, crops) -> t
     _quiet_transformers()
     sample = load(model, device="cpu", dtype="bfloat16").encode([prompt], [[str(p) for p in images]])[0]
     n_visual = sample.visual.shape[0]
-    return n_visual, len(sample.ids) - n_visual, sample.n_crops if crops is None else crops
+    return n_visual, len(sample.ids) - n_visual, sample.n_crops if crops is None else crops, sample.grids
 
 
 @app.command()

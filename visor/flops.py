@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from . import checks
+from .errors import ConfigError
 from .model import LMConfig
 from .schedule import Budget, Schedule
 
@@ -67,6 +68,43 @@ def vision_flops_per_crop(vision_config) -> tuple[int, int]:
     return flops, n
 
 
+DYNAMIC = ("qwen2_vl_vision", "qwen2_5_vl_vision")  # towers that see each image at its own resolution
+
+
+def square_grid(n_visual: int, merge: int) -> list[tuple[int, int, int]]:
+    """One image of n_visual merged tokens, as square as its count allows: its (t, h, w) patch grid."""
+    if n_visual == 0:
+        return []
+    rows = max(r for r in range(1, math.isqrt(n_visual) + 1) if n_visual % r == 0)
+    return [(1, rows * merge, n_visual // rows * merge)]
+
+
+def dynamic_vision_flops(v, grids: list[tuple[int, int, int]]) -> tuple[int, int]:
+    """(tower, projector) FLOPs of a dynamic-resolution tower (Qwen2-VL, Qwen2.5-VL) on images of
+    these (t, h, w) patch grids: patch embedding, blocks attending within each frame (Qwen2.5-VL:
+    within windows of ``window_size`` pixels, but in its full-attention blocks), the patch merger."""
+    merge = v.spatial_merge_size
+    windowed = v.model_type == "qwen2_5_vl_vision"
+    d = v.hidden_size if windowed else v.embed_dim
+    n = sum(t * h * w for t, h, w in grids)
+    tower = _linear(n, v.in_channels * v.temporal_patch_size * v.patch_size**2, d)  # a Conv3d over the patches
+    mlp = 3 * _linear(n, d, v.intermediate_size) if windowed else 2 * _linear(n, d, d * v.mlp_ratio)
+    full = sum(t * _attention(h * w, h * w, 1, d) for t, h, w in grids)  # per frame; heads share d
+    side = v.window_size // merge // v.patch_size if windowed else 0  # window side, in merged tokens
+    windows = 0
+    for t, h, w in grids if windowed else []:
+        rows = [min(side, h // merge - i) * merge for i in range(0, h // merge, side)]
+        cols = [min(side, w // merge - j) * merge for j in range(0, w // merge, side)]
+        windows += t * sum(_attention(r * c, r * c, 1, d) for r in rows for c in cols)
+    for block in range(v.depth):
+        attention = windows if windowed and block not in v.fullatt_block_indexes else full
+        tower += _linear(n, d, 3 * d) + _linear(n, d, d) + attention + mlp
+    merged = n // merge**2
+    projector = _linear(merged, d * merge**2, d * merge**2)
+    projector += _linear(merged, d * merge**2, v.out_hidden_size if windowed else v.hidden_size)
+    return tower, projector
+
+
 @dataclass
 class FlopReport:
     budget: Budget
@@ -91,9 +129,12 @@ def count_flops(
     n_text: int,
     n_crops: int | None = None,
     reduction=None,
+    grids: list[tuple[int, int, int]] | None = None,
 ) -> FlopReport:
     """FLOPs of one sample with n_visual image tokens entering the language model (after
-    VisionZip, if used) and n_text text tokens at this budget; ``reduction``: a visor.reduce.Reduction."""
+    VisionZip, if used) and n_text text tokens at this budget; ``reduction``: a visor.reduce.Reduction.
+    A dynamic-resolution tower (Qwen-VL) is counted on the images' patch ``grids`` (default: one image
+    of n_visual tokens, as square as possible)."""
     checks.count("visual tokens", n_visual)
     checks.count("text tokens", n_text, 1)
     if n_crops is not None:
@@ -103,22 +144,31 @@ def count_flops(
     budget = schedule.parse_budget(budget)
     lm = LMCost(cfg)
     vision = hf_config.vision_config
-    crop_flops, tokens_per_crop = vision_flops_per_crop(vision)
-    if hf_config.vision_feature_select_strategy == "default":
-        tokens_per_crop -= 1  # the CLS token is dropped before the projector
     zip_ = reduction.visionzip if reduction is not None else None
-    kept_per_crop = min(sum(zip_), tokens_per_crop) if zip_ else tokens_per_crop
-    if n_crops is None:
-        n_crops = math.ceil(n_visual / kept_per_crop) if n_visual else 0
-    feature_layers = hf_config.vision_feature_layer
-    d_vision = vision.hidden_size * (len(feature_layers) if isinstance(feature_layers, list) else 1)
-    projected = n_crops * kept_per_crop
+    if vision.model_type in DYNAMIC:
+        if zip_:
+            raise ConfigError("VisionZip works on fixed-size CLIP/SigLIP crops, not a dynamic-resolution tower")
+        grids = square_grid(n_visual, vision.spatial_merge_size) if grids is None else grids
+        n_crops = len(grids) if n_crops is None else n_crops
+        tower, projector = dynamic_vision_flops(vision, grids)
+    else:
+        crop_flops, tokens_per_crop = vision_flops_per_crop(vision)
+        if hf_config.vision_feature_select_strategy == "default":
+            tokens_per_crop -= 1  # the CLS token is dropped before the projector
+        kept_per_crop = min(sum(zip_), tokens_per_crop) if zip_ else tokens_per_crop
+        if n_crops is None:
+            n_crops = math.ceil(n_visual / kept_per_crop) if n_visual else 0
+        feature_layers = hf_config.vision_feature_layer
+        d_vision = vision.hidden_size * (len(feature_layers) if isinstance(feature_layers, list) else 1)
+        projected = n_crops * kept_per_crop
+        tower = n_crops * crop_flops
+        projector = _linear(projected, d_vision, cfg.hidden) + _linear(projected, cfg.hidden, cfg.hidden)
 
     report = FlopReport(budget, n_visual, n_text, n_crops)
     pre = {
-        "vision_tower": n_crops * crop_flops,
+        "vision_tower": tower,
         "token_reduction": 0,
-        "projector": _linear(projected, d_vision, cfg.hidden) + _linear(projected, cfg.hidden, cfg.hidden),
+        "projector": projector,
         "position_conv": 0,
         "lm_layers": 0,
         "cross_attention": 0,

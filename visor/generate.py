@@ -76,6 +76,9 @@ def collate(samples: list[Sample], image_token_id: int, device, buckets: bool = 
         text_pos=torch.zeros(batch, n_text, dtype=torch.long, device=device),
         text_valid=torch.zeros(batch, n_text, dtype=torch.bool, device=device),
     )
+    if samples[0].positions is not None:  # multimodal RoPE
+        tok.visual_rope = torch.zeros(batch, n_visual, 3, dtype=torch.long, device=device)
+        tok.text_rope = torch.zeros(batch, n_text, dtype=torch.long, device=device)
     for b, s in enumerate(samples):
         ids = torch.tensor(s.ids, device=device)
         pos = torch.arange(len(s.ids), device=device)
@@ -87,6 +90,10 @@ def collate(samples: list[Sample], image_token_id: int, device, buckets: bool = 
         tok.text_ids[b, :nt] = ids[~is_image]
         tok.text_pos[b, :nt] = pos[~is_image]
         tok.text_valid[b, :nt] = True
+        if s.positions is not None:
+            rope = s.positions.to(device)
+            tok.visual_rope[b, :nv] = rope[is_image]
+            tok.text_rope[b, :nt] = rope[~is_image, 0]
     if buckets:  # every slot laid out (the padding's stay empty): the shapes depend on the buckets only
         tok.layout = (n_visual + n_text, None)
     return tok
@@ -210,7 +217,7 @@ class GraphedPrefill:
     prompt before prefilling the next.
     """
 
-    FIELDS = ("visual", "visual_pos", "visual_valid", "text_ids", "text_pos", "text_valid")
+    FIELDS = ("visual", "visual_pos", "visual_valid", "text_ids", "text_pos", "text_valid", "visual_rope", "text_rope")
     MAX_GRAPHS = 8  # shapes kept captured per budget and capacity
 
     def __init__(self, lm: VisorLM, budget, capacity: int, compiled: bool = False):
@@ -225,16 +232,17 @@ class GraphedPrefill:
         if not tok.text_ids.is_cuda:
             raise ConfigError("a CUDA-graph prefill needs a CUDA device")
         layout = tok.layout or Context.layout_of(tok)  # one host sync, unless the batch is bucketed
-        key = (layout, *(getattr(tok, f).shape for f in self.FIELDS))
+        fields = [f for f in self.FIELDS if getattr(tok, f) is not None]  # M-RoPE positions where the model has them
+        key = (layout, *((f, getattr(tok, f).shape) for f in fields))
         if key not in self.graphs:
             if len(self.graphs) >= self.MAX_GRAPHS:  # each holds a memory pool: keep the newest few
                 del self.graphs[next(iter(self.graphs))]
-            static = Tokens(*(getattr(tok, f).clone() for f in self.FIELDS), layout=layout)
+            static = Tokens(**{f: getattr(tok, f).clone() for f in fields}, layout=layout)
             with self.lm.compiled() if self.compiled else contextlib.nullcontext():
                 graph, out = capture_graph(lambda: self.lm.prefill(static, self.budget, self.capacity))
             self.graphs[key] = [static, graph, out, None]
         static, graph, out, _ = self.graphs[key]
-        for f in self.FIELDS:
+        for f in fields:
             getattr(static, f).copy_(getattr(tok, f))
         graph.replay()
         self.last = key

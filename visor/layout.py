@@ -26,6 +26,10 @@ class Tokens:
     text_pos: torch.Tensor  # (B, Nt)
     text_valid: torch.Tensor  # (B, Nt) bool
     layout: tuple | None = None  # (seq, block) of Context, when known: building the Context then needs no host sync
+    # multimodal RoPE (Qwen-VL): the visual tokens' (time, row, column) positions and the text's own
+    # (all three alike); None: RoPE at the sequence positions above
+    visual_rope: torch.Tensor | None = None  # (B, Nv, 3)
+    text_rope: torch.Tensor | None = None  # (B, Nt)
 
 
 def take(x, index, dim):
@@ -49,6 +53,7 @@ class Context:
     visual_pos: torch.Tensor  # (B, Nv) positions (original, unless a token drop renumbered them)
     visual_valid: torch.Tensor  # (B, Nv)
     text_pos: torch.Tensor  # (B, Nt) likewise
+    visual_rope: torch.Tensor  # (B, Nv) or (B, Nv, 3): the RoPE positions (visual_pos, or multimodal)
     last_text: torch.Tensor  # (B,) index of each sample's last text token
     mask_tv: torch.Tensor | None  # (B, Nt, Nv) visual token k precedes text token q; None: see ``block``
     seen: torch.Tensor  # (B, Nt, 1) text token q has a visual token before it
@@ -63,20 +68,37 @@ class Context:
 
     @classmethod
     def build(
-        cls, tok: Tokens, rotary: Rotary, dtype, with_rope: bool, visual_pos=None, visual_valid=None, text_pos=None
+        cls,
+        tok: Tokens,
+        rotary: Rotary,
+        dtype,
+        with_rope: bool,
+        visual_pos=None,
+        visual_valid=None,
+        text_pos=None,
+        visual_rope=None,
     ) -> Context:
         """The context of ``tok``; after a token drop, of the visual tokens left (``visual_pos``,
-        ``visual_valid``) and, where positions were renumbered, the text's new ``text_pos``."""
+        ``visual_valid``, ``visual_rope`` with multimodal RoPE) and, where positions were renumbered,
+        the text's new ``text_pos``."""
         visual_pos = tok.visual_pos if visual_pos is None else visual_pos
         visual_valid = tok.visual_valid if visual_valid is None else visual_valid
         text_pos = tok.text_pos if text_pos is None else text_pos
+        if tok.visual_rope is None:  # RoPE at the sequence positions
+            visual_rope, text_rope = visual_pos, text_pos
+        else:
+            visual_rope, text_rope = tok.visual_rope if visual_rope is None else visual_rope, tok.text_rope
         n_visual = visual_pos.shape[1]
         pos, order, rank = cls.slots(visual_pos, visual_valid, text_pos, tok.text_valid)
         own_layout = tok.layout is not None and visual_valid is tok.visual_valid
         seq, block = tok.layout if own_layout else cls.layout(rank, visual_valid, tok.text_valid)
-        slot_pos = pos.gather(1, order)[:, :seq]
-        slot_pos = slot_pos.masked_fill(slot_pos == PADDING, 0)
-        rope_t = rotary(text_pos, dtype)
+        if tok.visual_rope is None:
+            slot_pos = pos.gather(1, order)[:, :seq]
+            slot_pos = slot_pos.masked_fill(slot_pos == PADDING, 0)
+        else:  # each slot's (time, row, column) position; padding's are any
+            both = torch.cat([visual_rope, text_rope[..., None].expand(-1, -1, 3)], 1)
+            slot_pos = both.gather(1, order[:, :seq, None].expand(-1, -1, 3))
+        rope_t = rotary(text_rope, dtype)
         if block is None:
             mask_tv = (visual_pos[:, None, :] < text_pos[:, :, None]) & visual_valid[:, None, :]
             seen = mask_tv.any(-1, keepdim=True)
@@ -89,13 +111,14 @@ class Context:
             visual_pos=visual_pos,
             visual_valid=visual_valid,
             text_pos=text_pos,
+            visual_rope=visual_rope,
             last_text=tok.text_valid.sum(1) - 1,
             mask_tv=mask_tv,
             seen=seen,
             rope_t=rope_t,
             rope_x=rotary(slot_pos, dtype),
             ca_rope_t=rope_t if with_rope else None,
-            ca_rope_v=rotary(visual_pos, dtype) if with_rope else None,
+            ca_rope_v=rotary(visual_rope, dtype) if with_rope else None,
             block=block,
         )
 
@@ -154,6 +177,7 @@ class Context:
             "visual_pos",
             "visual_valid",
             "text_pos",
+            "visual_rope",
             "last_text",
             "mask_tv",
             "seen",

@@ -81,8 +81,11 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """cos/sin tables (B, 1, S, hd) for arbitrary (B, S) position ids: the checkpoint's own rotary
-    embedding (its RoPE type, frequencies and scaling), shaped for our (B, H, S, hd) heads."""
+    """cos/sin tables (B, 1, S, hd) for arbitrary (B, S) position ids, or (B, S, 3) multimodal ones
+    (time, row, column: Qwen-VL's M-RoPE, whose rotary embedding splits its frequencies over the
+    three): the checkpoint's own rotary embedding (its RoPE type, frequencies, scaling and sections),
+    shaped for our (B, H, S, hd) heads. A multimodal embedding given (B, S) positions uses them for
+    all three, as the model does for text."""
 
     def __init__(self, hf_rotary: nn.Module):
         super().__init__()
@@ -92,7 +95,7 @@ class Rotary(nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
         like = torch.empty(0, dtype=dtype, device=positions.device)  # what it reads: the dtype and device
-        cos, sin = self.hf(like, positions)  # each (B, S, hd)
+        cos, sin = self.hf(like, positions.permute(2, 0, 1) if positions.dim() == 3 else positions)  # (B, S, hd)
         return cos[:, None], sin[:, None]
 
 
@@ -450,7 +453,8 @@ class VisorLM(nn.Module):
         cache = KVCache(self.cfg, tok.text_valid, capacity, self.lm_head.weight.dtype)
         out = self.run(tok, budgets, cache, drops)
         last = tok.text_valid.sum(1) - 1  # (B,) index of each sample's last text token
-        cache.rope_offset = tok.text_pos.gather(1, last[:, None])[:, 0] + 1 - cache.n_prompt
+        text_rope = tok.text_pos if tok.text_rope is None else tok.text_rope
+        cache.rope_offset = text_rope.gather(1, last[:, None])[:, 0] + 1 - cache.n_prompt
         logits = self.logits(out.text[torch.arange(batch, device=last.device), last])
         return Prefilled(logits, cache, out.budgets, out.kept)
 

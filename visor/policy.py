@@ -178,7 +178,7 @@ def train_policy(
                     else:
                         scores[start + i, b] = torch.exp(-mean[long_rows.index(i)])
                     n_visual = sample.visual.shape[0]
-                    report = model.flops(n_visual, len(sample.ids) - n_visual, b, sample.n_crops)
+                    report = model.flops(n_visual, len(sample.ids) - n_visual, b, sample.n_crops, grids=sample.grids)
                     prefill_flops[start + i, b] = report.prefill
                 bar.update(len(chunk))
     features = torch.cat(features)

@@ -168,10 +168,13 @@ def drop_visual(v, ctx: Context, scores, drop: Drop, n_original: torch.Tensor, t
     order = ctx.visual_pos.gather(1, top).masked_fill(~kept, PADDING).argsort(dim=1)  # back to original order
     top, kept = top.gather(1, order), kept.gather(1, order)
     visual_pos, text_pos = ctx.visual_pos.gather(1, top), None
+    visual_rope = None if tok.visual_rope is None else take(ctx.visual_rope, top, 1)
     if drop.renumber:  # positions 0..n-1 over what is left: each token's rank in the original order
+        if tok.visual_rope is not None:
+            raise ConfigError("PyramidDrop renumbers 1-D positions; this model's RoPE is multimodal (M-RoPE)")
         _, _, rank = Context.slots(visual_pos, kept, ctx.text_pos, tok.text_valid)
         visual_pos, text_pos = rank[:, :width], rank[:, width:]
-    new = Context.build(tok, rotary, v.dtype, with_rope, visual_pos, kept, text_pos)
+    new = Context.build(tok, rotary, v.dtype, with_rope, visual_pos, kept, text_pos, visual_rope)
     return take(v, top, 1), new, [row[m].tolist() for row, m in zip(top, kept)]
 
 
@@ -207,8 +210,9 @@ def visionzip_select(tokens, scores, keys, dominant: int, contextual: int, n_fix
     return torch.cat([tokens[dom], tokens[targets] + sums / counts[:, None]]), dom
 
 
-def visionzip_features(backbone, images, dominant: int, contextual: int) -> tuple[list[torch.Tensor], int]:
-    """VisionZip-reduced projector outputs per image and the number of crops encoded.
+def visionzip_features(backbone, images, dominant: int, contextual: int):
+    """VisionZip-reduced projector outputs per image and the number of crops encoded (a
+    ``visor.backbone.Visual``).
 
     Scores: CLIP (a CLS token) ranks patches by the CLS token's attention in the feature layer and
     keeps the CLS token among the ``dominant`` ones, as the official code does; SigLIP (no CLS, no
@@ -218,7 +222,11 @@ def visionzip_features(backbone, images, dominant: int, contextual: int) -> tupl
     order over the stitched grid, then their contextual tokens (no unpadding, no newline tokens);
     a one-crop image of a model with newline tokens (LLaVA-OneVision) ends with one, as the model's
     own packing does."""
+    from .backbone import MROPE, Visual
+
     hf, config = backbone.hf, backbone.config
+    if config.model_type in MROPE:
+        raise ConfigError("VisionZip works on fixed-size CLIP/SigLIP crops, not a dynamic-resolution tower")
     if dominant + contextual >= (config.vision_config.image_size // config.vision_config.patch_size) ** 2:
         return backbone.image_features(images)  # nothing to reduce: the checkpoint's own path
     layer_index = config.vision_feature_layer
@@ -282,7 +290,7 @@ def visionzip_features(backbone, images, dominant: int, contextual: int) -> tupl
                 )
             )
         start += p
-    return out, pixels.shape[0]
+    return Visual(out, pixels.shape[0])
 
 
 def _anyres_layout(projected, dominant, grid, n_patches: int, n_fixed: int) -> torch.Tensor:

@@ -17,7 +17,8 @@ from . import checks
 from .errors import ConfigError
 from .outputs import write_dir
 
-ARCHS = ("llava-onevision", "llava")
+ARCHS = ("llava-onevision", "llava", "qwen2-vl", "qwen2.5-vl")
+QWEN = ("qwen2-vl", "qwen2.5-vl")
 
 # The real checkpoints' chat templates (one user turn, images first), without generation tags.
 OV_TEMPLATE = (
@@ -27,6 +28,15 @@ OV_TEMPLATE = (
     "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] }}{% endfor %}"
     "{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+QWEN_TEMPLATE = (  # Qwen2-VL's and Qwen2.5-VL's: a default system turn, each image in vision start/end tags
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 LLAVA_TEMPLATE = (
     "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
@@ -80,6 +90,10 @@ def build_tokenizer(arch: str, vocab_size: int):
     if arch == "llava-onevision":
         specials = dict(pad_token="<|endoftext|>", eos_token="<|im_end|>")
         extra = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+    elif arch in QWEN:
+        specials = dict(pad_token="<|endoftext|>", eos_token="<|im_end|>")
+        extra = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
+        extra += ["<|image_pad|>", "<|video_pad|>"]
     else:
         specials = dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
         extra = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -132,6 +146,8 @@ def _write_tiny(out: Path, spec: TinySpec) -> None:
     )
 
     tokenizer = build_tokenizer(spec.arch, spec.vocab_size)
+    if spec.arch in QWEN:
+        return _write_tiny_qwen(out, spec, tokenizer)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     text = dict(
         hidden_size=spec.hidden,
@@ -195,6 +211,10 @@ def _write_tiny(out: Path, spec: TinySpec) -> None:
             "num_additional_image_tokens": 1,
         }
         template = LLAVA_TEMPLATE
+    _save(out, spec, model_cls, config, tokenizer, image_processor, processor, template)
+
+
+def _save(out: Path, spec: TinySpec, model_cls, config, tokenizer, image_processor, processor: dict, template: str):
     config.text_config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(spec.seed)
     model = model_cls(config)
@@ -209,3 +229,69 @@ def _write_tiny(out: Path, spec: TinySpec) -> None:
     image_processor.save_pretrained(out)
     (out / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     (out / "chat_template.jinja").write_text(template)
+
+
+def _write_tiny_qwen(out: Path, spec: TinySpec, tokenizer) -> None:
+    """Qwen2-VL / Qwen2.5-VL: a dynamic-resolution tower (patches merged 2 x 2 into one visual
+    token) and multimodal RoPE (``mrope_section`` splits the rotary frequencies over time, height
+    and width); images are resized to multiples of 2 patches, between 4 and 64 visual tokens."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    ids = {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>") for name in ("image_pad", "video_pad")}
+    ids |= {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>") for name in ("vision_start", "vision_end")}
+    head_dim = spec.hidden // spec.heads
+    t = head_dim // 2 // 4  # mrope_section splits the head_dim / 2 frequencies t : h : w = 2 : 3 : 3, as 16, 24, 24
+    section = [t, (head_dim // 2 - t) // 2, head_dim // 2 - t - (head_dim // 2 - t) // 2]
+    text = dict(
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=spec.max_positions,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    vision = dict(
+        depth=spec.vision_layers,
+        num_heads=spec.vision_heads,
+        patch_size=spec.patch_size,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    if spec.arch == "qwen2-vl":
+        vision |= dict(embed_dim=spec.vision_hidden, hidden_size=spec.hidden, mlp_ratio=2)
+        config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    else:  # windowed attention in windows of 2 x 2 visual tokens, full attention in the last block
+        vision |= dict(
+            hidden_size=spec.vision_hidden,
+            out_hidden_size=spec.hidden,
+            intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
+            window_size=4 * spec.patch_size,
+            fullatt_block_indexes=[spec.vision_layers - 1],
+        )
+        config_cls, model_cls = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    config = config_cls(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["image_pad"],
+        video_token_id=ids["video_pad"],
+        vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"],
+        tie_word_embeddings=True,
+    )
+    unit = 2 * spec.patch_size  # one visual token's side in pixels
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2, min_pixels=4 * unit**2, max_pixels=64 * unit**2
+    )
+    processor = {"processor_class": "Qwen2VLProcessor" if spec.arch == "qwen2-vl" else "Qwen2_5_VLProcessor"}
+    _save(out, spec, model_cls, config, tokenizer, image_processor, processor, QWEN_TEMPLATE)

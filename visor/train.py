@@ -182,7 +182,8 @@ class Trainee(nn.Module):
         work = [0.0, 0.0, 0.0]
         for s in samples:
             n_visual = s.visual.shape[0]
-            report = count_flops(backbone.config, self.lm.schedule, budget, n_visual, len(s.ids) - n_visual, s.n_crops)
+            n_text = len(s.ids) - n_visual
+            report = count_flops(backbone.config, self.lm.schedule, budget, n_visual, n_text, s.n_crops, None, s.grids)
             work = [work[0] + n_visual, work[1] + len(s.ids) - n_visual, work[2] + report.prefill]
         return losses.sum(), work
 
@@ -191,7 +192,7 @@ def answer_token_losses(backbone, lm, batch: list[tuple[list[int], list[bool], l
     """Cross-entropy of every answer token in a batch of (ids, answer mask, images), and the
     index of the sample each belongs to. Gradients flow wherever parameters require them."""
     encoded = backbone.image_features_batch([images for _, _, images in batch])  # one pass of the tower
-    samples = [backbone.expand(ids, *features, labels) for (ids, labels, _), features in zip(batch, encoded)]
+    samples = [backbone.expand(ids, visual, labels) for (ids, labels, _), visual in zip(batch, encoded)]
     tok = collate(samples, backbone.image_token_id, backbone.device)
     targets = torch.full_like(tok.text_ids, -100)
     for b, s in enumerate(samples):  # target of text token j: text token j+1, if it is an answer token
