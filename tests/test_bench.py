@@ -91,7 +91,7 @@ def test_bench_errors(checkpoints):
         run_bench(BenchConfig(config=config, methods="hf,fastest", visual_tokens=V, text_tokens=T))
     with pytest.raises(VisorError, match="budget"):
         run_bench(BenchConfig(config=config, methods="visor:9", visual_tokens=V, text_tokens=T))
-    with pytest.raises(VisorError, match="unknown --size"):
+    with pytest.raises(VisorError, match="no built-in shape for --arch llava-onevision --size 70b"):
         builtin_config("70b")
     with pytest.raises(VisorError, match="context"):
         run_bench(BenchConfig(config=config, visual_tokens=10**6, text_tokens=T))
@@ -102,7 +102,42 @@ def test_bench_errors(checkpoints):
         run_bench(BenchConfig(config=config, visual_tokens=V, text_tokens=T, prefill="fast"))
 
 
-@pytest.mark.parametrize("size", ["0.5b", "7b"])
-def test_builtin_sizes_ship_with_the_package(size):
-    config = read_config(builtin_config(size))
-    assert config.model_type == "llava_onevision" and config.text_config.model_type == "qwen2"
+REAL = {  # (arch, size): (model type, LM layers, parameters in billions of the LM (lm_head apart) and the tower)
+    ("llava-onevision", "0.5b"): ("llava_onevision", 24, 0.49, 0.40),
+    ("llava-onevision", "7b"): ("llava_onevision", 28, 7.07, 0.40),  # Qwen2-7B: 7.61 with its untied lm_head
+    ("qwen2-vl", "7b"): ("qwen2_vl", 28, 7.07, 0.68),
+    ("qwen2.5-vl", "3b"): ("qwen2_5_vl", 36, 3.09, 0.67),
+    ("qwen2.5-vl", "7b"): ("qwen2_5_vl", 28, 7.07, 0.68),
+}
+
+
+@pytest.mark.parametrize("arch, size", list(REAL))
+def test_builtin_shapes_are_the_released_models(arch, size):
+    """Each shipped config builds (on the meta device) the released model's parameter counts."""
+    import torch
+    import transformers
+
+    from visor.backbone import ARCHITECTURES
+
+    config = read_config(builtin_config(size, arch))
+    model_type, layers, lm_billions, tower_billions = REAL[arch, size]
+    assert config.model_type == model_type and config.text_config.num_hidden_layers == layers
+    with torch.device("meta"):
+        model = getattr(transformers, ARCHITECTURES[model_type])._from_config(config)
+    count = lambda module: sum(p.numel() for p in module.parameters()) / 1e9  # noqa: E731
+    tower = model.model.vision_tower if hasattr(model.model, "vision_tower") else model.model.visual
+    assert count(model.model.language_model) == pytest.approx(lm_billions, rel=0.05)
+    assert count(tower) == pytest.approx(tower_billions, rel=0.05)
+    assert Schedule.default(layers).budgets  # the default schedule rule fits its depth
+
+
+@pytest.mark.parametrize("arch", ["qwen2-vl", "qwen2.5-vl"])
+def test_bench_runs_a_dynamic_resolution_tower(checkpoints, arch):
+    """Qwen-VL: the tower on one image of the visual-token count, FLOPs counted for that grid; the full
+    forward gives transformers' tokens."""
+    config = str(checkpoints[arch] / "config.json")
+    result = run_bench(BenchConfig(config=config, visual_tokens=V, text_tokens=T, new_tokens=NEW, repeats=1, warmup=0))
+    rows = {r["method"]: r for r in result["methods"]}
+    one = count_flops(read_config(config), Schedule.default(6), "full", V, T)
+    assert rows["full"]["flops"]["vision"] == one.prefill - one.lm_prefill > 0
+    assert rows["full"]["same_tokens_as_hf"] is True and rows["visor:2"]["vision_ms"] > 0

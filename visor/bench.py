@@ -37,13 +37,20 @@ import torch
 
 from .errors import ConfigError
 
-SIZES = {"0.5b": "llava-onevision-qwen2-0.5b.json", "7b": "llava-onevision-qwen2-7b.json"}
+SIZES = {  # (architecture, size) -> a config in visor/configs
+    ("llava-onevision", "0.5b"): "llava-onevision-qwen2-0.5b.json",
+    ("llava-onevision", "7b"): "llava-onevision-qwen2-7b.json",
+    ("qwen2-vl", "7b"): "qwen2-vl-7b.json",
+    ("qwen2.5-vl", "3b"): "qwen2.5-vl-3b.json",
+    ("qwen2.5-vl", "7b"): "qwen2.5-vl-7b.json",
+}
 TIMES = ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms", "first_step_ms")
 
 
 @dataclass
 class BenchConfig:
-    size: str = "0.5b"  # a built-in LLaVA-OneVision shape (SIZES)
+    size: str = "0.5b"  # a built-in shape of `arch` (SIZES)
+    arch: str = "llava-onevision"
     config: str = ""  # or any config.json (random weights)
     model: str = ""  # or a checkpoint directory (its weights)
     visual_tokens: int = 7290
@@ -61,10 +68,11 @@ class BenchConfig:
     seed: int = 0
 
 
-def builtin_config(size: str) -> Path:
-    if size not in SIZES:
-        raise ConfigError(f"unknown --size {size!r}; choose from {', '.join(SIZES)} or pass --config")
-    return Path(str(resources.files("visor") / "configs" / SIZES[size]))
+def builtin_config(size: str, arch: str = "llava-onevision") -> Path:
+    if (arch, size) not in SIZES:
+        known = ", ".join(f"--arch {a} --size {s}" for a, s in SIZES)
+        raise ConfigError(f"no built-in shape for --arch {arch} --size {size}; choose from {known}, or pass --config")
+    return Path(str(resources.files("visor") / "configs" / SIZES[arch, size]))
 
 
 def parse_methods(spec: str, schedule) -> list[tuple[str, object]]:
@@ -110,7 +118,7 @@ def build(cfg: BenchConfig, device: torch.device, dtype: torch.dtype):
     if cfg.model:
         model = load(cfg.model, schedule=cfg.schedule or None, dtype=dtype, device=str(device))
         return model.backbone.hf, model.lm
-    config = read_config(cfg.config or builtin_config(cfg.size))
+    config = read_config(cfg.config or builtin_config(cfg.size, cfg.arch))
     hf_cls = getattr(transformers, ARCHITECTURES[config.model_type])
     torch.manual_seed(cfg.seed)
     with torch.device(device):
@@ -121,6 +129,15 @@ def build(cfg: BenchConfig, device: torch.device, dtype: torch.dtype):
     for ca in lm.cross.values():  # a trained model's gates are not zero: let CA change the states
         torch.nn.init.constant_(ca.gate, 0.5)
     return hf, lm
+
+
+def dynamic_vision_encoder(hf, grids: list, device, dtype):
+    """A dynamic-resolution tower + merger (Qwen-VL) on random images of these (t, h, w) patch grids."""
+    vc = hf.config.vision_config
+    width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    pixels = torch.randn(sum(t * h * w for t, h, w in grids), width, device=device, dtype=dtype)
+    grid_thw = torch.tensor(grids, device=device)
+    return lambda: hf.model.get_image_features(pixels, grid_thw).pooler_output
 
 
 def vision_encoder(hf, n_crops: int, device, dtype):
@@ -222,7 +239,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     import transformers
 
     from . import __version__, checks
-    from .flops import count_flops, decode_flops
+    from .flops import DYNAMIC, count_flops, decode_flops, square_grid
     from .generate import modes
 
     if cfg.visual_tokens < 0 or cfg.text_tokens < 1 or cfg.new_tokens < 3:
@@ -239,9 +256,14 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     if cfg.visual_tokens + cfg.text_tokens + cfg.new_tokens > lm.cfg.max_positions:
         raise ConfigError(f"{cfg.visual_tokens + cfg.text_tokens + cfg.new_tokens} tokens exceed the model's context")
     vc = hf.config.vision_config
-    per_crop = (vc.image_size // vc.patch_size) ** 2
-    n_crops = math.ceil(cfg.visual_tokens / per_crop)  # per sample
-    vision = vision_encoder(hf, n_crops * cfg.batch, device, dtype)
+    if vc.model_type in DYNAMIC:  # one image per sample, its grid as square as the token count allows
+        grids = square_grid(cfg.visual_tokens, vc.spatial_merge_size)
+        n_crops = len(grids)
+        vision = dynamic_vision_encoder(hf, grids * cfg.batch, device, dtype)
+    else:
+        grids, per_crop = None, (vc.image_size // vc.patch_size) ** 2
+        n_crops = math.ceil(cfg.visual_tokens / per_crop)  # per sample
+        vision = vision_encoder(hf, n_crops * cfg.batch, device, dtype)
     tok = prompt(lm, cfg, device, dtype)
     progress = progress or (lambda name, i: None)
     capacity = cfg.text_tokens + cfg.new_tokens
@@ -256,7 +278,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         samples, ids, kv_bytes, logits[name] = timed
         flop_budget = "full" if name == "hf" else budget
         n_v, n_t = cfg.visual_tokens, cfg.text_tokens
-        report = count_flops(hf.config, lm.schedule, flop_budget, n_v, n_t, n_crops)
+        report = count_flops(hf.config, lm.schedule, flop_budget, n_v, n_t, n_crops, None, grids)
         step_flops = decode_flops(hf.config, lm.schedule, flop_budget, n_v, n_t, cfg.new_tokens) // (cfg.new_tokens - 1)
         flops = {
             "vision": cfg.batch * (report.prefill - report.lm_prefill) if n_crops else 0,

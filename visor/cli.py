@@ -58,7 +58,11 @@ def _quiet_transformers():
 def tiny_model(
     out: Annotated[Path, typer.Option(help="directory to write the checkpoint to")],
     arch: Annotated[
-        str, typer.Option(help="llava-onevision (SigLIP + Qwen2) or llava (CLIP + Llama)")
+        str,
+        typer.Option(
+            help="llava-onevision (SigLIP + Qwen2), llava (CLIP + Llama), qwen2-vl or qwen2.5-vl "
+            "(dynamic resolution + M-RoPE)"
+        ),
     ] = "llava-onevision",
     layers: int = 6,
     hidden: int = 64,
@@ -219,12 +223,12 @@ def _count_tokens(model, images, prompt, visual_tokens, text_tokens, crops) -> t
 
 @app.command()
 def bench(
-    size: Annotated[str, typer.Option(help="built-in LLaVA-OneVision shape: 0.5b or 7b (random weights)")] = "0.5b",
+    size: Annotated[str, typer.Option(help="built-in shape of --arch (random weights): see --arch")] = "0.5b",
     config: Annotated[Path | None, typer.Option(help="any config.json instead of --size (random weights)")] = None,
     model: Annotated[Path | None, typer.Option("--model", "-m", help="a checkpoint directory instead")] = None,
-    arch: Annotated[str, typer.Option(help="architecture of --size (only llava-onevision has built-in sizes)")] = (
-        "llava-onevision"
-    ),
+    arch: Annotated[
+        str, typer.Option(help="llava-onevision (--size 0.5b, 7b), qwen2-vl (7b), qwen2.5-vl (3b, 7b)")
+    ] = "llava-onevision",
     visual_tokens: int = 7290,
     text_tokens: int = 64,
     new_tokens: int = 32,
@@ -249,10 +253,9 @@ def bench(
     _quiet_transformers()
     if out is not None:  # refuse a bad --out before minutes of benchmarking
         claim(out, "bench", ["bench.json"], [model, config], overwrite, mark=False)
-    if arch != "llava-onevision" and config is None and model is None:
-        raise ConfigError(f"no built-in sizes for {arch}: pass --config config.json or --model DIR")
     cfg = BenchConfig(
         size=size,
+        arch=arch,
         config=str(config or ""),
         model=str(model or ""),
         visual_tokens=visual_tokens,
