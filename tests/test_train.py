@@ -410,3 +410,23 @@ def test_accumulation_and_activation_checkpointing_change_nothing(checkpoints, d
         assert losses(tmp_path / name) == pytest.approx(losses(tmp_path / "plain"), abs=1e-5)
         a, b = weights(tmp_path / name / "final"), weights(tmp_path / "plain" / "final")
         assert max((a[k] - b[k]).abs().max().item() for k in a) <= tol, name
+
+
+@pytest.mark.parametrize("arch", ["qwen2-vl", "qwen2.5-vl"])
+def test_stage1_stage2_and_policy_on_qwen_vl(checkpoints, dataset, tmp_path, arch):
+    """Qwen-VL (M-RoPE, dynamic resolution) through the whole recipe: stage 1 lowers the loss with the
+    base unchanged, stage 2 continues from it, the policy trains on stage 2 and routes `auto`."""
+    from visor.policy import PolicyTrainConfig, train_policy
+
+    model = str(checkpoints[arch])
+    s1 = train(config(checkpoints, dataset, tmp_path / "s1", model=model, stage=1, steps=12, lr=1e-2, budgets="0-2"))
+    curve = losses(tmp_path / "s1")
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, curve
+    assert not (s1 / "model.safetensors").exists()  # an adapter over the unchanged base
+    s2 = train(config(checkpoints, dataset, tmp_path / "s2", model=str(s1), stage=2, steps=3, budgets="0-2"))
+    assert all(math.isfinite(x) for x in losses(tmp_path / "s2"))
+    result = train_policy(s2, dataset / "train.jsonl", dataset / "img", tmp_path / "policy", PolicyTrainConfig(width=8))
+    assert {r["budget"] for r in result["rows"]} >= {0, 1, 2, "auto"}
+    routed = visor.load(tmp_path / "policy" / "final")
+    g = routed.generate(dataset / "img" / "0.png", "Which colour dominates?", budget="auto", max_new_tokens=3)
+    assert g.budget in (0, 1, 2) and g.token_ids

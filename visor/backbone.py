@@ -1,10 +1,12 @@
 """A Hugging Face LVLM checkpoint: its weights, vision path, tokenizer, image processor, template.
 
-Everything visual (vision tower, projector, AnyRes tiling, image-newline tokens) is the
-checkpoint's own code, called through the model's public ``get_image_features``. The prompt is
-built the way HF's processor builds it: the chat template renders one user turn with the images
-first, and each image placeholder is expanded to as many tokens as the vision path yields.
-(We don't build HF's processor itself: LLaVA-OneVision's needs torchvision for its video part.)
+Everything visual (vision tower, projector, AnyRes tiling, image-newline tokens, Qwen-VL's
+dynamic-resolution patch merging) is the checkpoint's own code, called through the model's public
+``get_image_features``. The prompt is built the way HF's processor builds it: the chat template
+renders one user turn with the images first, and each image placeholder is expanded to as many
+tokens as the vision path yields; with multimodal RoPE (Qwen-VL) every token also gets the (time,
+row, column) position the model's own ``get_rope_index`` gives it. (We don't build HF's processor
+itself: those of LLaVA-OneVision and Qwen-VL need torchvision for their video part.)
 """
 
 from __future__ import annotations
