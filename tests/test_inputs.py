@@ -78,7 +78,7 @@ def test_one_pass_of_the_tower_for_a_batch(base_model, images):
         assert all(torch.allclose(f, r, atol=1e-5) for f, r in zip(v.features, reference.features))
 
 
-@pytest.mark.parametrize("arch", ["qwen2-vl", "qwen2.5-vl"])
+@pytest.mark.parametrize("arch", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
 def test_qwen_inputs_are_what_its_processor_builds(checkpoints, images, arch):
     """Ids, patch grids, image-token types, visual features and M-RoPE positions are those of the
     family's own HF processor and model (its Processor needs torchvision only for videos: a subclass
@@ -88,7 +88,11 @@ def test_qwen_inputs_are_what_its_processor_builds(checkpoints, images, arch):
     from visor.backbone import user_turn
 
     bb = visor.load(checkpoints[arch]).backbone
-    base = {"qwen2-vl": transformers.Qwen2VLProcessor, "qwen2.5-vl": transformers.Qwen2_5_VLProcessor}[arch]
+    base = {
+        "qwen2-vl": transformers.Qwen2VLProcessor,
+        "qwen2.5-vl": transformers.Qwen2_5_VLProcessor,
+        "qwen3-vl": transformers.Qwen3VLProcessor,
+    }[arch]
 
     class WithoutVideo(base):
         def check_argument_for_proper_class(self, name, argument):
@@ -107,7 +111,10 @@ def test_qwen_inputs_are_what_its_processor_builds(checkpoints, images, arch):
         assert ref["image_grid_thw"].tolist() == [list(g) for g in sample.grids]
         assert ref["mm_token_type_ids"][0].tolist() == [int(i == bb.image_token_id) for i in sample.ids]
         with torch.no_grad():
-            features = bb.hf.model.get_image_features(ref["pixel_values"], ref["image_grid_thw"]).pooler_output
+            out = bb.hf.model.get_image_features(ref["pixel_values"], ref["image_grid_thw"])
             positions, _ = bb.hf.model.get_rope_index(ref["input_ids"], ref["mm_token_type_ids"], ref["image_grid_thw"])
-        assert torch.allclose(torch.cat(features), sample.visual, atol=1e-6)
+        assert torch.allclose(torch.cat(out.pooler_output), sample.visual, atol=1e-6)
         assert torch.equal(positions[:, 0].T, sample.positions)
+        if arch == "qwen3-vl":  # DeepStack: the tower's intermediate features, per level
+            deepstack = torch.stack([torch.cat(level) for level in out.deepstack_features])
+            assert deepstack.shape[0] == 2 and torch.allclose(deepstack, sample.deepstack, atol=1e-6)

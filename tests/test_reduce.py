@@ -20,7 +20,7 @@ def refuses(model, reduction, images) -> bool:
     Qwen-VL (M-RoPE, a dynamic-resolution tower): the model refuses them, with a message saying why."""
     if model.backbone.config.model_type not in MROPE or reduction.method not in ("pdrop", "visionzip"):
         return False
-    with pytest.raises(visor.ConfigError, match="M-RoPE|dynamic-resolution"):
+    with pytest.raises(visor.ConfigError, match="M-RoPE|dynamic-resolution|DeepStack"):
         prefill_logits(model, images, reduction=reduction)
     return True
 
@@ -61,15 +61,23 @@ def eager_base(checkpoints, arch):
 
 @pytest.mark.parametrize("layer, keep", [(1, 0.5), (2, 0.25), (4, 0.1)])
 def test_fastv_keeps_what_the_attention_matrix_says(eager_base, images, layer, keep):
-    """Brute force: HF's own attention probabilities (eager), last token's row, head mean, top-k."""
-    _, sample, tok, kept = prefill_logits(eager_base, [images[3]], reduction=Reduction("fastv", layer=layer, keep=keep))
+    """Brute force: HF's own attention probabilities (eager), last token's row, head mean, top-k.
+    (Qwen3-VL: dropping before DeepStack's last layer is refused.)"""
+    fastv = Reduction("fastv", layer=layer, keep=keep)
+    if layer < len(getattr(eager_base.config.vision_config, "deepstack_visual_indexes", None) or []):
+        with pytest.raises(visor.ConfigError, match="DeepStack adds visual features up to layer 1"):
+            prefill_logits(eager_base, [images[3]], reduction=fastv)
+        return
+    _, sample, tok, kept = prefill_logits(eager_base, [images[3]], reduction=fastv)
     ids = torch.tensor([sample.ids])
     embeds = eager_base.lm.embed_tokens(ids)
     is_image = ids[0] == eager_base.backbone.image_token_id
     embeds[0, is_image] = sample.visual
-    positions = {} if sample.positions is None else {"position_ids": sample.positions.T[:, None]}  # M-RoPE
+    extra = {} if sample.positions is None else {"position_ids": sample.positions.T[:, None]}  # M-RoPE
+    if sample.deepstack is not None:  # Qwen3-VL adds its tower's intermediate features in the first layers
+        extra |= {"visual_pos_masks": is_image[None], "deepstack_visual_embeds": list(sample.deepstack)}
     with torch.no_grad():
-        out = eager_base.backbone.hf.model.language_model(inputs_embeds=embeds, output_attentions=True, **positions)
+        out = eager_base.backbone.hf.model.language_model(inputs_embeds=embeds, output_attentions=True, **extra)
     row = out.attentions[layer - 1][0, :, -1, :].mean(0)  # (S,) the last token's attention
     visual_scores = row[is_image]
     n_keep = int(keep * len(visual_scores))  # the official KV-cache code: int(576 * ratio)

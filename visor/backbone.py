@@ -29,9 +29,10 @@ ARCHITECTURES = {
     "llava": "LlavaForConditionalGeneration",
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
 }
-TEXT_MODELS = ("qwen2", "llama", "qwen2_vl_text", "qwen2_5_vl_text")
-MROPE = ("qwen2_vl", "qwen2_5_vl")  # multimodal RoPE: visual tokens at (time, row, column) positions
+TEXT_MODELS = ("qwen2", "llama", "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
+MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # multimodal RoPE: visual tokens at (time, row, column) positions
 
 
 def read_config(path: str | Path):
@@ -134,6 +135,7 @@ class Sample:
     labels: list[bool] | None = None  # training: True where the token is part of an answer
     positions: torch.Tensor | None = None  # (L, 3) multimodal RoPE positions (Qwen-VL); None: 0..L-1
     grids: list[tuple[int, int, int]] | None = None  # (t, h, w) patch grid per image (dynamic resolution)
+    deepstack: torch.Tensor | None = None  # (K, Nv, D) Qwen3-VL: added to the visual states after LM layer k < K
 
 
 class Visual(NamedTuple):
@@ -142,6 +144,7 @@ class Visual(NamedTuple):
     features: list[torch.Tensor]  # (n_i, D) projector outputs per image
     n_crops: int  # images/tiles the tower encoded
     grids: list[tuple[int, int, int]] | None = None  # (t, h, w) patch grid per image (dynamic resolution)
+    deepstack: list[list[torch.Tensor]] | None = None  # Qwen3-VL: per DeepStack layer, (n_i, D) per image
 
 
 class Backbone:
@@ -226,7 +229,7 @@ class Backbone:
             return [Visual([], 0) for _ in samples]
         dtype = self.hf.lm_head.weight.dtype
         with_images = [images for images in samples if images]
-        grids = None
+        grids, deepstack = None, []
         if self.config.model_type == "llava_onevision":
             from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
@@ -252,6 +255,7 @@ class Backbone:
             )
             crops = [len(images) for images in with_images]
             grids = iter([tuple(g) for g in inputs["image_grid_thw"].tolist()])
+            deepstack = [iter(level) for level in getattr(out, "deepstack_features", None) or []]
         else:
             inputs = self.image_processor(flat, return_tensors="pt")
             out = self.hf.model.get_image_features(
@@ -262,8 +266,11 @@ class Backbone:
         visual = []
         for images in samples:
             own_grids = None if grids is None else [next(grids) for _ in images]
+            own_deepstack = [[next(level) for _ in images] for level in deepstack] or None
             visual.append(
-                Visual([next(features) for _ in images], next(per_sample), own_grids) if images else Visual([], 0)
+                Visual([next(features) for _ in images], next(per_sample), own_grids, own_deepstack)
+                if images
+                else Visual([], 0)
             )
         return visual
 
@@ -302,7 +309,13 @@ class Backbone:
                 image_grid_thw=torch.tensor(visual.grids) if visual.grids else None,
             )
             positions = positions[:, 0].T.contiguous()  # (L, 3)
-        return Sample(expanded, visual_states, visual.n_crops, labels, positions, visual.grids)
+        deepstack = None
+        if visual.deepstack:  # a sample without images still needs the levels, empty
+            deepstack = torch.stack([torch.cat(level) for level in visual.deepstack])
+        elif getattr(self.config.vision_config, "deepstack_visual_indexes", None):
+            deepstack = torch.zeros(len(self.config.vision_config.deepstack_visual_indexes), 0, hidden)
+            deepstack = deepstack.to(visual_states)
+        return Sample(expanded, visual_states, visual.n_crops, labels, positions, visual.grids, deepstack)
 
     @torch.no_grad()
     def encode(self, prompt: str, images: list, visionzip=None) -> Sample:

@@ -43,6 +43,7 @@ SIZES = {  # (architecture, size) -> a config in visor/configs
     ("qwen2-vl", "7b"): "qwen2-vl-7b.json",
     ("qwen2.5-vl", "3b"): "qwen2.5-vl-3b.json",
     ("qwen2.5-vl", "7b"): "qwen2.5-vl-7b.json",
+    ("qwen3-vl", "8b"): "qwen3-vl-8b.json",
 }
 TIMES = ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms", "first_step_ms")
 

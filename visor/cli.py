@@ -60,8 +60,8 @@ def tiny_model(
     arch: Annotated[
         str,
         typer.Option(
-            help="llava-onevision (SigLIP + Qwen2), llava (CLIP + Llama), qwen2-vl or qwen2.5-vl "
-            "(dynamic resolution + M-RoPE)"
+            help="llava-onevision (SigLIP + Qwen2), llava (CLIP + Llama), qwen2-vl, qwen2.5-vl or qwen3-vl "
+            "(dynamic resolution + M-RoPE; qwen3-vl: DeepStack)"
         ),
     ] = "llava-onevision",
     layers: int = 6,
@@ -227,7 +227,7 @@ def bench(
     config: Annotated[Path | None, typer.Option(help="any config.json instead of --size (random weights)")] = None,
     model: Annotated[Path | None, typer.Option("--model", "-m", help="a checkpoint directory instead")] = None,
     arch: Annotated[
-        str, typer.Option(help="llava-onevision (--size 0.5b, 7b), qwen2-vl (7b), qwen2.5-vl (3b, 7b)")
+        str, typer.Option(help="llava-onevision (--size 0.5b, 7b), qwen2-vl (7b), qwen2.5-vl (3b, 7b), qwen3-vl (8b)")
     ] = "llava-onevision",
     visual_tokens: int = 7290,
     text_tokens: int = 64,

@@ -68,7 +68,7 @@ def vision_flops_per_crop(vision_config) -> tuple[int, int]:
     return flops, n
 
 
-DYNAMIC = ("qwen2_vl_vision", "qwen2_5_vl_vision")  # towers that see each image at its own resolution
+DYNAMIC = ("qwen2_vl_vision", "qwen2_5_vl_vision", "qwen3_vl_vision")  # each image at its own resolution
 
 
 def square_grid(n_visual: int, merge: int) -> list[tuple[int, int, int]]:
@@ -80,15 +80,19 @@ def square_grid(n_visual: int, merge: int) -> list[tuple[int, int, int]]:
 
 
 def dynamic_vision_flops(v, grids: list[tuple[int, int, int]]) -> tuple[int, int]:
-    """(tower, projector) FLOPs of a dynamic-resolution tower (Qwen2-VL, Qwen2.5-VL) on images of
-    these (t, h, w) patch grids: patch embedding, blocks attending within each frame (Qwen2.5-VL:
-    within windows of ``window_size`` pixels, but in its full-attention blocks), the patch merger."""
+    """(tower, projector) FLOPs of a dynamic-resolution tower (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) on
+    images of these (t, h, w) patch grids: patch embedding, blocks attending within each frame
+    (Qwen2.5-VL: within windows of ``window_size`` pixels, but in its full-attention blocks), the
+    patch merger (Qwen3-VL: and one per DeepStack level)."""
     merge = v.spatial_merge_size
-    windowed = v.model_type == "qwen2_5_vl_vision"
-    d = v.hidden_size if windowed else v.embed_dim
+    windowed, qwen2 = v.model_type == "qwen2_5_vl_vision", v.model_type == "qwen2_vl_vision"
+    d = v.embed_dim if qwen2 else v.hidden_size
     n = sum(t * h * w for t, h, w in grids)
     tower = _linear(n, v.in_channels * v.temporal_patch_size * v.patch_size**2, d)  # a Conv3d over the patches
-    mlp = 3 * _linear(n, d, v.intermediate_size) if windowed else 2 * _linear(n, d, d * v.mlp_ratio)
+    if qwen2:
+        mlp = 2 * _linear(n, d, d * v.mlp_ratio)
+    else:  # Qwen2.5-VL's is gated (3 projections), Qwen3-VL's is not
+        mlp = (3 if windowed else 2) * _linear(n, d, v.intermediate_size)
     full = sum(t * _attention(h * w, h * w, 1, d) for t, h, w in grids)  # per frame; heads share d
     side = v.window_size // merge // v.patch_size if windowed else 0  # window side, in merged tokens
     windows = 0
@@ -101,8 +105,8 @@ def dynamic_vision_flops(v, grids: list[tuple[int, int, int]]) -> tuple[int, int
         tower += _linear(n, d, 3 * d) + _linear(n, d, d) + attention + mlp
     merged = n // merge**2
     projector = _linear(merged, d * merge**2, d * merge**2)
-    projector += _linear(merged, d * merge**2, v.out_hidden_size if windowed else v.hidden_size)
-    return tower, projector
+    projector += _linear(merged, d * merge**2, v.hidden_size if qwen2 else v.out_hidden_size)
+    return tower, projector * (1 + len(getattr(v, "deepstack_visual_indexes", None) or []))
 
 
 @dataclass

@@ -79,6 +79,9 @@ def collate(samples: list[Sample], image_token_id: int, device, buckets: bool = 
     if samples[0].positions is not None:  # multimodal RoPE
         tok.visual_rope = torch.zeros(batch, n_visual, 3, dtype=torch.long, device=device)
         tok.text_rope = torch.zeros(batch, n_text, dtype=torch.long, device=device)
+    if samples[0].deepstack is not None:  # Qwen3-VL
+        levels = samples[0].deepstack.shape[0]
+        tok.deepstack = torch.zeros(levels, batch, n_visual, hidden, dtype=tok.visual.dtype, device=device)
     for b, s in enumerate(samples):
         ids = torch.tensor(s.ids, device=device)
         pos = torch.arange(len(s.ids), device=device)
@@ -94,6 +97,8 @@ def collate(samples: list[Sample], image_token_id: int, device, buckets: bool = 
             rope = s.positions.to(device)
             tok.visual_rope[b, :nv] = rope[is_image]
             tok.text_rope[b, :nt] = rope[~is_image, 0]
+        if s.deepstack is not None:
+            tok.deepstack[:, b, :nv] = s.deepstack.to(device)
     if buckets:  # every slot laid out (the padding's stay empty): the shapes depend on the buckets only
         tok.layout = (n_visual + n_text, None)
     return tok
@@ -217,7 +222,8 @@ class GraphedPrefill:
     prompt before prefilling the next.
     """
 
-    FIELDS = ("visual", "visual_pos", "visual_valid", "text_ids", "text_pos", "text_valid", "visual_rope", "text_rope")
+    FIELDS = ("visual", "visual_pos", "visual_valid", "text_ids", "text_pos", "text_valid")
+    FIELDS += ("visual_rope", "text_rope", "deepstack")
     MAX_GRAPHS = 8  # shapes kept captured per budget and capacity
 
     def __init__(self, lm: VisorLM, budget, capacity: int, compiled: bool = False):

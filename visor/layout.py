@@ -30,6 +30,7 @@ class Tokens:
     # (all three alike); None: RoPE at the sequence positions above
     visual_rope: torch.Tensor | None = None  # (B, Nv, 3)
     text_rope: torch.Tensor | None = None  # (B, Nt)
+    deepstack: torch.Tensor | None = None  # (K, B, Nv, D) Qwen3-VL: added to the visual states after layer k < K
 
 
 def take(x, index, dim):
@@ -65,6 +66,7 @@ class Context:
     # run at the same slot (one image, no batch padding): then the original order is a concat,
     # and cross-attention needs no mask
     block: int | None = None
+    deepstack: torch.Tensor | None = None  # (K, B, Nv, D), see Tokens
 
     @classmethod
     def build(
@@ -120,6 +122,7 @@ class Context:
             ca_rope_t=rope_t if with_rope else None,
             ca_rope_v=rotary(visual_rope, dtype) if with_rope else None,
             block=block,
+            deepstack=tok.deepstack if visual_valid is tok.visual_valid else None,  # refused after a token drop
         )
 
     @staticmethod
@@ -186,4 +189,5 @@ class Context:
             "ca_rope_t",
             "ca_rope_v",
         )
-        return Context(self.seq, *(pick(getattr(self, f)) for f in names), block=self.block)
+        deepstack = None if self.deepstack is None else self.deepstack[:, rows]
+        return Context(self.seq, *(pick(getattr(self, f)) for f in names), block=self.block, deepstack=deepstack)

@@ -150,6 +150,10 @@ def _sdpa(q, k, v, **kwargs):
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
+def head_norm(norm, x):  # a per-head RMSNorm (Qwen3's q/k norms), or nothing
+    return x if norm is None else norm(x)
+
+
 def split_heads(x, n_heads):  # (B, S, H*hd) -> (B, H, S, hd)
     b, s, _ = x.shape
     return x.view(b, s, n_heads, x.shape[-1] // n_heads).transpose(1, 2)
@@ -170,12 +174,15 @@ class DecoderLayer(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.input_norm = RMSNorm(hf_layer.input_layernorm.weight, cfg.rms_eps)
         self.post_norm = RMSNorm(hf_layer.post_attention_layernorm.weight, cfg.rms_eps)
+        # Qwen3: an RMSNorm over each head's query and key, before RoPE
+        self.q_norm = RMSNorm(attn.q_norm.weight, cfg.rms_eps) if hasattr(attn, "q_norm") else None
+        self.k_norm = RMSNorm(attn.k_norm.weight, cfg.rms_eps) if hasattr(attn, "k_norm") else None
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
 
     def qkv(self, x, rope):
         h = self.input_norm(x)
-        q = apply_rope(split_heads(self.q_proj(h), self.n_heads), rope)
-        k = apply_rope(split_heads(self.k_proj(h), self.n_kv_heads), rope)
+        q = apply_rope(head_norm(self.q_norm, split_heads(self.q_proj(h), self.n_heads)), rope)
+        k = apply_rope(head_norm(self.k_norm, split_heads(self.k_proj(h), self.n_kv_heads)), rope)
         return q, k, split_heads(self.v_proj(h), self.n_kv_heads)
 
     def finish(self, x, attn_out):
@@ -200,19 +207,24 @@ class CrossAttention(nn.Module):
         norm = layer.input_norm.weight.detach()
         self.norm = RMSNorm(nn.Parameter(norm.clone()), cfg.rms_eps)  # for the text queries
         self.kv_norm = RMSNorm(nn.Parameter(norm.clone()), cfg.rms_eps)  # for the visual keys/values
+        copy_norm = lambda n: None if n is None else RMSNorm(nn.Parameter(n.weight.detach().clone()), cfg.rms_eps)  # noqa: E731
+        self.q_norm, self.k_norm = (
+            copy_norm(layer.q_norm),
+            copy_norm(layer.k_norm),
+        )  # per head, where the layer has them
         self.gate = nn.Parameter(torch.zeros(1, dtype=norm.dtype, device=norm.device))  # 1-D: FSDP2 shards no scalars
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
 
     def visual_kv(self, v, rope):  # v (B, Nv, D) -> k, v (B, Hkv, Nv, hd)
         h = self.kv_norm(v)
-        k = apply_rope(split_heads(self.k_proj(h), self.n_kv_heads), rope)
+        k = apply_rope(head_norm(self.k_norm, split_heads(self.k_proj(h), self.n_kv_heads)), rope)
         return k, split_heads(self.v_proj(h), self.n_kv_heads)
 
     def forward(self, t, kv, rope, mask, seen=None, explicit=False):
         """t (B, Nt, D); mask (B, Nt, Nv) or None: every row sees every visual token; ``seen``
         (B, Nt, 1): the rows that see any (from the mask if not given). Unseen rows (text with no
         visual token before it) are not updated."""
-        q = apply_rope(split_heads(self.q_proj(self.norm(t)), self.n_heads), rope)
+        q = apply_rope(head_norm(self.q_norm, split_heads(self.q_proj(self.norm(t)), self.n_heads)), rope)
         out = self.o_proj(merge_heads(attend(q, *kv, mask, explicit, causal=False)))
         seen = mask.any(-1, keepdim=True) if seen is None else seen
         return t + torch.tanh(self.gate) * out * seen.to(out.dtype)
@@ -308,6 +320,9 @@ class VisorLM(nn.Module):
         drops = drops or {}
         if drops and ("auto" in budgets or len(set(budgets)) > 1):
             raise ConfigError("token dropping needs one fixed budget for the whole batch")
+        if tok.deepstack is not None and any(i < tok.deepstack.shape[0] - 1 for i in drops):
+            last = tok.deepstack.shape[0] - 1
+            raise ConfigError(f"DeepStack adds visual features up to layer {last}: drop tokens after it, not before")
         route_at = self.schedule.sa_candidates[0] if "auto" in budgets else -1
         active, kept = self.active_layers(budgets), {}
         n_original, shift = tok.visual_valid.sum(1), None  # shift: positions renumbered away (B,)
@@ -380,15 +395,21 @@ class VisorLM(nn.Module):
         attention the last text token pays each visual token there (B, Nv), what token dropping
         ranks by (None where the layer sees no visual token, or in a batch of mixed roles)."""
         if all(sa):
-            return self.sa_layer(i, v, t, ctx, cache, None, score)
-        if not any(sa):
-            return v, *self.text_layer(i, v, t, ctx, cache, None, score)
-        rows_sa = torch.tensor([b for b, a in enumerate(sa) if a], device=v.device)
-        rows_tx = torch.tensor([b for b, a in enumerate(sa) if not a], device=v.device)
-        v_sa, t_sa, _ = self.sa_layer(i, v[rows_sa], t[rows_sa], ctx.select(rows_sa), cache, rows_sa)
-        t_tx, _ = self.text_layer(i, v[rows_tx], t[rows_tx], ctx.select(rows_tx), cache, rows_tx)
-        t = t.index_copy(0, rows_sa, t_sa).index_copy(0, rows_tx, t_tx)
-        return v.index_copy(0, rows_sa, v_sa), t, None
+            v, t, scores = self.sa_layer(i, v, t, ctx, cache, None, score)
+        elif not any(sa):
+            t, scores = self.text_layer(i, v, t, ctx, cache, None, score)
+        else:
+            rows_sa = torch.tensor([b for b, a in enumerate(sa) if a], device=v.device)
+            rows_tx = torch.tensor([b for b, a in enumerate(sa) if not a], device=v.device)
+            v_sa, t_sa, _ = self.sa_layer(i, v[rows_sa], t[rows_sa], ctx.select(rows_sa), cache, rows_sa)
+            t_tx, _ = self.text_layer(i, v[rows_tx], t[rows_tx], ctx.select(rows_tx), cache, rows_tx)
+            t = t.index_copy(0, rows_sa, t_sa).index_copy(0, rows_tx, t_tx)
+            v, scores = v.index_copy(0, rows_sa, v_sa), None
+        if ctx.deepstack is not None and i < ctx.deepstack.shape[0]:
+            # DeepStack (Qwen3-VL): the tower's intermediate features join the visual states after
+            # layer i, as the base model adds them at the visual positions, whatever the layer's role
+            v = v + ctx.deepstack[i].to(v.dtype)
+        return v, t, scores
 
     def sa_layer(self, i, v, t, ctx: Context, cache, rows, score=False):
         """The original layer over the original sequence order (right-padded): causal attention."""

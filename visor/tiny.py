@@ -17,8 +17,8 @@ from . import checks
 from .errors import ConfigError
 from .outputs import write_dir
 
-ARCHS = ("llava-onevision", "llava", "qwen2-vl", "qwen2.5-vl")
-QWEN = ("qwen2-vl", "qwen2.5-vl")
+ARCHS = ("llava-onevision", "llava", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+QWEN = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 
 # The real checkpoints' chat templates (one user turn, images first), without generation tags.
 OV_TEMPLATE = (
@@ -37,6 +37,11 @@ QWEN_TEMPLATE = (  # Qwen2-VL's and Qwen2.5-VL's: a default system turn, each im
     "{% if c['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
     "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+QWEN3_TEMPLATE = QWEN_TEMPLATE.replace(  # Qwen3-VL's: no default system turn
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}",
+    "",
 )
 LLAVA_TEMPLATE = (
     "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
@@ -232,7 +237,7 @@ def _save(out: Path, spec: TinySpec, model_cls, config, tokenizer, image_process
 
 
 def _write_tiny_qwen(out: Path, spec: TinySpec, tokenizer) -> None:
-    """Qwen2-VL / Qwen2.5-VL: a dynamic-resolution tower (patches merged 2 x 2 into one visual
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: a dynamic-resolution tower (patches merged 2 x 2 into one visual
     token) and multimodal RoPE (``mrope_section`` splits the rotary frequencies over time, height
     and width); images are resized to multiples of 2 patches, between 4 and 64 visual tokens."""
     from transformers import (
@@ -240,6 +245,8 @@ def _write_tiny_qwen(out: Path, spec: TinySpec, tokenizer) -> None:
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
     )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -248,6 +255,9 @@ def _write_tiny_qwen(out: Path, spec: TinySpec, tokenizer) -> None:
     head_dim = spec.hidden // spec.heads
     t = head_dim // 2 // 4  # mrope_section splits the head_dim / 2 frequencies t : h : w = 2 : 3 : 3, as 16, 24, 24
     section = [t, (head_dim // 2 - t) // 2, head_dim // 2 - t - (head_dim // 2 - t) // 2]
+    if spec.arch == "qwen3-vl":  # interleaved t h w t h w ...: h and w each take every third frequency (24, 20, 20)
+        hw = (head_dim // 2 - 1) // 3
+        section = [head_dim // 2 - 2 * hw, hw, hw]
     text = dict(
         hidden_size=spec.hidden,
         intermediate_size=spec.intermediate,
@@ -271,6 +281,17 @@ def _write_tiny_qwen(out: Path, spec: TinySpec, tokenizer) -> None:
     if spec.arch == "qwen2-vl":
         vision |= dict(embed_dim=spec.vision_hidden, hidden_size=spec.hidden, mlp_ratio=2)
         config_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    elif spec.arch == "qwen3-vl":  # Qwen3 LM (q/k norms), DeepStack: tower layers 0 and 1 feed LM layers 0 and 1
+        text |= dict(head_dim=head_dim)
+        text["rope_parameters"] |= dict(mrope_interleaved=True)
+        vision |= dict(
+            hidden_size=spec.vision_hidden,
+            out_hidden_size=spec.hidden,
+            intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=list(range(min(2, spec.vision_layers))),
+        )
+        config_cls, model_cls = Qwen3VLConfig, Qwen3VLForConditionalGeneration
     else:  # windowed attention in windows of 2 x 2 visual tokens, full attention in the last block
         vision |= dict(
             hidden_size=spec.vision_hidden,
@@ -293,5 +314,6 @@ def _write_tiny_qwen(out: Path, spec: TinySpec, tokenizer) -> None:
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2, min_pixels=4 * unit**2, max_pixels=64 * unit**2
     )
-    processor = {"processor_class": "Qwen2VLProcessor" if spec.arch == "qwen2-vl" else "Qwen2_5_VLProcessor"}
-    _save(out, spec, model_cls, config, tokenizer, image_processor, processor, QWEN_TEMPLATE)
+    processor = {"processor_class": model_cls.__name__.replace("ForConditionalGeneration", "Processor")}
+    template = QWEN3_TEMPLATE if spec.arch == "qwen3-vl" else QWEN_TEMPLATE
+    _save(out, spec, model_cls, config, tokenizer, image_processor, processor, template)
