@@ -10,7 +10,7 @@ from visor.generate import Decoder, collate
 from visor.tiny import TinySpec, build_tiny
 
 torch.set_num_threads(2)
-ARCHS = ["llava-onevision", "llava", "qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
+ARCHS = ["llava-onevision", "llava", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl"]
 
 
 def random_image(path, width, height, seed=0):

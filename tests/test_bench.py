@@ -109,6 +109,7 @@ REAL = {  # (arch, size): (model type, LM layers, parameters in billions of the 
     ("qwen2.5-vl", "3b"): ("qwen2_5_vl", 36, 3.09, 0.67),
     ("qwen2.5-vl", "7b"): ("qwen2_5_vl", 28, 7.07, 0.68),
     ("qwen3-vl", "8b"): ("qwen3_vl", 36, 7.57, 0.58),  # 8.77 in all
+    ("internvl", "8b"): ("internvl", 28, 7.07, 0.30),  # InternVL3-8B: InternViT-300M + Qwen2.5-7B
 }
 
 
@@ -132,10 +133,10 @@ def test_builtin_shapes_are_the_released_models(arch, size):
     assert Schedule.default(layers).budgets  # the default schedule rule fits its depth
 
 
-@pytest.mark.parametrize("arch", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+@pytest.mark.parametrize("arch", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl"])
 def test_bench_runs_a_dynamic_resolution_tower(checkpoints, arch):
-    """Qwen-VL: the tower on one image of the visual-token count, FLOPs counted for that grid; the full
-    forward gives transformers' tokens."""
+    """Qwen-VL: the tower on one image of the visual-token count, FLOPs counted for that grid (InternVL:
+    on the tiles that yield it); the full forward gives transformers' tokens."""
     config = str(checkpoints[arch] / "config.json")
     result = run_bench(BenchConfig(config=config, visual_tokens=V, text_tokens=T, new_tokens=NEW, repeats=1, warmup=0))
     rows = {r["method"]: r for r in result["methods"]}

@@ -21,6 +21,9 @@ def hf_reference(model, prompts, image_lists, n_new):
     pil = [[Image.open(p).convert("RGB") for p in ims] for ims in image_lists]
     if bb.config.model_type == "llava_onevision":
         extra = dict(bb.image_processor(pil, return_tensors="pt"))
+    elif bb.config.model_type == "internvl":  # every image's tiles, as its processor cuts them
+        flat = [im for ims in pil for im in ims]
+        extra = {"pixel_values": bb.image_processor(flat, crop_to_patches=True, return_tensors="pt")["pixel_values"]}
     elif bb.config.model_type in MROPE:  # pixel values + patch grids; M-RoPE needs each token's modality
         extra = dict(bb.image_processor([im for ims in pil for im in ims], return_tensors="pt"))
         extra["mm_token_type_ids"] = (ids == bb.image_token_id).int()

@@ -111,3 +111,27 @@ def test_compare_runs_base_and_baselines_on_the_base_weights(model, checkpoints,
     for result, setting, source in zip(rows["results"], settings, [model, model, retrained]):
         assert predictions(result) == predictions(evaluate(source, data, None, setting, 8, 4))
     assert predictions(rows["results"][0]) != predictions(evaluate(retrained, data, None, settings[0], 8, 4))
+
+
+@pytest.mark.parametrize(
+    "arch, baselines",
+    [
+        ("llava-onevision", {"fastv", "pdrop", "visionzip", "visor+visionzip"}),
+        ("llava", {"fastv", "pdrop", "visionzip", "visor+visionzip"}),
+        ("qwen2.5-vl", {"fastv"}),  # M-RoPE (no PyramidDrop renumbering), dynamic resolution (no VisionZip)
+        ("qwen3-vl", {"fastv"}),
+        ("internvl", {"fastv", "pdrop"}),  # a pixel-shuffle projector: no VisionZip
+    ],
+)
+def test_compare_sweeps_the_baselines_each_family_defines(checkpoints, arch, baselines):
+    from visor.evaluate import default_settings
+
+    model = visor.load(checkpoints[arch])
+    settings = default_settings(model)
+    assert {s.method for s in settings} == {"base", "visor"} | baselines
+    deepstack = len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or [])
+    assert all(s.reduction.layer >= max(2, deepstack) for s in settings if s.method == "fastv")
+    refused = Reduction("visionzip") if "visionzip" not in baselines else None
+    if refused is not None:  # asked for anyway: one clear error before any work
+        with pytest.raises(visor.ConfigError, match="VisionZip works on"):
+            model.generate(checkpoints[arch] / "missing.png", "What is shown?", reduction=refused)

@@ -59,7 +59,8 @@ def test_one_pass_of_the_tower_for_a_batch(base_model, images):
     loaded = [[load_image(p) for p in sample] for sample in batch]
     seen = []
     tower = getattr(bb.hf.model, "vision_tower", None) or bb.hf.model.visual
-    hook = tower.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    first = lambda args, kwargs: args[0] if args else next(iter(kwargs.values()))  # noqa: E731 - pixels, however passed
+    hook = tower.register_forward_pre_hook(lambda m, args, kw: seen.append(first(args, kw).shape[0]), with_kwargs=True)
     try:
         with torch.no_grad():
             together = bb.image_features_batch(loaded)
@@ -118,3 +119,36 @@ def test_qwen_inputs_are_what_its_processor_builds(checkpoints, images, arch):
         if arch == "qwen3-vl":  # DeepStack: the tower's intermediate features, per level
             deepstack = torch.stack([torch.cat(level) for level in out.deepstack_features])
             assert deepstack.shape[0] == 2 and torch.allclose(deepstack, sample.deepstack, atol=1e-6)
+
+
+def test_internvl_inputs_are_what_its_processor_builds(checkpoints, images):
+    """Ids (<img>, the context tokens, </img>) and visual features are those of InternVL's own processor,
+    which tiles every image (its default) although the saved image processor says crop_to_patches=false."""
+    import transformers
+
+    from visor.backbone import user_turn
+
+    bb = visor.load(checkpoints["internvl"]).backbone
+    assert bb.image_processor.crop_to_patches is False
+
+    class WithoutVideo(transformers.InternVLProcessor):
+        def check_argument_for_proper_class(self, name, argument):
+            if name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(name, argument)
+
+    seq = bb.config.image_seq_length
+    processor = WithoutVideo(
+        bb.image_processor, bb.tokenizer, None, image_seq_length=seq, chat_template=bb.chat_template
+    )
+    for paths in ([images[1]], [images[0], images[3]]):
+        text = processor.apply_chat_template(
+            [user_turn(PROMPT, len(paths))], add_generation_prompt=True, tokenize=False
+        )
+        ref = processor(text=[text], images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")
+        sample = bb.encode(PROMPT, paths)
+        assert ref["input_ids"][0].tolist() == sample.ids
+        assert sample.n_crops == ref["pixel_values"].shape[0] > len(paths)  # tiled
+        with torch.no_grad():
+            features = bb.hf.model.get_image_features(ref["pixel_values"]).pooler_output
+        assert torch.allclose(features.flatten(0, 1), sample.visual, atol=1e-6)

@@ -17,10 +17,12 @@ PROMPT = "What is shown in this picture?"
 
 def refuses(model, reduction, images) -> bool:
     """PyramidDrop (it renumbers 1-D positions) and VisionZip (fixed-size crops) are not defined for
-    Qwen-VL (M-RoPE, a dynamic-resolution tower): the model refuses them, with a message saying why."""
-    if model.backbone.config.model_type not in MROPE or reduction.method not in ("pdrop", "visionzip"):
+    Qwen-VL (M-RoPE, a dynamic-resolution tower), nor VisionZip for InternVL (its projector shuffles
+    2 x 2 patches into one token): the model refuses them, with a message saying why."""
+    refused = {"pdrop": MROPE, "visionzip": (*MROPE, "internvl")}  # InternVL: a pixel-shuffle projector
+    if model.backbone.config.model_type not in refused.get(reduction.method, ()):
         return False
-    with pytest.raises(visor.ConfigError, match="M-RoPE|dynamic-resolution|DeepStack"):
+    with pytest.raises(visor.ConfigError, match="M-RoPE|dynamic-resolution|DeepStack|pixel-shuffle"):
         prefill_logits(model, images, reduction=reduction)
     return True
 

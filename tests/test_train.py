@@ -412,10 +412,11 @@ def test_accumulation_and_activation_checkpointing_change_nothing(checkpoints, d
         assert max((a[k] - b[k]).abs().max().item() for k in a) <= tol, name
 
 
-@pytest.mark.parametrize("arch", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
-def test_stage1_stage2_and_policy_on_qwen_vl(checkpoints, dataset, tmp_path, arch):
-    """Qwen-VL (M-RoPE, dynamic resolution) through the whole recipe: stage 1 lowers the loss with the
-    base unchanged, stage 2 continues from it, the policy trains on stage 2 and routes `auto`."""
+@pytest.mark.parametrize("arch", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl"])
+def test_stage1_stage2_and_policy_on_other_families(checkpoints, dataset, tmp_path, arch):
+    """Qwen-VL (M-RoPE, dynamic resolution) and InternVL (tiles, pixel shuffle) through the whole recipe:
+    stage 1 lowers the loss with the base unchanged, stage 2 continues from it, the policy trains on
+    stage 2 and routes `auto`."""
     from visor.policy import PolicyTrainConfig, train_policy
 
     model = str(checkpoints[arch])

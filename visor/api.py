@@ -52,6 +52,8 @@ class VisorModel:
 
     # ---- inference ----------------------------------------------------------------------
     def encode(self, prompts: list[str], images: list[list], reduction: Reduction | None = None) -> list[Sample]:
+        if reduction is not None:
+            reduction.check(self.config)  # before any work: a reduction this family does not define
         visionzip = reduction.visionzip if reduction else None
         return [self.backbone.encode(p, ims, visionzip) for p, ims in zip(prompts, images)]
 

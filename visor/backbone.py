@@ -30,8 +30,9 @@ ARCHITECTURES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "internvl": "InternVLForConditionalGeneration",
 }
-TEXT_MODELS = ("qwen2", "llama", "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
+TEXT_MODELS = ("qwen2", "qwen3", "llama", "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
 MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # multimodal RoPE: visual tokens at (time, row, column) positions
 
 
@@ -191,6 +192,13 @@ class Backbone:
         self.image_token_id = self.config.image_token_id
         if self.tokenizer.convert_ids_to_tokens(self.image_token_id) is None:
             raise CheckpointError(f"the tokenizer has no token for image_token_id={self.image_token_id}")
+        self.image_brackets = ([], [])  # token ids around each image's tokens, where the processor adds them
+        if self.config.model_type == "internvl":  # <img> ... </img>
+            names = [
+                getattr(self.tokenizer, f"{w}_image_token", None) or t
+                for w, t in (("start", "<img>"), ("end", "</img>"))
+            ]
+            self.image_brackets = tuple([self.tokenizer.convert_tokens_to_ids(n)] for n in names)
 
     @property
     def device(self) -> torch.device:
@@ -256,6 +264,15 @@ class Backbone:
             crops = [len(images) for images in with_images]
             grids = iter([tuple(g) for g in inputs["image_grid_thw"].tolist()])
             deepstack = [iter(level) for level in getattr(out, "deepstack_features", None) or []]
+        elif self.config.model_type == "internvl":  # tiles + a thumbnail per image, as InternVL's processor cuts them
+            inputs = self.image_processor(flat, crop_to_patches=True, return_tensors="pt")
+            out = self.hf.model.get_image_features(
+                pixel_values=inputs["pixel_values"].to(self.device, dtype), return_dict=True
+            )
+            tiles = inputs["num_patches"].tolist()
+            out.pooler_output = out.pooler_output.flatten(0, 1).split([n * self.config.image_seq_length for n in tiles])
+            per_image = iter(tiles)
+            crops = [sum(next(per_image) for _ in images) for images in with_images]
         else:
             inputs = self.image_processor(flat, return_tensors="pt")
             out = self.hf.model.get_image_features(
@@ -284,11 +301,12 @@ class Backbone:
                 f"the prompt holds {len(slots)} image placeholder(s) for {len(features)} image(s); "
                 "don't write image tokens into the prompt, pass the images instead"
             )
+        before, after = self.image_brackets
         expanded, expanded_labels, start = [], [], 0
         for slot, feats in zip(slots, features):
-            expanded += ids[start:slot] + [self.image_token_id] * feats.shape[0]
+            expanded += ids[start:slot] + before + [self.image_token_id] * feats.shape[0] + after
             if labels is not None:
-                expanded_labels += labels[start:slot] + [False] * feats.shape[0]
+                expanded_labels += labels[start:slot] + [False] * (len(before) + feats.shape[0] + len(after))
             start = slot + 1
         expanded += ids[start:]
         limit = self.config.text_config.max_position_embeddings

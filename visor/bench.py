@@ -44,6 +44,7 @@ SIZES = {  # (architecture, size) -> a config in visor/configs
     ("qwen2.5-vl", "3b"): "qwen2.5-vl-3b.json",
     ("qwen2.5-vl", "7b"): "qwen2.5-vl-7b.json",
     ("qwen3-vl", "8b"): "qwen3-vl-8b.json",
+    ("internvl", "8b"): "internvl3-8b.json",
 }
 TIMES = ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms", "first_step_ms")
 
@@ -261,6 +262,11 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         grids = square_grid(cfg.visual_tokens, vc.spatial_merge_size)
         n_crops = len(grids)
         vision = dynamic_vision_encoder(hf, grids * cfg.batch, device, dtype)
+    elif vc.model_type == "internvl_vision":  # 448-pixel tiles, pixel-shuffled to image_seq_length tokens each
+        grids, n_crops = None, math.ceil(cfg.visual_tokens / hf.config.image_seq_length)
+        side = vc.image_size[0]
+        pixels = torch.randn(n_crops * cfg.batch, vc.num_channels, side, side, device=device, dtype=dtype)
+        vision = lambda: hf.model.get_image_features(pixels).pooler_output  # noqa: E731
     else:
         grids, per_crop = None, (vc.image_size // vc.patch_size) ** 2
         n_crops = math.ceil(cfg.visual_tokens / per_crop)  # per sample

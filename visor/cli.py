@@ -61,7 +61,7 @@ def tiny_model(
         str,
         typer.Option(
             help="llava-onevision (SigLIP + Qwen2), llava (CLIP + Llama), qwen2-vl, qwen2.5-vl or qwen3-vl "
-            "(dynamic resolution + M-RoPE; qwen3-vl: DeepStack)"
+            "(dynamic resolution + M-RoPE; qwen3-vl: DeepStack), internvl (InternViT tiles + Qwen2)"
         ),
     ] = "llava-onevision",
     layers: int = 6,
@@ -227,7 +227,10 @@ def bench(
     config: Annotated[Path | None, typer.Option(help="any config.json instead of --size (random weights)")] = None,
     model: Annotated[Path | None, typer.Option("--model", "-m", help="a checkpoint directory instead")] = None,
     arch: Annotated[
-        str, typer.Option(help="llava-onevision (--size 0.5b, 7b), qwen2-vl (7b), qwen2.5-vl (3b, 7b), qwen3-vl (8b)")
+        str,
+        typer.Option(
+            help="llava-onevision (--size 0.5b, 7b), qwen2-vl (7b), qwen2.5-vl (3b, 7b), qwen3-vl (8b), internvl (8b)"
+        ),
     ] = "llava-onevision",
     visual_tokens: int = 7290,
     text_tokens: int = 64,

@@ -231,21 +231,25 @@ def write_result(out, result: dict, inputs=(), overwrite: bool = False) -> Path:
 
 
 def default_settings(model) -> list[Setting]:
+    """The base, every VISOR budget (and `auto`), and the baselines the model's family defines: FastV
+    (after layer 2, or after the last DeepStack layer), PyramidDrop, VisionZip (fixed-size crops)."""
     n = len(model.schedule.sa_candidates)
     v = model.config.vision_config
-    per_crop = (v.image_size // v.patch_size) ** 2
     settings = [Setting("base")] + [Setting("visor", b) for b in model.schedule.sa_budgets]
     if model.lm.policy is not None:
         settings.append(Setting("visor", "auto"))
-    settings += [Setting("fastv", "full", Reduction("fastv", layer=2, keep=k)) for k in (0.5, 0.25, 0.125, 0.0625)]
+    layer = max(2, len(getattr(v, "deepstack_visual_indexes", None) or []))
+    settings += [Setting("fastv", "full", Reduction("fastv", layer=layer, keep=k)) for k in (0.5, 0.25, 0.125, 0.0625)]
     settings += [Setting("pdrop", "full", Reduction("pdrop", ratio=r)) for r in (0.5, 0.3, 0.15)]
-    for f in (0.5, 0.25, 0.125):
-        dominant = max(1, round(per_crop * f * 0.85))
-        zip_ = Reduction("visionzip", dominant=dominant, contextual=max(1, round(per_crop * f) - dominant))
-        settings.append(Setting("visionzip", "full", zip_))
-    zip_ = Reduction("visionzip", dominant=max(1, round(per_crop * 0.2)), contextual=max(1, round(per_crop * 0.05)))
-    settings.append(Setting("visor+visionzip", n, zip_))
-    return settings
+    if Reduction("visionzip").refusal(model.config) is None:
+        per_crop = (v.image_size // v.patch_size) ** 2
+        for f in (0.5, 0.25, 0.125):
+            dominant = max(1, round(per_crop * f * 0.85))
+            zip_ = Reduction("visionzip", dominant=dominant, contextual=max(1, round(per_crop * f) - dominant))
+            settings.append(Setting("visionzip", "full", zip_))
+        zip_ = Reduction("visionzip", dominant=max(1, round(per_crop * 0.2)), contextual=max(1, round(per_crop * 0.05)))
+        settings.append(Setting("visor+visionzip", n, zip_))
+    return [s for s in settings if s.reduction is None or s.reduction.refusal(model.config) is None]
 
 
 def compare(

@@ -13,7 +13,6 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from . import checks
-from .errors import ConfigError
 from .model import LMConfig
 from .schedule import Budget, Schedule
 
@@ -56,11 +55,12 @@ class LMCost:
 def vision_flops_per_crop(vision_config) -> tuple[int, int]:
     """(FLOPs of the vision tower on one crop, tokens per crop handed to the projector)."""
     v = vision_config
-    n_patches = (v.image_size // v.patch_size) ** 2
-    has_cls = v.model_type.startswith("clip")
+    side = lambda x: x if isinstance(x, int) else x[0]  # noqa: E731 - InternViT gives [height, width]
+    n_patches = (side(v.image_size) // side(v.patch_size)) ** 2
+    has_cls = v.model_type.startswith("clip") or v.model_type == "internvl_vision"
     n = n_patches + has_cls
     d, i = v.hidden_size, v.intermediate_size
-    flops = _linear(n_patches, v.num_channels * v.patch_size**2, d)  # patch embedding (a strided conv)
+    flops = _linear(n_patches, v.num_channels * side(v.patch_size) ** 2, d)  # patch embedding (a strided conv)
     per_layer = _linear(n, d, d) * 4 + _attention(n, n, 1, d) + _linear(n, d, i) * 2
     flops += v.num_hidden_layers * per_layer
     if getattr(v, "vision_use_head", False):  # SigLIP attention-pooling head: one probe query
@@ -149,9 +149,9 @@ def count_flops(
     lm = LMCost(cfg)
     vision = hf_config.vision_config
     zip_ = reduction.visionzip if reduction is not None else None
+    if reduction is not None:
+        reduction.check(hf_config)  # a reduction the family does not define is refused, not counted
     if vision.model_type in DYNAMIC:
-        if zip_:
-            raise ConfigError("VisionZip works on fixed-size CLIP/SigLIP crops, not a dynamic-resolution tower")
         grids = square_grid(n_visual, vision.spatial_merge_size) if grids is None else grids
         n_crops = len(grids) if n_crops is None else n_crops
         tower, projector = dynamic_vision_flops(vision, grids)
@@ -159,11 +159,14 @@ def count_flops(
         crop_flops, tokens_per_crop = vision_flops_per_crop(vision)
         if hf_config.vision_feature_select_strategy == "default":
             tokens_per_crop -= 1  # the CLS token is dropped before the projector
+        shuffle = getattr(hf_config, "downsample_ratio", 1.0)  # InternVL: pixel shuffle, r^2 as many tokens
+        tokens_per_crop = round(tokens_per_crop * shuffle**2)
         kept_per_crop = min(sum(zip_), tokens_per_crop) if zip_ else tokens_per_crop
         if n_crops is None:
             n_crops = math.ceil(n_visual / kept_per_crop) if n_visual else 0
         feature_layers = hf_config.vision_feature_layer
         d_vision = vision.hidden_size * (len(feature_layers) if isinstance(feature_layers, list) else 1)
+        d_vision = round(d_vision / shuffle**2)  # each token: r^-2 patches' features side by side
         projected = n_crops * kept_per_crop
         tower = n_crops * crop_flops
         projector = _linear(projected, d_vision, cfg.hidden) + _linear(projected, cfg.hidden, cfg.hidden)

@@ -91,6 +91,27 @@ class Reduction:
             a - 1: Drop(self.ratio ** (s + 1), next_layer=True, renumber=True) for s, a in enumerate(sorted(set(after)))
         }
 
+    def refusal(self, config) -> str | None:
+        """Why this reduction is not defined for the model of this HF config (None: it is)."""
+        from .backbone import MROPE
+
+        family, vision = config.model_type, config.vision_config
+        if self.method == "pdrop" and family in MROPE:
+            return "PyramidDrop renumbers 1-D positions; this model's RoPE is multimodal (M-RoPE)"
+        if self.method == "visionzip" and family in MROPE:
+            return "VisionZip works on fixed-size CLIP/SigLIP crops, not a dynamic-resolution tower"
+        if self.method == "visionzip" and family == "internvl":
+            return "VisionZip works on CLIP/SigLIP crops, not before a pixel-shuffle projector"
+        deepstack = len(getattr(vision, "deepstack_visual_indexes", None) or [])
+        if self.method == "fastv" and self.layer < deepstack:
+            last = deepstack - 1
+            return f"DeepStack adds visual features up to layer {last}: drop tokens after it (--layer >= {deepstack})"
+        return None
+
+    def check(self, config) -> None:
+        if (why := self.refusal(config)) is not None:
+            raise ConfigError(why)
+
     @property
     def visionzip(self) -> tuple[int, int] | None:
         return (self.dominant, self.contextual) if self.method == "visionzip" else None
@@ -222,11 +243,10 @@ def visionzip_features(backbone, images, dominant: int, contextual: int):
     order over the stitched grid, then their contextual tokens (no unpadding, no newline tokens);
     a one-crop image of a model with newline tokens (LLaVA-OneVision) ends with one, as the model's
     own packing does."""
-    from .backbone import MROPE, Visual
+    from .backbone import Visual
 
     hf, config = backbone.hf, backbone.config
-    if config.model_type in MROPE:
-        raise ConfigError("VisionZip works on fixed-size CLIP/SigLIP crops, not a dynamic-resolution tower")
+    Reduction("visionzip", dominant=dominant, contextual=contextual).check(config)
     if dominant + contextual >= (config.vision_config.image_size // config.vision_config.patch_size) ** 2:
         return backbone.image_features(images)  # nothing to reduce: the checkpoint's own path
     layer_index = config.vision_feature_layer

@@ -17,7 +17,7 @@ from . import checks
 from .errors import ConfigError
 from .outputs import write_dir
 
-ARCHS = ("llava-onevision", "llava", "qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+ARCHS = ("llava-onevision", "llava", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl")
 QWEN = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 
 # The real checkpoints' chat templates (one user turn, images first), without generation tags.
@@ -42,6 +42,13 @@ QWEN3_TEMPLATE = QWEN_TEMPLATE.replace(  # Qwen3-VL's: no default system turn
     "{% if loop.first and message['role'] != 'system' %}"
     "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}",
     "",
+)
+INTERNVL_TEMPLATE = (  # InternVL's (-hf): each image a context token the processor expands to <img> ... </img>
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 LLAVA_TEMPLATE = (
     "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
@@ -99,6 +106,9 @@ def build_tokenizer(arch: str, vocab_size: int):
         specials = dict(pad_token="<|endoftext|>", eos_token="<|im_end|>")
         extra = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
         extra += ["<|image_pad|>", "<|video_pad|>"]
+    elif arch == "internvl":
+        specials = dict(pad_token="<|endoftext|>", eos_token="<|im_end|>")
+        extra = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
     else:
         specials = dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
         extra = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -118,6 +128,13 @@ def build_tokenizer(arch: str, vocab_size: int):
         )
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    if arch == "internvl":  # the names InternVL's processor reads the image tokens by
+        specials["extra_special_tokens"] = {
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        }
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
     fast.add_special_tokens({"additional_special_tokens": [t for t in extra if t not in specials.values()]})
     return fast
@@ -153,6 +170,8 @@ def _write_tiny(out: Path, spec: TinySpec) -> None:
     tokenizer = build_tokenizer(spec.arch, spec.vocab_size)
     if spec.arch in QWEN:
         return _write_tiny_qwen(out, spec, tokenizer)
+    if spec.arch == "internvl":
+        return _write_tiny_internvl(out, spec, tokenizer)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     text = dict(
         hidden_size=spec.hidden,
@@ -317,3 +336,45 @@ def _write_tiny_qwen(out: Path, spec: TinySpec, tokenizer) -> None:
     processor = {"processor_class": model_cls.__name__.replace("ForConditionalGeneration", "Processor")}
     template = QWEN3_TEMPLATE if spec.arch == "qwen3-vl" else QWEN_TEMPLATE
     _save(out, spec, model_cls, config, tokenizer, image_processor, processor, template)
+
+
+def _write_tiny_internvl(out: Path, spec: TinySpec, tokenizer) -> None:
+    """InternVL (3): an InternViT tower (CLS token, layer scale) on image_size tiles, the image cut into
+    up to 6 tiles + a thumbnail, a pixel-shuffle projector (2 x 2 patches -> one token), Qwen2 LM."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    tokens_per_tile = (spec.image_size // spec.patch_size) ** 2 // 4
+    config = InternVLConfig(
+        text_config=dict(
+            model_type="qwen2",
+            hidden_size=spec.hidden,
+            intermediate_size=spec.intermediate,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=spec.kv_heads,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=spec.max_positions,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=spec.vision_hidden,
+            intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
+            num_hidden_layers=spec.vision_layers,
+            num_attention_heads=spec.vision_heads,
+            image_size=[spec.image_size, spec.image_size],
+            patch_size=[spec.patch_size, spec.patch_size],
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=tokens_per_tile,
+        downsample_ratio=0.5,
+        tie_word_embeddings=True,
+    )
+    side = spec.image_size
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": side, "width": side}, crop_to_patches=False, min_patches=1, max_patches=6
+    )  # crop_to_patches false here, as in the released checkpoints: the processor tiles regardless
+    processor = {"processor_class": "InternVLProcessor", "image_seq_length": tokens_per_tile}
+    _save(out, spec, InternVLForConditionalGeneration, config, tokenizer, image_processor, processor, INTERNVL_TEMPLATE)
