@@ -232,63 +232,21 @@ class Backbone:
 
     def image_features_batch(self, samples: list[list[Image.Image]]) -> list[Visual]:
         """``image_features`` for several samples' images in one pass of the vision tower."""
-        flat = [im for images in samples for im in images]
-        if not flat:
-            return [Visual([], 0) for _ in samples]
-        dtype = self.hf.lm_head.weight.dtype
         with_images = [images for images in samples if images]
-        grids, deepstack = None, []
-        if self.config.model_type == "llava_onevision":
-            from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
-
-            inputs = self.image_processor(with_images, return_tensors="pt")  # one entry per sample
-            out = self.hf.model.get_image_features(
-                pixel_values=inputs["pixel_values"].to(self.device, dtype),
-                image_sizes=inputs["image_sizes"].to(self.device),
-                batch_num_images=inputs["batch_num_images"],
-                return_dict=True,
-            )
-            side, pinpoints = self.config.vision_config.image_size, self.config.image_grid_pinpoints
-            sizes, crops, k = inputs["image_sizes"].tolist(), [], 0
-            for images in with_images:  # a lone image is tiled (AnyRes); several get one crop each
-                alone = len(images) == 1
-                crops.append(image_size_to_num_patches(sizes[k], pinpoints, side) if alone else len(images))
-                k += len(images)
-        elif self.config.model_type in MROPE:  # dynamic resolution: one patch grid per image
-            inputs = self.image_processor(flat, return_tensors="pt")
-            out = self.hf.model.get_image_features(
-                pixel_values=inputs["pixel_values"].to(self.device, dtype),
-                image_grid_thw=inputs["image_grid_thw"].to(self.device),
-                return_dict=True,
-            )
-            crops = [len(images) for images in with_images]
-            grids = iter([tuple(g) for g in inputs["image_grid_thw"].tolist()])
-            deepstack = [iter(level) for level in getattr(out, "deepstack_features", None) or []]
-        elif self.config.model_type == "internvl":  # tiles + a thumbnail per image, as InternVL's processor cuts them
-            inputs = self.image_processor(flat, crop_to_patches=True, return_tensors="pt")
-            out = self.hf.model.get_image_features(
-                pixel_values=inputs["pixel_values"].to(self.device, dtype), return_dict=True
-            )
-            tiles = inputs["num_patches"].tolist()
-            out.pooler_output = out.pooler_output.flatten(0, 1).split([n * self.config.image_seq_length for n in tiles])
-            per_image = iter(tiles)
-            crops = [sum(next(per_image) for _ in images) for images in with_images]
-        else:
-            inputs = self.image_processor(flat, return_tensors="pt")
-            out = self.hf.model.get_image_features(
-                pixel_values=inputs["pixel_values"].to(self.device, dtype), return_dict=True
-            )
-            crops = [len(images) for images in with_images]
-        features, per_sample = iter(out.pooler_output), iter(crops)
+        if not with_images:
+            return [Visual([], 0) for _ in samples]
+        encoded = VISION_PATHS[self.config.model_type](self, with_images, self.hf.lm_head.weight.dtype)
+        features, crops = iter(encoded.features), iter(encoded.crops)
+        grids = None if encoded.grids is None else iter(encoded.grids)
+        levels = [iter(level) for level in encoded.deepstack or []]
         visual = []
         for images in samples:
+            if not images:
+                visual.append(Visual([], 0))
+                continue
             own_grids = None if grids is None else [next(grids) for _ in images]
-            own_deepstack = [[next(level) for _ in images] for level in deepstack] or None
-            visual.append(
-                Visual([next(features) for _ in images], next(per_sample), own_grids, own_deepstack)
-                if images
-                else Visual([], 0)
-            )
+            own_deepstack = [[next(level) for _ in images] for level in levels] or None
+            visual.append(Visual([next(features) for _ in images], next(crops), own_grids, own_deepstack))
         return visual
 
     def expand(self, ids: list[int], visual: Visual, labels=None) -> Sample:
@@ -343,6 +301,81 @@ class Backbone:
         visual = self.image_features([load_image(im) for im in images], visionzip)
         ids = self.tokenizer(self.prompt_text(prompt, len(images)))["input_ids"]
         return self.expand(ids, visual)
+
+
+# ---- each family's vision path: its image processor and tower, as its own processor and model run them ----
+
+
+@dataclass
+class Encoded:
+    """What a family's vision path made of a batch's images (samples with images only)."""
+
+    features: list[torch.Tensor]  # (n_i, D) per image, in order
+    crops: list[int]  # per sample: images/tiles the tower encoded
+    grids: list[tuple[int, int, int]] | None = None  # (t, h, w) patch grid per image (dynamic resolution)
+    deepstack: list[list[torch.Tensor]] | None = None  # per DeepStack level, (n_i, D) per image (Qwen3-VL)
+
+
+def _llava(bb: Backbone, samples: list[list[Image.Image]], dtype) -> Encoded:
+    """LLaVA: one CLIP crop per image."""
+    pixels = bb.image_processor([im for images in samples for im in images], return_tensors="pt")["pixel_values"]
+    out = bb.hf.model.get_image_features(pixel_values=pixels.to(bb.device, dtype), return_dict=True)
+    return Encoded(list(out.pooler_output), [len(images) for images in samples])
+
+
+def _llava_onevision(bb: Backbone, samples: list[list[Image.Image]], dtype) -> Encoded:
+    """LLaVA-OneVision: a lone image is tiled (AnyRes: base crop + tiles, newline tokens), several get
+    one crop each; the processor takes one entry per sample."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    inputs = bb.image_processor(samples, return_tensors="pt")
+    out = bb.hf.model.get_image_features(
+        pixel_values=inputs["pixel_values"].to(bb.device, dtype),
+        image_sizes=inputs["image_sizes"].to(bb.device),
+        batch_num_images=inputs["batch_num_images"],
+        return_dict=True,
+    )
+    side, pinpoints = bb.config.vision_config.image_size, bb.config.image_grid_pinpoints
+    sizes, crops, k = inputs["image_sizes"].tolist(), [], 0
+    for images in samples:
+        alone = len(images) == 1
+        crops.append(image_size_to_num_patches(sizes[k], pinpoints, side) if alone else len(images))
+        k += len(images)
+    return Encoded(list(out.pooler_output), crops)
+
+
+def _qwen_vl(bb: Backbone, samples: list[list[Image.Image]], dtype) -> Encoded:
+    """Qwen2/2.5/3-VL: each image at its own resolution (a patch grid); Qwen3-VL adds DeepStack."""
+    inputs = bb.image_processor([im for images in samples for im in images], return_tensors="pt")
+    out = bb.hf.model.get_image_features(
+        pixel_values=inputs["pixel_values"].to(bb.device, dtype),
+        image_grid_thw=inputs["image_grid_thw"].to(bb.device),
+        return_dict=True,
+    )
+    grids = [tuple(g) for g in inputs["image_grid_thw"].tolist()]
+    deepstack = [list(level) for level in getattr(out, "deepstack_features", None) or []] or None
+    return Encoded(list(out.pooler_output), [len(images) for images in samples], grids, deepstack)
+
+
+def _internvl(bb: Backbone, samples: list[list[Image.Image]], dtype) -> Encoded:
+    """InternVL: tiles + a thumbnail per image, as its processor cuts them (it tiles by default,
+    whatever the saved image-processor config says), image_seq_length tokens per tile."""
+    inputs = bb.image_processor([im for images in samples for im in images], crop_to_patches=True, return_tensors="pt")
+    out = bb.hf.model.get_image_features(pixel_values=inputs["pixel_values"].to(bb.device, dtype), return_dict=True)
+    tiles = inputs["num_patches"].tolist()
+    features = out.pooler_output.flatten(0, 1).split([n * bb.config.image_seq_length for n in tiles])
+    per_image = iter(tiles)
+    return Encoded(list(features), [sum(next(per_image) for _ in images) for images in samples])
+
+
+VISION_PATHS = {
+    "llava": _llava,
+    "llava_onevision": _llava_onevision,
+    "qwen2_vl": _qwen_vl,
+    "qwen2_5_vl": _qwen_vl,
+    "qwen3_vl": _qwen_vl,
+    "internvl": _internvl,
+}
 
 
 def user_turn(text: str, n_images: int) -> dict:
