@@ -79,6 +79,18 @@ def test_one_pass_of_the_tower_for_a_batch(base_model, images):
         assert all(torch.allclose(f, r, atol=1e-5) for f, r in zip(v.features, reference.features))
 
 
+def without_video(processor_class):
+    """The family's HF processor, built without a video processor (which needs torchvision)."""
+
+    class WithoutVideo(processor_class):
+        def check_argument_for_proper_class(self, name, argument):
+            if name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(name, argument)
+
+    return WithoutVideo
+
+
 @pytest.mark.parametrize("arch", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
 def test_qwen_inputs_are_what_its_processor_builds(checkpoints, images, arch):
     """Ids, patch grids, image-token types, visual features and M-RoPE positions are those of the
@@ -95,13 +107,7 @@ def test_qwen_inputs_are_what_its_processor_builds(checkpoints, images, arch):
         "qwen3-vl": transformers.Qwen3VLProcessor,
     }[arch]
 
-    class WithoutVideo(base):
-        def check_argument_for_proper_class(self, name, argument):
-            if name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(name, argument)
-
-    processor = WithoutVideo(bb.image_processor, bb.tokenizer, None, chat_template=bb.chat_template)
+    processor = without_video(base)(bb.image_processor, bb.tokenizer, None, chat_template=bb.chat_template)
     for paths in ([images[0]], [images[1], images[3]]):
         text = processor.apply_chat_template(
             [user_turn(PROMPT, len(paths))], add_generation_prompt=True, tokenize=False
@@ -131,14 +137,8 @@ def test_internvl_inputs_are_what_its_processor_builds(checkpoints, images):
     bb = visor.load(checkpoints["internvl"]).backbone
     assert bb.image_processor.crop_to_patches is False
 
-    class WithoutVideo(transformers.InternVLProcessor):
-        def check_argument_for_proper_class(self, name, argument):
-            if name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(name, argument)
-
     seq = bb.config.image_seq_length
-    processor = WithoutVideo(
+    processor = without_video(transformers.InternVLProcessor)(
         bb.image_processor, bb.tokenizer, None, image_seq_length=seq, chat_template=bb.chat_template
     )
     for paths in ([images[1]], [images[0], images[3]]):

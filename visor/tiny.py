@@ -173,18 +173,7 @@ def _write_tiny(out: Path, spec: TinySpec) -> None:
     if spec.arch == "internvl":
         return _write_tiny_internvl(out, spec, tokenizer)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    text = dict(
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=spec.max_positions,
-        tie_word_embeddings=spec.arch == "llava-onevision",
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    text = _text_config(spec, tokenizer, tie_word_embeddings=spec.arch == "llava-onevision")
     vision = dict(
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
@@ -238,6 +227,22 @@ def _write_tiny(out: Path, spec: TinySpec) -> None:
     _save(out, spec, model_cls, config, tokenizer, image_processor, processor, template)
 
 
+def _text_config(spec: TinySpec, tokenizer, **extra) -> dict:
+    """The language model's config: the spec's shape, the tokenizer's vocabulary and special tokens."""
+    return dict(
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=spec.max_positions,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
 def _save(out: Path, spec: TinySpec, model_cls, config, tokenizer, image_processor, processor: dict, template: str):
     config.text_config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(spec.seed)
@@ -277,19 +282,8 @@ def _write_tiny_qwen(out: Path, spec: TinySpec, tokenizer) -> None:
     if spec.arch == "qwen3-vl":  # interleaved t h w t h w ...: h and w each take every third frequency (24, 20, 20)
         hw = (head_dim // 2 - 1) // 3
         section = [head_dim // 2 - 2 * hw, hw, hw]
-    text = dict(
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=spec.max_positions,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": section}
+    text = _text_config(spec, tokenizer, rope_parameters=rope, bos_token_id=None)
     vision = dict(
         depth=spec.vision_layers,
         num_heads=spec.vision_heads,
@@ -346,18 +340,8 @@ def _write_tiny_internvl(out: Path, spec: TinySpec, tokenizer) -> None:
 
     tokens_per_tile = (spec.image_size // spec.patch_size) ** 2 // 4
     config = InternVLConfig(
-        text_config=dict(
-            model_type="qwen2",
-            hidden_size=spec.hidden,
-            intermediate_size=spec.intermediate,
-            num_hidden_layers=spec.layers,
-            num_attention_heads=spec.heads,
-            num_key_value_heads=spec.kv_heads,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=spec.max_positions,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+        text_config=_text_config(
+            spec, tokenizer, model_type="qwen2", rope_parameters={"rope_type": "default", "rope_theta": 1e6}
         ),
         vision_config=dict(
             hidden_size=spec.vision_hidden,
