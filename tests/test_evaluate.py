@@ -132,6 +132,8 @@ def test_compare_sweeps_the_baselines_each_family_defines(checkpoints, arch, bas
     deepstack = len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or [])
     assert all(s.reduction.layer >= max(2, deepstack) for s in settings if s.method == "fastv")
     refused = Reduction("visionzip") if "visionzip" not in baselines else None
-    if refused is not None:  # asked for anyway: one clear error before any work
+    if refused is not None:  # asked for anyway: one clear error before any work (no file is read)
         with pytest.raises(visor.ConfigError, match="VisionZip works on"):
             model.generate(checkpoints[arch] / "missing.png", "What is shown?", reduction=refused)
+        with pytest.raises(visor.ConfigError, match="VisionZip works on"):
+            evaluate(model, checkpoints[arch] / "missing.jsonl", Setting("visionzip", "full", refused))

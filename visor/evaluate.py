@@ -133,6 +133,8 @@ def evaluate(
 
     setting = setting or Setting()
     check_options(batch_size, max_new_tokens, limit)
+    if setting.reduction is not None:
+        setting.reduction.check(model.config)  # one not defined for this family: refused before any work
     records, skipped = read_records(data, images or Path(data).parent)
     records = records[:limit] if limit else records
     runner = model.runner(prefill, decode)
