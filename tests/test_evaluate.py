@@ -136,4 +136,4 @@ def test_compare_sweeps_the_baselines_each_family_defines(checkpoints, arch, bas
         with pytest.raises(visor.ConfigError, match="VisionZip works on"):
             model.generate(checkpoints[arch] / "missing.png", "What is shown?", reduction=refused)
         with pytest.raises(visor.ConfigError, match="VisionZip works on"):
-            evaluate(model, checkpoints[arch] / "missing.jsonl", Setting("visionzip", "full", refused))
+            evaluate(model, checkpoints[arch] / "missing.jsonl", setting=Setting("visionzip", "full", refused))
