@@ -1,5 +1,6 @@
 """`visor bench` on tiny shapes: every field of its JSON, and the numbers that can be checked."""
 
+import dataclasses
 import json
 
 import pytest
@@ -23,7 +24,9 @@ ROW_FIELDS = PHASES | {
     "tflops_per_s",
     "tokens",
     "speedup_vs_hf",
+    "speedup_vs_best_hf",
     "speedup_vs_full",
+    "serving",
     "same_tokens_as_hf",
     "prefill_logits_diff_vs_hf",
 }
@@ -51,10 +54,26 @@ def test_bench_cli_emits_the_whole_schema(checkpoints, tmp_path):
         assert row["tflops_per_s"]["prefill"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
         assert len(row["tokens"]) == NEW
         assert row["peak_memory_bytes"] is None  # CPU: no allocator statistics
-        for ref in ("hf", "full"):
+        for ref in ("hf", "best_hf", "full"):
             assert set(row[f"speedup_vs_{ref}"]) == PHASES
     rows = {r["method"]: r for r in result["methods"]}
     assert rows["hf"]["speedup_vs_hf"]["prefill_ms"] == 1.0 and rows["full"]["speedup_vs_full"]["decode_ms"] == 1.0
+    assert rows["hf"]["speedup_vs_best_hf"] == rows["hf"]["speedup_vs_hf"]  # the only transformers method here
+    for row in result["methods"]:  # serving numbers follow from the measured times and bytes
+        serve = row["serving"]
+        assert serve["kv_cache_bytes_per_request"] * 2 == row["kv_cache_bytes"]  # batch 2
+        assert serve["requests_in_memory_budget"] == 40 * 2**30 // serve["kv_cache_bytes_per_request"]
+        assert serve["decode_tokens_per_s"] == pytest.approx(2e3 / row["decode_ms"], rel=1e-3)
+        request_ms = row["ttft_ms"] + (NEW - 1) * row["decode_ms"]
+        assert serve["requests_per_s"] == pytest.approx(2e3 / request_ms, rel=1e-2)
+        assert serve["decode_vs_bound"] == pytest.approx(
+            row["decode_ms"] / serve["decode_bound_ms"], rel=1e-2, abs=2e-3
+        )
+        expected = serve["decode_bytes_per_step"] / row["decode_ms"] * 1e-6
+        assert serve["decode_gb_per_s"] == pytest.approx(expected, rel=1e-2, abs=2e-3)
+    weights = {m: rows[m]["serving"]["decode_bytes_per_step"] - rows[m]["kv_cache_bytes"] for m in rows}
+    assert weights["hf"] == weights["full"] < weights["visor:0"]  # VISOR also reads its CA modules
+    assert result["config"]["copy_gb_per_s"] > 0
     ratio = rows["hf"]["prefill_ms"] / rows["visor:0"]["prefill_ms"]
     assert rows["visor:0"]["speedup_vs_hf"]["prefill_ms"] == pytest.approx(ratio, rel=1e-2)
     # our full forward is the base model: the same greedy tokens as transformers' own (float32)
@@ -143,3 +162,19 @@ def test_bench_runs_a_dynamic_resolution_tower(checkpoints, arch):
     one = count_flops(read_config(config), Schedule.default(6), "full", V, T)
     assert rows["full"]["flops"]["vision"] == one.prefill - one.lm_prefill > 0
     assert rows["full"]["same_tokens_as_hf"] is True and rows["visor:2"]["vision_ms"] > 0
+
+
+def test_hf_compile_is_transformers_static_cache_and_compiled_step(checkpoints):
+    """hf-compile (transformers' documented fast path: StaticCache + torch.compile) gives the dynamic
+    cache's greedy tokens and logits; its speed-ups are against the faster transformers path per phase."""
+    config = str(checkpoints["llava-onevision"] / "config.json")
+    cfg = BenchConfig(config=config, methods="hf,hf-compile,visor:1", visual_tokens=V, text_tokens=T, new_tokens=NEW)
+    result = run_bench(dataclasses.replace(cfg, repeats=1, warmup=0))
+    rows = {r["method"]: r for r in result["methods"]}
+    assert rows["hf-compile"]["same_tokens_as_hf"] is True
+    assert rows["hf-compile"]["prefill_logits_diff_vs_hf"] <= 1e-5
+    assert rows["hf-compile"]["kv_cache_bytes"] >= rows["hf"]["kv_cache_bytes"]  # preallocated for every new token
+    best = {k: min(rows["hf"][k], rows["hf-compile"][k]) for k in PHASES}
+    assert rows["visor:1"]["speedup_vs_best_hf"]["decode_ms"] == pytest.approx(
+        best["decode_ms"] / rows["visor:1"]["decode_ms"], rel=1e-2
+    )

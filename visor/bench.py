@@ -17,8 +17,15 @@ tokens. For each method, each a median over ``repeats`` runs after ``warmup`` ru
     and prefill logits against ``hf`` (same_tokens_as_hf, prefill_logits_diff_vs_hf: max |diff|
     over max |logit|).
 
+    serving       prefill and decode tokens/s, requests/s at this batch, KV-cache bytes per request,
+                  requests whose caches fit in ``memory_budget_gib``, decode bytes per step (weights
+                  + KV cache) and GB/s against the device's measured copy bandwidth (decode_vs_bound)
+
 Methods: ``hf`` (transformers' own language model, its attention implementation and dynamic
-cache), ``full`` (our forward, every layer full self-attention) and ``visor:K`` (budget K).
+cache), ``hf-compile`` (transformers' documented fast path: a static cache and a torch.compile'd
+decode step, CUDA graphs on a GPU), ``full`` (our forward, every layer full self-attention) and
+``visor:K`` (budget K). Speed-ups are given against ``hf``, the fastest transformers method of the
+run phase by phase (``speedup_vs_best_hf``) and ``full``.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ class BenchConfig:
     prefill: str = "auto"  # visor prefill mode (visor.generate.PREFILL_MODES); auto: compile-graph on CUDA, else eager
     schedule: str = ""  # a schedule spec for random-weight models ("" = the default rule)
     seed: int = 0
+    memory_budget_gib: float = 40.0  # serving: how many requests' KV caches fit in this much memory
 
 
 def builtin_config(size: str, arch: str = "llava-onevision") -> Path:
@@ -78,15 +86,17 @@ def builtin_config(size: str, arch: str = "llava-onevision") -> Path:
 
 
 def parse_methods(spec: str, schedule) -> list[tuple[str, object]]:
-    """'hf,full,visor:2' -> [("hf", "full"), ("full", "full"), ("visor:2", 2)]."""
+    """'hf,full,visor:2' -> [("hf", "full"), ("full", "full"), ("visor:2", 2)] (and "hf-compile")."""
     methods = []
     for name in (m.strip() for m in spec.split(",") if m.strip()):
-        if name in ("hf", "full"):
+        if name in ("hf", "hf-compile", "full"):
             methods.append((name, "full"))
         elif name.startswith("visor:"):
             methods.append((name, schedule.parse_budget(name.split(":", 1)[1])))
         else:
-            raise ConfigError(f"unknown method {name!r}: use hf, full or visor:K (K a budget of the schedule)")
+            raise ConfigError(
+                f"unknown method {name!r}: use hf, hf-compile, full or visor:K (K a budget of the schedule)"
+            )
     if not methods:
         raise ConfigError("--methods is empty")
     return methods
@@ -231,6 +241,44 @@ class HF:
         return ids, step, sum(t.numel() * t.element_size() for t in hf_cache_tensors(cache))
 
 
+class HFCompiled(HF):
+    """transformers' documented fast path: a static KV cache (``StaticCache``, preallocated) and the
+    decode step through ``torch.compile`` (on CUDA ``mode="reduce-overhead"``: CUDA graphs)."""
+
+    def __init__(self, hf, capacity: int):
+        super().__init__(hf)
+        self.capacity = capacity  # new tokens the cache has room for
+        mode = "reduce-overhead" if hf.device.type == "cuda" else None
+        self.step_fn = torch.compile(self.step_logits, mode=mode)
+
+    def prefill(self, tok):
+        from transformers import StaticCache
+
+        emb = self.embeddings(tok)
+        accepted = inspect.signature(StaticCache.__init__).parameters  # some 5.x releases size it up front
+        upfront = dict(max_batch_size=emb.shape[0], device=emb.device, dtype=emb.dtype)
+        upfront = {k: v for k, v in upfront.items() if k in accepted}
+        cache = StaticCache(config=self.hf.config, max_cache_len=emb.shape[1] + self.capacity, **upfront)
+        out = self.lm(inputs_embeds=emb, use_cache=True, **{self.cache_name: cache})
+        return self.hf.lm_head(out.last_hidden_state[:, -1]), cache
+
+    def step_logits(self, ids, cache, position):
+        out = self.lm(inputs_embeds=self.hf.get_input_embeddings()(ids), position_ids=position, use_cache=True,
+                      **{self.cache_name: cache})  # fmt: skip
+        return self.hf.lm_head(out.last_hidden_state[:, -1])
+
+    def generate(self, tok):
+        logits, cache = self.prefill(tok)
+        ids = [logits.argmax(-1)]
+        position = torch.full((ids[0].shape[0], 1), tok.visual.shape[1] + tok.text_ids.shape[1], device=logits.device)
+
+        def step():
+            ids.append(self.step_fn(ids[-1][:, None], cache, position).argmax(-1))
+            position.add_(1)  # in place: the compiled step sees one tensor, no recompilation
+
+        return ids, step, sum(t.numel() * t.element_size() for t in hf_cache_tensors(cache))
+
+
 def hf_cache_tensors(cache) -> list[torch.Tensor]:
     return [t for layer in cache.layers for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor)]
 
@@ -276,14 +324,20 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
     capacity = cfg.text_tokens + cfg.new_tokens
 
     rows, logits = [], {}
+    copy_bw = copy_bandwidth(device)
     for name, budget in methods:
-        runner = HF(hf) if name == "hf" else Ours(lm, budget, capacity, decode, prefill)
+        if name == "hf":
+            runner = HF(hf)
+        elif name == "hf-compile":
+            runner = HFCompiled(hf, cfg.new_tokens)
+        else:
+            runner = Ours(lm, budget, capacity, decode, prefill)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         timed = time_method(runner, vision, tok, cfg, Clock(device), partial(progress, name))
         samples, ids, kv_bytes, logits[name] = timed
-        flop_budget = "full" if name == "hf" else budget
+        flop_budget = "full" if name.startswith("hf") else budget
         n_v, n_t = cfg.visual_tokens, cfg.text_tokens
         report = count_flops(hf.config, lm.schedule, flop_budget, n_v, n_t, n_crops, None, grids)
         step_flops = decode_flops(hf.config, lm.schedule, flop_budget, n_v, n_t, cfg.new_tokens) // (cfg.new_tokens - 1)
@@ -308,14 +362,21 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
                     "decode": _rate(flops["decode_per_token"], times["decode_ms"]),
                 },
                 "tokens": ids,
+                "serving": serving(cfg, times, kv_bytes, decode_weight_bytes(hf, lm, name, budget), copy_bw),
             }
         )
-    for reference in ("hf", "full"):
-        ref = next((r for r in rows if r["method"] == reference), None)
+    hf_rows = [r for r in rows if r["method"].startswith("hf")]  # the fastest transformers path, phase by phase
+    best_hf = {k: min(r[k] for r in hf_rows) for k in TIMES} if hf_rows else None
+    for reference, ref in [("hf", next((r for r in rows if r["method"] == "hf"), None)), ("best_hf", best_hf)]:
         for row in rows:
             row[f"speedup_vs_{reference}"] = (
                 None if ref is None else {k: round(ref[k] / row[k], 3) if row[k] else None for k in TIMES}
             )
+    full_row = next((r for r in rows if r["method"] == "full"), None)
+    for row in rows:
+        row["speedup_vs_full"] = (
+            None if full_row is None else {k: round(full_row[k] / row[k], 3) if row[k] else None for k in TIMES}
+        )
     hf_row = next((r for r in rows if r["method"] == "hf"), None)
     for row in rows:  # random bf16 weights give near-ties between logits: tokens may differ where logits agree
         comparable = hf_row is not None and row["budget"] == "full"
@@ -329,7 +390,7 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
         "versions": {"visor": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "config": asdict(cfg)
         | {"device": str(device), "dtype": dtype_name, "decode": decode, "prefill": prefill}
-        | {"crops_per_sample": n_crops},
+        | {"crops_per_sample": n_crops, "copy_gb_per_s": round(copy_bw / 1e9, 1)},
         "model": {
             "layers": lm.cfg.n_layers,
             "hidden": lm.cfg.hidden,
@@ -358,6 +419,47 @@ def time_method(runner, vision, tok, cfg: BenchConfig, clock: Clock, progress) -
                 samples[key].append(value)
         progress(i + 1)
     return samples, torch.stack(ids, 1)[0].tolist(), kv_bytes, logits[0].float().cpu()
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """The device's measured copy bandwidth, bytes read + written per second (a 1 GiB copy on CUDA,
+    64 MiB on the CPU; the best of 5): what a decode step that reads its weights is bound by."""
+    n = (1 << 30 if device.type == "cuda" else 1 << 26) // 2
+    a, b, clock = torch.empty(n, dtype=torch.bfloat16, device=device), None, Clock(device)
+    b = torch.empty_like(a)
+    best = min(clock(lambda: b.copy_(a))[1] for _ in range(5))
+    return 2 * a.numel() * a.element_size() / (best * 1e-3)
+
+
+def decode_weight_bytes(hf, lm, name: str, budget) -> int:
+    """Weight bytes a decode step reads: every decoder layer, the final norm and lm_head, and at a
+    VISOR budget the CA modules (the embedding table is only indexed)."""
+    modules = [*lm.originals, hf.get_output_embeddings(), lm.norm]
+    if not name.startswith("hf") and budget != "full":
+        modules += list(lm.cross.values())
+    seen = {id(p): p for m in modules for p in m.parameters()}  # shared tensors counted once
+    return sum(p.numel() * p.element_size() for p in seen.values())
+
+
+def serving(cfg: BenchConfig, times: dict, kv_bytes: int, weight_bytes: int, copy_bw: float) -> dict:
+    """What a server sees: tokens and requests per second at this batch, KV-cache bytes per request and
+    how many requests' caches fit in ``memory_budget_gib``, and decode against the bandwidth bound
+    (weights + the whole KV cache read once per step, at the measured copy bandwidth)."""
+    per_request = kv_bytes // cfg.batch
+    request_ms = times["ttft_ms"] + (cfg.new_tokens - 1) * times["decode_ms"]
+    step_bytes = weight_bytes + kv_bytes
+    bound_ms = step_bytes / copy_bw * 1e3
+    return {
+        "prefill_tokens_per_s": round(cfg.batch * (cfg.visual_tokens + cfg.text_tokens) / times["prefill_ms"] * 1e3, 1),
+        "decode_tokens_per_s": round(cfg.batch / times["decode_ms"] * 1e3, 1),
+        "requests_per_s": round(cfg.batch / request_ms * 1e3, 3),
+        "kv_cache_bytes_per_request": per_request,
+        "requests_in_memory_budget": int(cfg.memory_budget_gib * 2**30 // per_request) if per_request else None,
+        "decode_bytes_per_step": step_bytes,
+        "decode_gb_per_s": round(step_bytes / times["decode_ms"] * 1e-6, 3),
+        "decode_bound_ms": round(bound_ms, 4),
+        "decode_vs_bound": round(times["decode_ms"] / bound_ms, 3),
+    }
 
 
 def _rate(flops: int, ms: float) -> float | None:

@@ -236,7 +236,7 @@ def bench(
     text_tokens: int = 64,
     new_tokens: int = 32,
     batch: int = 1,
-    methods: Annotated[str, typer.Option(help="comma-separated: hf, full, visor:K")] = "hf,full,visor:2",
+    methods: Annotated[str, typer.Option(help="comma-separated: hf, hf-compile, full, visor:K")] = "hf,full,visor:2",
     repeats: Annotated[int, typer.Option(help="timed runs per method (medians reported)")] = 5,
     warmup: int = 2,
     device: Annotated[str, typer.Option(help="auto (cuda if available), cuda, cpu")] = "auto",
@@ -245,6 +245,9 @@ def bench(
     prefill: PrefillOpt = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="decode through torch.compile (--decode compile)")] = False,
     schedule: ScheduleOpt = None,
+    memory_budget_gib: Annotated[
+        float, typer.Option(help="serving: how many requests' KV caches fit in this much memory")
+    ] = 40.0,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as one JSON object")] = False,
     out: Annotated[Path | None, typer.Option(help="directory for bench.json")] = None,
     overwrite: OverwriteOpt = False,
@@ -273,6 +276,7 @@ def bench(
         decode="compile" if compile else decode,
         prefill=prefill,
         schedule=schedule or "",
+        memory_budget_gib=memory_budget_gib,
     )
     with console.status("benchmarking") as status:
         result = run_bench(cfg, lambda name, i: status.update(f"{name}: run {i}/{repeats + warmup}"))
@@ -283,21 +287,31 @@ def bench(
         print(json.dumps(result))
         return
     shape = f"{visual_tokens} visual + {text_tokens} text tokens"
-    table = Table(title=f"{result['device']} · {result['config']['dtype']} · {shape}")
-    columns = ["method", "vision ms", "prefill ms", "TTFT ms", "decode ms/tok", "KV MB", "prefill TFLOP/s"]
-    columns += ["prefill vs hf", "TTFT vs hf", "decode vs hf"]
+    title = f"{result['device']} · {result['config']['dtype']} · batch {batch} · {shape}"
+    table = Table(title=title, caption="x: speed-up over the fastest transformers method, phase by phase")
+    columns = [
+        "method",
+        "vision ms",
+        "prefill ms",
+        "TTFT ms",
+        "decode ms",
+        "KV MB/req",
+        f"fit {memory_budget_gib:g} GiB",
+    ]
+    columns += ["decode GB/s (x bound)", "prefill x", "TTFT x", "decode x"]  # speed-ups over the fastest hf method
     for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right")
     for r in result["methods"]:
-        up = r["speedup_vs_hf"] or {}
+        up, serve = r["speedup_vs_best_hf"] or {}, r["serving"]
         table.add_row(
             r["method"],
             f"{r['vision_ms']:.2f}",
             f"{r['prefill_ms']:.2f}",
             f"{r['ttft_ms']:.2f}",
             f"{r['decode_ms']:.2f}",
-            f"{r['kv_cache_bytes'] / 2**20:.1f}",
-            f"{r['tflops_per_s']['prefill'] or 0:.3f}",
+            f"{serve['kv_cache_bytes_per_request'] / 2**20:.1f}",
+            str(serve["requests_in_memory_budget"] or ""),
+            f"{serve['decode_gb_per_s']:.0f} ({serve['decode_vs_bound']:.2f}x)",
             *(f"{up[k]:.2f}x" if up.get(k) else "" for k in ("prefill_ms", "ttft_ms", "decode_ms")),
         )
     console.print(table)
