@@ -181,9 +181,13 @@ class DecoderLayer(nn.Module):
 
     def qkv(self, x, rope):
         h = self.input_norm(x)
-        q = apply_rope(head_norm(self.q_norm, split_heads(self.q_proj(h), self.n_heads)), rope)
-        k = apply_rope(head_norm(self.k_norm, split_heads(self.k_proj(h), self.n_kv_heads)), rope)
-        return q, k, split_heads(self.v_proj(h), self.n_kv_heads)
+        return self.query(h, rope), self.key(h, rope), split_heads(self.v_proj(h), self.n_kv_heads)
+
+    def query(self, h, rope):  # h: normed input (B, S, D) -> (B, H, S, hd)
+        return apply_rope(head_norm(self.q_norm, split_heads(self.q_proj(h), self.n_heads)), rope)
+
+    def key(self, h, rope):
+        return apply_rope(head_norm(self.k_norm, split_heads(self.k_proj(h), self.n_kv_heads)), rope)
 
     def finish(self, x, attn_out):
         x = x + self.o_proj(merge_heads(attn_out))
@@ -220,11 +224,14 @@ class CrossAttention(nn.Module):
         k = apply_rope(head_norm(self.k_norm, split_heads(self.k_proj(h), self.n_kv_heads)), rope)
         return k, split_heads(self.v_proj(h), self.n_kv_heads)
 
+    def query(self, t, rope):  # t (B, Nt, D) -> (B, H, Nt, hd)
+        return apply_rope(head_norm(self.q_norm, split_heads(self.q_proj(self.norm(t)), self.n_heads)), rope)
+
     def forward(self, t, kv, rope, mask, seen=None, explicit=False):
         """t (B, Nt, D); mask (B, Nt, Nv) or None: every row sees every visual token; ``seen``
         (B, Nt, 1): the rows that see any (from the mask if not given). Unseen rows (text with no
         visual token before it) are not updated."""
-        q = apply_rope(head_norm(self.q_norm, split_heads(self.q_proj(self.norm(t)), self.n_heads)), rope)
+        q = self.query(t, rope)
         out = self.o_proj(merge_heads(attend(q, *kv, mask, explicit, causal=False)))
         seen = mask.any(-1, keepdim=True) if seen is None else seen
         return t + torch.tanh(self.gate) * out * seen.to(out.dtype)

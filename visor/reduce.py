@@ -151,14 +151,12 @@ def sa_scores(q, k, ctx: Context) -> torch.Tensor:
 def ca_scores(ca, t, k_visual, ctx: Context) -> torch.Tensor:
     """A CA layer's cross-attention of the last text token over the visual tokens, head-averaged:
     t (B, Nt, D), k_visual (B, Hkv, Nv, hd) -> (B, Nv)."""
-    from .model import apply_rope, split_heads
-
     t_last = take(t, ctx.last_text[:, None], 1)  # (B, 1, D)
     rope = None
     if ctx.ca_rope_t is not None:  # the RoPE of each sample's last text token
         index = ctx.last_text[:, None, None, None].expand(-1, 1, 1, ctx.ca_rope_t[0].shape[-1])
         rope = tuple(r.gather(2, index) for r in ctx.ca_rope_t)
-    q_last = apply_rope(split_heads(ca.q_proj(ca.norm(t_last)), ca.n_heads), rope)
+    q_last = ca.query(t_last, rope)  # as the CA layer computes it
     return last_token_attention(q_last, k_visual, ctx.visual_valid).mean(1)[:, 0]
 
 
@@ -166,14 +164,12 @@ def next_layer_scores(layer, v, t, ctx: Context) -> torch.Tensor:
     """PyramidDrop's ranking: the next layer's input norm and q/k (RoPE at the current positions)
     applied to this layer's output; the last prompt token's head-averaged attention over the
     visual tokens (B, Nv). Keys for every token, a query for the last one only."""
-    from .model import apply_rope, split_heads
-
     x = ctx.join(v, t)  # (B, S, D) in original order
     h = layer.input_norm(x)
     last = ctx.t_index.gather(1, ctx.last_text[:, None])  # (B, 1) the last prompt token's slot
     rope_last = tuple(take(r, last, 2) for r in ctx.rope_x)
-    q_last = apply_rope(split_heads(layer.q_proj(take(h, last, 1)), layer.n_heads), rope_last)  # (B, H, 1, hd)
-    k = apply_rope(split_heads(layer.k_proj(h), layer.n_kv_heads), ctx.rope_x)  # (B, Hkv, S, hd)
+    q_last = layer.query(take(h, last, 1), rope_last)  # (B, H, 1, hd), as the layer computes it
+    k = layer.key(h, ctx.rope_x)  # (B, Hkv, S, hd)
     probs = last_token_attention(q_last, k, torch.arange(ctx.seq, device=x.device)[None] <= last)
     return take(probs, ctx.v_index, 3).mean(1)[:, 0]
 
