@@ -152,3 +152,13 @@ def test_internvl_inputs_are_what_its_processor_builds(checkpoints, images):
         with torch.no_grad():
             features = bb.hf.model.get_image_features(ref["pixel_values"]).pooler_output
         assert torch.allclose(features.flatten(0, 1), sample.visual, atol=1e-6)
+
+
+def test_a_batch_led_by_a_text_only_prompt_keeps_the_model_dtype(checkpoints, images):
+    """The padded visual buffers of a batch take the model's dtype even where its first prompt has no
+    image (and so no features to take it from)."""
+    from visor.generate import collate
+
+    bb = visor.load(checkpoints["qwen3-vl"], dtype="bfloat16").backbone
+    tok = collate([bb.encode("Hi", []), bb.encode(PROMPT, [images[0]])], bb.image_token_id, "cpu")
+    assert tok.visual.dtype == tok.deepstack.dtype == torch.bfloat16 and tok.visual.shape[1] > 0

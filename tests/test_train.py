@@ -1,5 +1,6 @@
 """Stage 1 / stage 2 universal training, resume after SIGKILL, torchrun == one process."""
 
+import io
 import json
 import math
 import os
@@ -186,7 +187,7 @@ def test_record_index_finds_every_record_without_reading_them(tmp_path):
 
 
 @pytest.mark.parametrize("indent", [None, 2])
-def test_llava_json_is_indexed_element_by_element(tmp_path, indent):
+def test_llava_json_is_indexed_element_by_element(tmp_path, indent, monkeypatch):
     """An LLaVA JSON list is indexed by each element's byte range, read through a window much smaller
     than the file (so elements straddle its edges), as json.loads reads the whole file."""
     from visor.data import RecordIndex, _element_offsets
@@ -204,12 +205,31 @@ def test_llava_json_is_indexed_element_by_element(tmp_path, indent):
     assert index.get(39) == ("a.json[39]", items[39])
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "0.json").write_text(json.dumps(items[:3]))
-    (tmp_path / "shards" / "1.jsonl").write_text("\n".join(json.dumps(x) for x in items[3:5]))
+    (tmp_path / "shards" / "1.json").write_text(json.dumps(items[3:5]))
     shards = RecordIndex(tmp_path / "shards")
     assert [shards.get(i) for i in range(len(shards))] == [
         ("0.json[0]", items[0]), ("0.json[1]", items[1]), ("0.json[2]", items[2]),
-        ("1.jsonl:1", items[3]), ("1.jsonl:2", items[4]),
+        ("1.json[0]", items[3]), ("1.json[1]", items[4]),
     ]  # fmt: skip
+    (tmp_path / "shards" / "2.jsonl").write_text(json.dumps(items[5]))  # JSONL shards: a .json beside them is not one
+    assert [RecordIndex(tmp_path / "shards").get(0)] == [("2.jsonl:1", items[5])]
+    for cut in ('[{"a": "x y", "b": [1, 2', '[{"a": "x'):  # cut by the window: read on; broken: stop there
+        path.write_text(cut + " " * 10_000 + "]")
+        with pytest.raises(visor.InputError, match="not valid JSON"):
+            _element_offsets(path, 4)
+    path.write_text('[{"a": 1}, {"b": ]' + " " * 10_000 + ', {"c": 3}]')
+    read = []
+
+    class Counted(io.FileIO):
+        def read(self, n=-1):
+            read.append(n)
+            return super().read(n)
+
+    monkeypatch.setattr(visor.data, "open", lambda name, mode: Counted(name, "r"), raising=False)
+    with pytest.raises(visor.InputError, match="byte 17: Expecting value"):
+        _element_offsets(path, 64)
+    assert read == [64]  # found in the first window, without reading the rest
+    monkeypatch.undo()
     for text, why in [
         ('[{"a": 1},]', "byte 10: a ',' before"),
         ('[{"a": 1} {"b": 2}]', "byte 10: expected ','"),

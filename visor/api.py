@@ -187,9 +187,10 @@ def load(
     base: str | Path | None = None,
 ) -> VisorModel:
     """Load a VISOR checkpoint (full or adapter), or a base LLaVA / LLaVA-OneVision / Qwen2-VL /
-    Qwen2.5-VL checkpoint (default schedule). ``device``: auto (the GPU if there is one), cpu, cuda, cuda:N; ``dtype``:
-    auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16, float16. ``base``: where an
-    adapter's base weights are now, if not where its visor.json says."""
+    Qwen2.5-VL / Qwen3-VL / InternVL checkpoint (default schedule). ``device``: auto (the GPU if
+    there is one), cpu, cuda, cuda:N; ``dtype``: auto (bfloat16 on a GPU, float32 on the CPU),
+    float32, bfloat16, float16. ``base``: where an adapter's base weights are now, if not where its
+    visor.json says."""
     path = Path(path)
     device = checks.device(device)
     dtype = checks.dtype(dtype, device)

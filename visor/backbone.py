@@ -11,6 +11,7 @@ itself: those of LLaVA-OneVision and Qwen-VL need torchvision for their video pa
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import warnings
@@ -195,10 +196,15 @@ class Backbone:
         self.image_brackets = ([], [])  # token ids around each image's tokens, where the processor adds them
         if self.config.model_type == "internvl":  # <img> ... </img>
             names = [
-                getattr(self.tokenizer, f"{w}_image_token", None) or t
-                for w, t in (("start", "<img>"), ("end", "</img>"))
+                getattr(self.tokenizer, f"{w}_image_token", None) or f"<{t}img>"
+                for w, t in (("start", ""), ("end", "/"))
             ]
-            self.image_brackets = tuple([self.tokenizer.convert_tokens_to_ids(n)] for n in names)
+            ids = [self.tokenizer.convert_tokens_to_ids(n) for n in names]
+            if None in ids or self.tokenizer.unk_token_id in ids:
+                raise CheckpointError(
+                    f"the tokenizer has no {' / '.join(names)} tokens, which InternVL puts around images"
+                )
+            self.image_brackets = ([ids[0]], [ids[1]])
 
     @property
     def device(self) -> torch.device:
@@ -274,16 +280,16 @@ class Backbone:
                 "use a shorter prompt or smaller/fewer images"
             )
         hidden = self.config.text_config.hidden_size
-        visual_states = torch.cat(features) if features else torch.zeros(0, hidden, device=self.device)
+        empty = torch.zeros(0, hidden, device=self.device, dtype=self.hf.lm_head.weight.dtype)
+        visual_states = torch.cat(features) if features else empty
         labels = None if labels is None else expanded_labels + labels[start:]
         positions = None
         if self.config.model_type in MROPE:
             ids_t = torch.tensor([expanded])
-            positions, _ = self.hf.model.get_rope_index(
-                input_ids=ids_t,
-                mm_token_type_ids=(ids_t == self.image_token_id).int(),
-                image_grid_thw=torch.tensor(visual.grids) if visual.grids else None,
-            )
+            kwargs = {"image_grid_thw": torch.tensor(visual.grids) if visual.grids else None}
+            if "mm_token_type_ids" in inspect.signature(self.hf.model.get_rope_index).parameters:  # newer 5.x
+                kwargs["mm_token_type_ids"] = (ids_t == self.image_token_id).int()
+            positions, _ = self.hf.model.get_rope_index(input_ids=ids_t, **kwargs)
             positions = positions[:, 0].T.contiguous()  # (L, 3)
         deepstack = None
         if visual.deepstack:  # a sample without images still needs the levels, empty

@@ -247,7 +247,7 @@ class HFCompiled(HF):
 
     def __init__(self, hf, capacity: int):
         super().__init__(hf)
-        self.capacity = capacity  # new tokens the cache has room for
+        self.capacity, self.caches = capacity, {}  # new tokens the cache has room for; caches by shape
         mode = "reduce-overhead" if hf.device.type == "cuda" else None
         self.step_fn = torch.compile(self.step_logits, mode=mode)
 
@@ -255,10 +255,15 @@ class HFCompiled(HF):
         from transformers import StaticCache
 
         emb = self.embeddings(tok)
-        accepted = inspect.signature(StaticCache.__init__).parameters  # some 5.x releases size it up front
-        upfront = dict(max_batch_size=emb.shape[0], device=emb.device, dtype=emb.dtype)
-        upfront = {k: v for k, v in upfront.items() if k in accepted}
-        cache = StaticCache(config=self.hf.config, max_cache_len=emb.shape[1] + self.capacity, **upfront)
+        shape = (emb.shape[0], emb.shape[1] + self.capacity)
+        if shape in self.caches:  # one cache per shape, reset between requests, as generate() reuses its own
+            cache = self.caches[shape]
+            cache.reset()
+        else:
+            accepted = inspect.signature(StaticCache.__init__).parameters  # some 5.x releases size it up front
+            upfront = dict(max_batch_size=shape[0], device=emb.device, dtype=emb.dtype)
+            upfront = {k: v for k, v in upfront.items() if k in accepted}
+            cache = self.caches[shape] = StaticCache(config=self.hf.config, max_cache_len=shape[1], **upfront)
         out = self.lm(inputs_embeds=emb, use_cache=True, **{self.cache_name: cache})
         return self.hf.lm_head(out.last_hidden_state[:, -1]), cache
 

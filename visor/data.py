@@ -176,13 +176,13 @@ def tokenize(backbone: Backbone, record: Record) -> tuple[list[int], list[bool]]
 class RecordIndex:
     """Where every record of a training set is, found without keeping or opening anything: the byte
     offset of each non-empty line of a JSONL file, or of each element of an LLaVA JSON list, or of
-    those of every ``*.json``/``*.jsonl`` shard in a directory. ``get(i)`` reads record i from its
-    file: (where, item or why it is unusable)."""
+    those of every shard in a directory (its ``*.jsonl`` files, else its ``*.json`` ones).
+    ``get(i)`` reads record i from its file: (where, item or why it is unusable)."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
-        if path.is_dir():
-            self.files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl") and p.is_file())
+        if path.is_dir():  # *.jsonl shards, else *.json ones (a stray metadata .json beside JSONL shards is no shard)
+            self.files = sorted(path.glob("*.jsonl")) or sorted(path.glob("*.json"))
             if not self.files:
                 raise InputError(f"{path} holds no *.json or *.jsonl shard")
         elif path.is_file():
@@ -266,7 +266,8 @@ def _element_offsets(file: Path, chunk: int = 1 << 24) -> tuple[np.ndarray, np.n
                 try:
                     end = decoder.raw_decode(text, pos)[1]
                 except json.JSONDecodeError as e:
-                    if eof:
+                    cut = e.pos >= len(text) - 8 or e.msg.startswith("Unterminated string")  # by the window's end?
+                    if eof or not cut:
                         raise invalid(e.pos, e.msg) from None
                     end = len(text)
                 if end < len(text) or eof:
