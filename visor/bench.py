@@ -370,19 +370,19 @@ def run_bench(cfg: BenchConfig, progress=None) -> dict:
                 "serving": serving(cfg, times, kv_bytes, decode_weight_bytes(hf, lm, name, budget), copy_bw),
             }
         )
+    by_name = {r["method"]: r for r in rows}
     hf_rows = [r for r in rows if r["method"].startswith("hf")]  # the fastest transformers path, phase by phase
-    best_hf = {k: min(r[k] for r in hf_rows) for k in TIMES} if hf_rows else None
-    for reference, ref in [("hf", next((r for r in rows if r["method"] == "hf"), None)), ("best_hf", best_hf)]:
+    references = {
+        "hf": by_name.get("hf"),
+        "best_hf": {k: min(r[k] for r in hf_rows) for k in TIMES} if hf_rows else None,
+        "full": by_name.get("full"),
+    }
+    for name, ref in references.items():
         for row in rows:
-            row[f"speedup_vs_{reference}"] = (
+            row[f"speedup_vs_{name}"] = (
                 None if ref is None else {k: round(ref[k] / row[k], 3) if row[k] else None for k in TIMES}
             )
-    full_row = next((r for r in rows if r["method"] == "full"), None)
-    for row in rows:
-        row["speedup_vs_full"] = (
-            None if full_row is None else {k: round(full_row[k] / row[k], 3) if row[k] else None for k in TIMES}
-        )
-    hf_row = next((r for r in rows if r["method"] == "hf"), None)
+    hf_row = references["hf"]
     for row in rows:  # random bf16 weights give near-ties between logits: tokens may differ where logits agree
         comparable = hf_row is not None and row["budget"] == "full"
         row["same_tokens_as_hf"] = row["tokens"] == hf_row["tokens"] if comparable else None
