@@ -11,8 +11,13 @@
    float32: the CPU's tokens for every budget, and a second batch (the same prompts in other rows)
    in the same buckets replays the graphs captured for the first (no new capture).
 
+4. ``families``: the other model families (Qwen2.5-VL, Qwen3-VL: M-RoPE positions and DeepStack in
+   the CUDA-graph prefill; InternVL) through the API path in float32: the CPU's tokens for budgets
+   1 and full on a batch of unequal prompts.
+
     python benchmarks/check_cuda.py            # exits 1 and says what differs, if anything does
     python benchmarks/check_cuda.py cpu        # the same checks on the CPU (no CUDA graphs there)
+    python benchmarks/check_cuda.py cuda families   # check 4 alone (cpu families: its dry run)
 """
 
 from __future__ import annotations
@@ -67,6 +72,10 @@ def main() -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: this script checks the GPU path (pass `cpu` to run its checks on the CPU)")
         return 1
+    if sys.argv[2:] == ["families"]:
+        failures = families(device)
+        print("all checks passed" if not failures else "FAILED:\n  " + "\n  ".join(failures))
+        return 1 if failures else 0
     modes = [m for m in DECODE_MODES if device == "cuda" or not m.endswith("graph")]
     # (decode, prefill) beside every decode mode with the eager prefill; the last is the fastest path
     prefills = [("graph", "graph"), ("compile-graph", "compile-graph")] if device == "cuda" else [("compile",) * 2]
@@ -150,6 +159,37 @@ def api_path(path, state, image, device) -> list[str]:
     if device == "cuda" and graphs != 3:
         failures.append(f"API path: {graphs} prefill graphs captured for 3 budgets x 2 batches in one bucket (want 3)")
     print(f"API path: {graphs} prefill graphs for 3 budgets, 2 batches each")
+    return failures
+
+
+def families(device) -> list[str]:
+    """Check 4 (see the module docstring); returns what failed."""
+    from PIL import Image
+
+    failures, root = [], tempfile.mkdtemp()
+    images = []
+    for i, size in enumerate([(48, 40), (70, 50)]):
+        images.append(f"{root}/im{i}.png")
+        Image.effect_noise(size, 64).convert("RGB").save(images[-1])
+    prompts, pictures = ["Describe the picture.", "Compare the two.", "Is there text?"], [images[:1], images, []]
+    for arch in ("qwen2.5-vl", "qwen3-vl", "internvl"):
+        path = build_tiny(f"{root}/{arch}", TinySpec(arch=arch))
+        reference = visor.load(path, dtype="float32", device="cpu")
+        for p in reference.lm.cross.values():  # non-zero gates: CA layers change the result
+            torch.nn.init.constant_(p.gate, 0.7)
+        model = visor.load(path, dtype="float32", device=device)
+        load_visor_state(model, reference.lm.visor_state_dict())
+        # the default (fastest) modes on CUDA; on the CPU the compiled prefill and the static decode
+        modes = {} if device == "cuda" else {"prefill": "compile", "decode": "static"}
+        runner = model.runner(**modes)
+        for budget in [1, "full"]:
+            expected = [g.token_ids for g in reference.generate(pictures, prompts, budget=budget, max_new_tokens=N_NEW)]
+            generated = model.generate(pictures, prompts, budget=budget, max_new_tokens=N_NEW, **modes)
+            same = [g.token_ids for g in generated] == expected
+            name = f"{arch} ({runner.prefill_mode} + {runner.decode_mode}) budget {budget}"
+            print(f"{name}: {'same tokens' if same else 'DIFFERENT tokens'} as the CPU float32 eager path")
+            if not same:
+                failures.append(f"{name}: {[g.token_ids for g in generated]} vs the CPU's {expected}")
     return failures
 
 

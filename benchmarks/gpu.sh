@@ -31,6 +31,8 @@ bench() {  # size batch seconds; if the compiled prefill fails, the plain CUDA-g
   done
   echo "== check_cuda ($(date +%T))"  # bf16 then float32, about a minute each on an H200
   timeout "${TCHECK:-200}" $PY benchmarks/check_cuda.py
+  echo "== check_cuda families ($(date +%T))"  # Qwen2.5-VL, Qwen3-VL, InternVL through the API path
+  timeout "${TFAMILIES:-150}" $PY benchmarks/check_cuda.py cuda families
   for mode in graph compile-graph; do
     echo "== profile 0.5b visor:2 prefill $mode ($(date +%T))"
     timeout "${TPROFILE:-40}" $PY benchmarks/profile_prefill.py 0.5b visor:2 7290 cuda $mode
