@@ -117,3 +117,26 @@ def test_task_files_for_lmms_eval(tmp_path):
     assert dotted["exact_match"] == 1.0 and dotted["anls"] < 1.0
     with pytest.raises(visor.OutputError, match="pass --overwrite"):
         write_tasks(tmp_path / "data", tmp_path / "tasks")
+
+
+@pytest.mark.parametrize("arch", ["qwen2.5-vl", "qwen3-vl", "internvl"])
+def test_other_families_answer_through_the_lmms_model_as_through_generate(checkpoints, pictures, tmp_path, arch):
+    """The lmms-eval model on Qwen-VL and InternVL checkpoints: batched requests (one image, two, a
+    text-only one) get generate's answers, and each sample's FLOPs are generate's (the tower counted
+    on the images' own grids / tiles)."""
+    runner = Runner(
+        str(checkpoints[arch]), budget="1", batch_size="3", device="cpu", flops_file=str(tmp_path / "f.json")
+    )
+    requests = [
+        Request(chat("What is shown?", pictures[0]), {"max_new_tokens": 5}, "t", 0),
+        Request(chat("Compare them.", pictures[1], pictures[3]), {"max_new_tokens": 5}, "t", 1),
+        Request(chat("Is there text?"), {"max_new_tokens": 5}, "t", 2),
+    ]
+    answers = runner.generate(requests)
+    model = visor.load(checkpoints[arch], device="cpu")
+    samples = json.loads(runner.flops_file.read_text())["samples"]
+    for r, a, s in zip(requests, answers, samples):
+        prompt, images = split_messages(r.messages)
+        alone = model.generate(images, prompt, budget=1, max_new_tokens=5)
+        assert a.text == alone.text and a.n_input == alone.n_visual + alone.n_text
+        assert s["lm_prefill"] == alone.flops["lm_prefill"] and s["prefill"] == alone.flops["prefill"]
