@@ -416,8 +416,10 @@ def train(cfg: TrainConfig) -> Path:
     start_from = resume_from / "model" if resume_from and not sharded else cfg.model
     compute = checks.dtype(cfg.dtype, device)
     # the starting checkpoint is read in the training dtype (a bfloat16 base never passes through
-    # float32); a checkpoint of this run in float32, as its master weights were saved
-    model = load(start_from, dtype=compute if start_from == cfg.model else torch.float32, device=str(device))
+    # float32); a checkpoint of this run in float32, as its master weights were saved, on the host:
+    # only the weights it trains go to the device in float32
+    own = start_from != cfg.model
+    model = load(start_from, dtype=torch.float32 if own else compute, device="cpu" if own else str(device))
     model.lm.gradient_checkpointing = cfg.activation_checkpointing
     budgets = parse_budgets(cfg.budgets, model.schedule)
     if cfg.budget_weights and len(cfg.budget_weights) != len(budgets):
@@ -439,7 +441,8 @@ def train(cfg: TrainConfig) -> Path:
     named = set_trainable(model, cfg)
     trainee = Trainee(model)
     for p in trainee.parameters():  # trained weights (and AdamW's state) in float32, frozen ones in the training dtype
-        p.data = p.data.to(torch.float32 if p.requires_grad else compute)
+        p.data = p.data.to(device, torch.float32 if p.requires_grad else compute)
+    trainee.to(device)  # the buffers too (RoPE tables), where the model was read on the host
     log.line(f"stage {cfg.stage}: training {sum(p.numel() for _, p in named):,} parameters in {len(named)} tensors")
     fsdp = cfg.fsdp and world > 1
     if fsdp:
