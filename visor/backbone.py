@@ -193,6 +193,11 @@ class Backbone:
         self.image_token_id = self.config.image_token_id
         if self.tokenizer.convert_ids_to_tokens(self.image_token_id) is None:
             raise CheckpointError(f"the tokenizer has no token for image_token_id={self.image_token_id}")
+        # M-RoPE: newer 5.x releases' get_rope_index reads each token's modality (mm_token_type_ids)
+        rope_index = getattr(self.hf.model, "get_rope_index", None)
+        self.rope_index_reads_types = (
+            rope_index is not None and "mm_token_type_ids" in inspect.signature(rope_index).parameters
+        )
         self.image_brackets = ([], [])  # token ids around each image's tokens, where the processor adds them
         if self.config.model_type == "internvl":  # <img> ... </img>
             names = [
@@ -287,7 +292,7 @@ class Backbone:
         if self.config.model_type in MROPE:
             ids_t = torch.tensor([expanded])
             kwargs = {"image_grid_thw": torch.tensor(visual.grids) if visual.grids else None}
-            if "mm_token_type_ids" in inspect.signature(self.hf.model.get_rope_index).parameters:  # newer 5.x
+            if self.rope_index_reads_types:
                 kwargs["mm_token_type_ids"] = (ids_t == self.image_token_id).int()
             positions, _ = self.hf.model.get_rope_index(input_ids=ids_t, **kwargs)
             positions = positions[:, 0].T.contiguous()  # (L, 3)
