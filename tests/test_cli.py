@@ -92,7 +92,7 @@ def test_flops_from_a_config_file_only():
 
 def test_data_make_and_eval(tmp_path, checkpoints):
     visor_cli("data", "make", "--out", tmp_path, "--train", 1, "--val", 0, "--test", 1, "--image-size", 64)
-    assert (tmp_path / "card.json").is_file() and len((tmp_path / "test.jsonl").read_text().splitlines()) == 9
+    assert (tmp_path / "card.json").is_file() and len((tmp_path / "test.jsonl").read_text().splitlines()) == 10
     out = json.loads(
         visor_cli(
             "eval",
@@ -111,8 +111,8 @@ def test_data_make_and_eval(tmp_path, checkpoints):
             "--json",
         )
     )
-    assert out["method"] == "pdrop" and out["summary"]["overall"]["n"] == 9
-    assert set(out["summary"]["family"]) == {"hard", "easy"}
+    assert out["method"] == "pdrop" and out["summary"]["overall"]["n"] == 10
+    assert set(out["summary"]["family"]) == {"hard", "reasoning", "easy"}
 
 
 def test_every_model_command_honours_device_and_dtype(tmp_path, checkpoints, dataset):

@@ -69,7 +69,7 @@ def test_accuracy_counts_exact_matches(model, bench, tmp_path):
     empty = sum(1 for r in first["rows"] if not r["prediction"])
     s = again["summary"]
     assert s["overall"]["accuracy"] == pytest.approx(1 - empty / len(rows))
-    assert set(s["family"]) == {"hard", "easy"} and len(s["task"]) == 9
+    assert set(s["family"]) == {"hard", "reasoning", "easy"} and len(s["task"]) == 10
     assert all(r["prefill_flops"] > r["lm_prefill_flops"] > 0 for r in again["rows"])
 
 
@@ -83,12 +83,13 @@ def test_baselines_save_flops(model, bench):
 
 
 def test_compare_writes_a_table_and_a_plot(model, bench, tmp_path):
-    result = compare(model, bench / "test.jsonl", tmp_path, max_new_tokens=2, limit=9)
+    result = compare(model, bench / "test.jsonl", tmp_path, max_new_tokens=2)
     report = (tmp_path / "report.md").read_text()
     assert "| base |" in report and "At matched FLOPs" in report and "FastV(" in report and "VisionZip(" in report
     assert "PyramidDrop" in report and "fastv" not in report  # published names only
     image = Image.open(tmp_path / "pareto.png")
-    assert image.size[0] > 800 and image.size[1] > 300
+    assert image.size[0] > 1800 and image.size[1] > 300  # a panel per family: hard, reasoning, easy
+    assert "| setting | hard | reasoning | easy | all |" in report
     pixels = np.asarray(image.convert("RGB"))
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20  # lines and text, not a blank canvas
     data = json.loads((tmp_path / "results.json").read_text())

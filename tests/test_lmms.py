@@ -98,7 +98,7 @@ def test_task_files_for_lmms_eval(tmp_path):
     make_dataset(tmp_path / "data", 0, {"train": 0, "val": 0, "test": 3}, ["quadrant", "marked_digit"], 64, 1,
                  progress=False)  # fmt: skip
     names = write_tasks(tmp_path / "data", tmp_path / "tasks")
-    assert names == ["visor_hard", "visor_easy", "visor_all"]
+    assert names == ["visor_hard", "visor_easy", "visor_all"]  # no reasoning record: no visor_reasoning task
     loader = type("Loader", (yaml.SafeLoader,), {})
     loader.add_constructor("!function", lambda loader, node: ("function", loader.construct_scalar(node)))
     config = yaml.load((tmp_path / "tasks" / "visor_hard.yaml").read_text(), Loader=loader)

@@ -1,8 +1,10 @@
 """The budget policy: labelling rule, per-sample choice inside one prefill, FLOPs, persistence."""
 
+import json
+
 import pytest
 import torch
-from conftest import set_visor_weights
+from conftest import random_image, set_visor_weights
 
 import visor
 from visor.policy import Policy, PolicyTrainConfig, fit_policy, label_budgets, normalise, train_policy
@@ -46,7 +48,7 @@ def routed(checkpoints, images):
     hidden, n = model.lm.cfg.hidden, len(model.schedule.sa_candidates) + 1
     torch.manual_seed(1)
     for _ in range(50):  # find a random policy that spreads the four test images over budgets
-        policy = Policy(hidden, n, width=16)
+        policy = Policy(hidden, n, width=16, probe_layers=model.schedule.probe_layers)
         with torch.no_grad():
             policy.net[-1].weight.mul_(50)
         model.lm.policy = policy
@@ -64,10 +66,62 @@ def test_auto_runs_each_sample_at_its_budget_in_one_batch(routed, images):
     for g, im, budget in zip(auto, images, chosen):
         fixed = model.generate(im, "What is shown?", budget=budget, max_new_tokens=6)
         assert g.token_ids == fixed.token_ids
-        assert g.flops == fixed.flops  # reported FLOPs = the chosen budget's FLOPs
-    assert sum(g.flops["total"] for g in auto) == sum(
-        model.generate(im, "What is shown?", budget=b, max_new_tokens=6).flops["total"] for im, b in zip(images, chosen)
+        # reported FLOPs = the chosen budget's, plus the router's probe in prefill
+        router = model.flops(g.n_visual, g.n_text, 0, router=model.lm.policy.config).breakdown["prefill"]["router"]
+        assert router > 0 and g.flops["prefill"] == fixed.flops["prefill"] + router
+        assert g.flops["decode"] == fixed.flops["decode"]
+
+
+def test_the_router_reads_the_text_after_the_first_ca_layer(routed, images, tmp_path):
+    """The probe = the first layers of a budget-0 pass (up to and including the first CA layer),
+    pooled; its FLOPs = what FlopCounterMode counts for the probe and the MLP."""
+    from visor.generate import collate
+    from visor.policy import Policy
+
+    model, _ = routed
+    lm, depth = model.lm, model.schedule.probe_layers
+    assert depth == model.schedule.ca_layers[0] + 1 == lm.probe_depth
+    samples = model.encode(["What is shown?", "Which colour?"], [[images[0]], [images[1]]])
+    tok = collate(samples, model.backbone.image_token_id, "cpu")
+    n_layers = lm.cfg.n_layers
+    try:  # reference: the same model cut to `depth` layers, run at budget 0 (its text states, unnormed)
+        lm.cfg.n_layers = depth
+        with torch.no_grad():
+            cut = lm.run(tok, [0, 0]).text
+    finally:
+        lm.cfg.n_layers = n_layers
+    with torch.no_grad():
+        features = lm.policy_features(tok)
+        inputs = lm.policy_features(tok, depth=0)
+    v, _, _ = lm.inputs(tok, [0, 0])
+    expected = Policy.features(v, cut, tok.visual_valid, tok.text_valid)
+    torch.testing.assert_close(features, expected)
+    # the text has read the image: same prompt, other image -> other text features after the CA layer,
+    # the same ones a layer before it (budget 0 runs that layer on the text alone)
+    pictures = [[random_image(tmp_path / f"{i}.png", 40, 30, seed=10 + i)] for i in range(4)]  # one size: one layout
+    same, other = (
+        collate(model.encode(["What is shown?"] * 2, pair), model.backbone.image_token_id, "cpu")
+        for pair in (pictures[:2], pictures[2:])
     )
+    with torch.no_grad():
+        d = v.shape[-1]
+        after = [lm.policy_features(x)[:, d:] for x in (same, other)]
+        before = [lm.policy_features(x, depth - 1)[:, d:] for x in (same, other)]
+    assert not torch.allclose(after[0], after[1], atol=1e-4)
+    torch.testing.assert_close(before[0], before[1])
+    assert inputs.shape == features.shape
+    from torch.utils.flop_counter import FlopCounterMode
+
+    lm.explicit_attention = True
+    try:
+        one = collate(samples[:1], model.backbone.image_token_id, "cpu")
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            lm.policy(lm.policy_features(one))
+    finally:
+        lm.explicit_attention = False
+    n_visual = samples[0].visual.shape[0]
+    report = model.flops(n_visual, len(samples[0].ids) - n_visual, 0, router=lm.policy.config)
+    assert report.breakdown["prefill"]["router"] == pytest.approx(counter.get_total_flops(), rel=0.01)
 
 
 def test_policy_round_trip_and_missing_policy(routed, images, tmp_path):
@@ -79,6 +133,15 @@ def test_policy_round_trip_and_missing_policy(routed, images, tmp_path):
     base = visor.load(model.backbone.path)
     with pytest.raises(visor.ConfigError, match="needs a trained policy"):
         base.generate(images[0], "What is shown?", budget="auto")
+    meta = json.loads((tmp_path / "ckpt" / "visor.json").read_text())
+    assert meta["policy"]["probe_layers"] == model.schedule.probe_layers
+    del meta["policy"]["probe_layers"]  # a policy saved before the probe: it read the inputs of layer 0
+    (tmp_path / "ckpt" / "visor.json").write_text(json.dumps(meta))
+    assert visor.load(tmp_path / "ckpt").lm.probe_depth == model.schedule.sa_candidates[0] == 0
+    meta["policy"]["probe_layers"] = 99
+    (tmp_path / "ckpt" / "visor.json").write_text(json.dumps(meta))
+    with pytest.raises(visor.CheckpointError, match="probe runs 99 layers"):
+        visor.load(tmp_path / "ckpt")
 
 
 def test_holdout_split():
@@ -99,8 +162,9 @@ def test_train_policy_end_to_end(checkpoints, dataset, tmp_path):
     assert result["measured_on"] == "held-out samples" and sum(rows["auto"]["chosen"]) == 3
     assert "Measured on held-out samples: 3 of 16" in (tmp_path / "policy_report.md").read_text()
     flops = [rows[b]["prefill_flops"] for b in (0, 1, 2)]
-    assert flops[0] < flops[1] < flops[2] and flops[0] <= rows["auto"]["prefill_flops"] <= flops[2]
-    assert (tmp_path / "policy_report.md").is_file()
+    assert flops[0] < flops[1] < flops[2] and flops[0] < rows["auto"]["prefill_flops"]  # auto: + the probe's
     model = visor.load(tmp_path / "final")
+    assert model.lm.policy.config["probe_layers"] == model.schedule.probe_layers == 2
+    assert (tmp_path / "policy_report.md").is_file()
     assert model.lm.policy is not None and model.lm.policy.config["n_budgets"] == 3
     assert not (tmp_path / "final" / "model.safetensors").exists()  # an adapter: the router is all that is new

@@ -43,7 +43,7 @@ def test_splits_tasks_and_card(bench):
     for split, n in SIZES.items():
         rows = records(bench, split)
         assert len(rows) == n * len(TASKS)
-        assert {r["family"] for r in rows} == {"hard", "easy"}
+        assert {r["family"] for r in rows} == {"hard", "reasoning", "easy"}
         assert all((bench / r["image"]).is_file() and r["answer"] for r in rows)
     card = json.loads((bench / "card.json").read_text())
     assert card["seed"] == 3 and set(card["tasks"]) == set(TASKS)
@@ -83,6 +83,13 @@ def test_digit_answers_follow_the_handwriting_labels(bench):
         cell = 128 // len(r["meta"]["labels"])
         row, col = int(ys.mean() // cell), int(xs.mean() // cell)  # the box's centre -> its cell
         assert str(targets[r["meta"]["indices"][row][col]]) == r["answer"]
+    for r in by_task(bench, "left_of_mark"):  # the digit one cell left of the red box's
+        red = np.abs(pixels(bench, r) - COLOURS["red"]).sum(-1) == 0
+        ys, xs = np.nonzero(red)
+        cell = 128 // len(r["meta"]["labels"])
+        row, col = int(ys.mean() // cell), int(xs.mean() // cell)
+        assert col > 0 and r["family"] == "reasoning"
+        assert str(targets[r["meta"]["indices"][row][col - 1]]) == r["answer"]
     for r in by_task(bench, "grid_digit"):
         row, col = map(int, re.findall(r"\d+", r["question"]))
         assert str(targets[r["meta"]["indices"][row - 1][col - 1]]) == r["answer"]
@@ -97,3 +104,20 @@ def test_text_answers_follow_their_rendering_parameters(bench):
     for r in by_task(bench, "word_at"):
         word, line = re.search(r"the (\w+) word of line (\d+)", r["question"]).groups()
         assert r["meta"]["lines"][int(line) - 1][ordinals.index(word)] == r["answer"]
+
+
+@pytest.mark.parametrize("size, cells", [(64, 4), (96, 6), (128, 8), (384, 8)])
+def test_red_box_grids_have_16_pixel_cells_on_small_images(tmp_path, size, cells):
+    from visor.synth import make_item, marked_grid
+
+    assert marked_grid(size) == cells
+    targets = digits()[1]
+    for i in range(4):
+        item = make_item("left_of_mark", 0, "test", i, size)
+        labels, indices = item.meta["labels"], item.meta["indices"]
+        assert len(labels) == cells and all(len(row) == cells for row in labels)
+        red = np.abs(np.asarray(item.image.convert("RGB")).astype(int) - COLOURS["red"]).sum(-1) == 0
+        ys, xs = np.nonzero(red)
+        row, col = int(ys.mean() // (size // cells)), int(xs.mean() // (size // cells))
+        assert (row, col) == (item.meta["row"], item.meta["col"]) and col >= 1
+        assert item.answer == str(labels[row][col - 1]) == str(targets[indices[row][col - 1]])

@@ -98,6 +98,78 @@ def test_budgets_are_sampled_and_logged(checkpoints, dataset, tmp_path):
     assert (run / "config.yaml").is_file()
 
 
+REDUCTIONS = {
+    "pdrop": ('{"method": "pdrop", "stages": [1, 2], "ratio": 0.5}', False),  # PyramidDrop trains with its drops
+    "visionzip": ('{"method": "visionzip", "dominant": 4, "contextual": 1}', True),  # VisionZip: the projector
+}
+
+
+@pytest.mark.parametrize("method", REDUCTIONS)
+def test_training_under_a_token_reduction(checkpoints, dataset, tmp_path, method):
+    """The base trained as the baseline's paper trains it: the loss falls, the logged FLOPs are those of
+    the reduced samples (fewer than without), and --projector-only changes the projector alone."""
+    from visor.data import RecordIndex, TrainSet
+    from visor.reduce import Reduction
+    from visor.train import sample_indices
+
+    spec, projector_only = REDUCTIONS[method]
+    run = tmp_path / method
+    cfg = config(checkpoints, dataset, run, stage=2, budgets="full", steps=25, reduction=spec,
+                 projector_only=projector_only, lr=3e-2 if projector_only else 2e-3)  # fmt: skip
+    final = train(cfg)
+    curve = losses(run)
+    first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
+    assert last < (first - 0.2 if projector_only else 0.7 * first), curve  # a projector alone moves a random LM less
+    model, reduction = visor.load(checkpoints["llava-onevision"]), Reduction(**json.loads(spec))
+    data = TrainSet(RecordIndex(dataset / "train.jsonl"), dataset / "img", model.backbone)
+    reduced = full = 0
+    for i in sample_indices(0, 0, cfg, len(data), 1, 0):
+        x = data[i]
+        for r in (reduction, None):
+            zip_ = r.visionzip if r else None
+            sample = model.backbone.expand(x.ids, model.backbone.image_features(x.images, zip_))
+            n_visual = sample.visual.shape[0]
+            flops = model.flops(n_visual, len(sample.ids) - n_visual, "full", sample.n_crops, r).prefill
+            reduced, full = (reduced + flops, full) if r else (reduced, full + flops)
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["model_tflops_per_s"] * 1e12 * row["elapsed_s"] == pytest.approx(3 * reduced, rel=1e-6)
+    assert reduced < full
+    before, after = model.backbone.hf.state_dict(), visor.load(final).backbone.hf.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    if projector_only:
+        assert changed == {k for k in before if "multi_modal_projector" in k}
+    else:
+        assert any("language_model.layers" in k for k in changed)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(reduction="{pdrop"), "must be a JSON object"),
+        (dict(reduction='{"method": "pdrop", "depth": 2}'), "unknown field 'depth'"),
+        (dict(reduction='{"method": "pdrop", "stages": 3}'), "stages must be list"),
+        (dict(reduction='{"method": "fastv", "layer": "2"}'), "layer must be int"),
+        (dict(reduction='["pdrop"]'), "not an object"),
+        (dict(reduction='{"method": "fastv"}', budgets="0-2"), "use --stage 2 --budgets full"),
+        (dict(reduction='{"method": "fastv"}', stage=1, budgets="full"), "use --stage 2 --budgets full"),
+        (dict(projector_only=True, stage=1), "use --stage 2"),
+        (dict(reduction='{"method": "pdrop", "stages": [9]}', budgets="full"), "prune points"),
+    ],
+)
+def test_bad_reduction_training_options_are_refused(checkpoints, dataset, tmp_path, kw, message):
+    cfg = config(checkpoints, dataset, tmp_path / "x", **({"stage": 2} | kw))
+    with pytest.raises(visor.ConfigError, match=message):
+        train(cfg)
+    assert not (tmp_path / "x").exists()  # refused before anything is written
+
+
+def test_projector_only_needs_a_projector(checkpoints, dataset, tmp_path):
+    cfg = config(checkpoints, dataset, tmp_path / "x", stage=2, projector_only=True)
+    cfg.model = str(checkpoints["qwen2-vl"])
+    with pytest.raises(visor.ConfigError, match="no multi_modal_projector"):
+        train(cfg)
+
+
 def test_bad_records_are_skipped_when_met_and_counted(checkpoints, dataset, tmp_path):
     """Records are read when a step needs them: the unusable ones (bad JSON, no answer, a missing or
     broken image) are skipped and named in train.log; the run stops past --max-bad; a file whose first

@@ -97,11 +97,12 @@ class VisorModel:
         drops = reduction.drops(self.lm.cfg.n_layers) if reduction else None
         out = generate(runner, tokens, budget, cfg, self.backbone.eos_token_ids, drops)
         results = []
-        for sample, ids, budget in zip(samples, out.tokens, out.budgets):
+        for sample, ids, asked, chosen in zip(samples, out.tokens, _each(budget, len(samples)), out.budgets):
             n_visual = sample.visual.shape[0]
             n_text = len(sample.ids) - n_visual
-            report = self.flops(n_visual, n_text, budget, sample.n_crops, reduction, sample.grids)
-            decode = decode_flops(self.config, self.schedule, budget, n_visual, n_text, len(ids), reduction)
+            router = self.lm.policy.config if asked == "auto" else None
+            report = self.flops(n_visual, n_text, chosen, sample.n_crops, reduction, sample.grids, router)
+            decode = decode_flops(self.config, self.schedule, chosen, n_visual, n_text, len(ids), reduction)
             text = self.backbone.tokenizer.decode(ids, skip_special_tokens=True)
             flops = {
                 "prefill": report.prefill,
@@ -109,7 +110,7 @@ class VisorModel:
                 "decode": decode,
                 "total": report.prefill + decode,
             }
-            results.append(Generation(text, ids, budget, n_visual, n_text, flops, out.prefill_seconds))
+            results.append(Generation(text, ids, chosen, n_visual, n_text, flops, out.prefill_seconds))
         return results[0] if single else results
 
     def runner(self, prefill: str = "auto", decode: str = "auto") -> Runner:
@@ -149,10 +150,12 @@ class VisorModel:
         n_crops: int | None = None,
         reduction=None,
         grids: list | None = None,
+        router: dict | None = None,
     ) -> FlopReport:
         """FLOPs of one sample: n_visual image tokens and n_text text tokens, n_crops tower crops
-        (``grids``: the images' patch grids, for a dynamic-resolution tower; see ``visor.flops``)."""
-        return count_flops(self.config, self.schedule, budget, n_visual, n_text, n_crops, reduction, grids)
+        (``grids``: the images' patch grids, for a dynamic-resolution tower; ``router``: the policy's
+        config where it chose the budget; see ``visor.flops``)."""
+        return count_flops(self.config, self.schedule, budget, n_visual, n_text, n_crops, reduction, grids, router)
 
     # ---- persistence --------------------------------------------------------------------
     def save(
@@ -212,7 +215,11 @@ def load(
     model = VisorModel(Backbone(path, dtype, device, attn_implementation, weights), schedule, meta is not None)
     if meta is not None and meta.get("policy"):
         p = meta["policy"]
-        policy = Policy(model.lm.cfg.hidden, p["n_budgets"], p["width"], p["cost_weight"])
+        # a policy saved before the probe existed read the states entering the first SA candidate
+        probe = p.get("probe_layers", schedule.sa_candidates[0] if schedule.sa_candidates else 0)
+        if not isinstance(probe, int) or isinstance(probe, bool) or not 0 <= probe <= n_layers:
+            raise CheckpointError(f"{path}: the policy's probe runs {probe!r} layers; the model has {n_layers}")
+        policy = Policy(model.lm.cfg.hidden, p["n_budgets"], p["width"], p["cost_weight"], probe)
         model.lm.policy = policy.to(model.backbone.device)
     if meta is not None:
         load_visor_weights(path, model.lm.visor_state_dict())
@@ -254,3 +261,8 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, base: str
     claim(out, "checkpoint", inputs=[path, weights], overwrite=overwrite, mark=False)  # nor over the base
     dtype = checkpoint_dtype(weights) or torch.float32
     return load(path, dtype=dtype, device="cpu", base=base).save(out, overwrite=overwrite)
+
+
+def _each(budget, n: int) -> list:
+    """The budget each of n samples asked for (one for all, or a list)."""
+    return list(budget) if isinstance(budget, (list, tuple)) else [budget] * n

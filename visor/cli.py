@@ -369,6 +369,13 @@ def train(
     min_lr_ratio: float | None = None,
     clip: Annotated[float | None, typer.Option(help="max gradient norm, 0 = off")] = None,
     freeze_vision: Annotated[bool | None, typer.Option("--freeze-vision", help="stage 2: keep the tower")] = None,
+    reduction: Annotated[
+        str | None,
+        typer.Option(help='train the base under a token reduction, JSON: {"method": "pdrop", "stages": [1, 2, 4]}'),
+    ] = None,
+    projector_only: Annotated[
+        bool | None, typer.Option("--projector-only", help="stage 2: train only the projector (VisionZip's recipe)")
+    ] = None,
     activation_checkpointing: Annotated[bool | None, typer.Option("--activation-checkpointing")] = None,
     save_every: Annotated[int | None, typer.Option(help="checkpoint every N steps (0: only final)")] = None,
     resume: Annotated[
@@ -578,7 +585,7 @@ def data_make(
     workers: int = 2,
     overwrite: OverwriteOpt = False,
 ):
-    """Generate the built-in fine-grained (hard) and global (easy) benchmark, deterministically."""
+    """Generate the built-in benchmark (fine-grained, reasoning and global tasks), deterministically."""
     from .synth import make_dataset
 
     chosen = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
@@ -595,7 +602,7 @@ def data_lmms_tasks(
     max_new_tokens: int = 16,
     overwrite: OverwriteOpt = False,
 ):
-    """Write the built-in benchmark as lmms-eval tasks: visor_hard, visor_easy, visor_all."""
+    """Write the built-in benchmark as lmms-eval tasks: visor_hard, visor_reasoning, visor_easy, visor_all."""
     from .lmms import write_tasks
 
     names = write_tasks(data, out, split, max_new_tokens, overwrite)

@@ -3,12 +3,13 @@
 ``evaluate``: batched generation over a JSONL/LLaVA-JSON set; per sample exact match against any
 reference answer (after normalisation: lower case, punctuation removed, spaces collapsed) and ANLS
 as DocVQA defines it (``anls``); FLOPs (prefill and total, from ``visor.flops``); wall-clock.
-Summaries per task, per family (hard / easy) and overall, each accuracy with its 95% Wilson interval.
+Summaries per task, per family (hard / reasoning / easy, or the data's own) and overall, each
+accuracy with its 95% Wilson interval.
 
 ``compare``: VISOR at every budget (and ``auto`` with a policy), the base model, FastV, PyramidDrop
 and VisionZip over their knobs, and VISOR + VisionZip; writes ``results.json``, ``report.md``
 (every setting, and a table matching each VISOR budget to each baseline's setting with the
-nearest FLOPs) and ``pareto.png`` (accuracy vs. relative LM prefill FLOPs, hard and easy panels).
+nearest FLOPs) and ``pareto.png`` (accuracy vs. relative LM prefill FLOPs, a panel per task family).
 """
 
 from __future__ import annotations
@@ -302,16 +303,27 @@ def compare(
 
 
 def display_name(method: str) -> str:
-    """A method's published name (FastV, PyramidDrop, VisionZip, VISOR) for tables and legends."""
+    """A method's published name (FastV, PyramidDrop, VisionZip, VISOR) for tables and legends; a note
+    after the method's key stays ("pdrop (trained)" -> "PyramidDrop (trained)")."""
     from .reduce import NAMES
 
-    return {"visor": "VISOR", "base": "base", "visor+visionzip": "VISOR + VisionZip"}.get(
-        method, NAMES.get(method, method)
-    )
+    key, space, note = method.partition(" ")
+    names = {"visor": "VISOR", "base": "base", "visor+visionzip": "VISOR + VisionZip"} | NAMES
+    return names.get(key, key) + space + note
 
 
 def _family(r: dict, name: str) -> dict | None:
-    return r["summary"]["family"].get(name)
+    return r["summary"]["overall"] if name == "all" else r["summary"]["family"].get(name)
+
+
+FAMILY_ORDER = ("hard", "reasoning", "easy")  # the built-in benchmark's; others follow by name
+
+
+def families(results: list[dict]) -> list[str]:
+    """The task families the results cover, the built-in ones first (["all"] where no record names one)."""
+    seen = {f for r in results for f in r["summary"]["family"]}
+    order = sorted(seen, key=lambda f: (FAMILY_ORDER.index(f) if f in FAMILY_ORDER else len(FAMILY_ORDER), f))
+    return order or ["all"]
 
 
 def accuracy_cell(group: dict | None) -> str:
@@ -323,17 +335,18 @@ def accuracy_cell(group: dict | None) -> str:
 
 
 def report_markdown(results: list[dict]) -> str:
+    names = [f for f in families(results) if f != "all"]  # the overall column follows anyway
     lines = [
         "# VISOR vs. token reduction (FastV, PyramidDrop, VisionZip)",
         "",
-        "| setting | hard | easy | all | LM prefill FLOPs vs. base | prefill s |",
-        "|---|---|---|---|---|---|",
+        f"| setting | {' | '.join(names)} | all | LM prefill FLOPs vs. base | prefill s |",
+        "|---" * (len(names) + 4) + "|",
     ]
     for r in results:
+        cells = " | ".join(accuracy_cell(_family(r, f)) for f in names)
         lines.append(
-            f"| {r['setting']} | {accuracy_cell(_family(r, 'hard'))} | {accuracy_cell(_family(r, 'easy'))} | "
-            f"{accuracy_cell(r['summary']['overall'])} | {r['relative_lm_flops']:.3f} | "
-            f"{r['prefill_seconds']:.2f} |"
+            f"| {r['setting']} | {cells} | {accuracy_cell(r['summary']['overall'])} | "
+            f"{r['relative_lm_flops']:.3f} | {r['prefill_seconds']:.2f} |"
         )
     visor = [r for r in results if r["method"] == "visor" and r["budget"] != "auto"]
     baselines = sorted({r["method"] for r in results} - {"visor", "base"})
@@ -342,10 +355,10 @@ def report_markdown(results: list[dict]) -> str:
             "",
             "## At matched FLOPs (each baseline's setting nearest to the VISOR budget)",
             "",
-            "| VISOR budget | FLOPs | hard | easy | "
-            + " | ".join(f"{display_name(b)} (FLOPs, hard, easy)" for b in baselines)
+            f"| VISOR budget | FLOPs | {' | '.join(names)} | "
+            + " | ".join(f"{display_name(b)} (FLOPs, {', '.join(names)})" for b in baselines)
             + " |",
-            "|---" * (4 + len(baselines)) + "|",
+            "|---" * (2 + len(names) + len(baselines)) + "|",
         ]
         for v in visor:
             cells = []
@@ -354,12 +367,10 @@ def report_markdown(results: list[dict]) -> str:
                     (r for r in results if r["method"] == b),
                     key=lambda r: abs(r["relative_lm_flops"] - v["relative_lm_flops"]),
                 )
-                hard, easy = (accuracy_cell(_family(near, f)) for f in ("hard", "easy"))
-                cells.append(f"{near['relative_lm_flops']:.3f}, {hard}, {easy}")
-            lines.append(
-                f"| {v['budget']} | {v['relative_lm_flops']:.3f} | {accuracy_cell(_family(v, 'hard'))} | "
-                f"{accuracy_cell(_family(v, 'easy'))} | " + " | ".join(cells) + " |"
-            )
+                accuracies = ", ".join(accuracy_cell(_family(near, f)) for f in names)
+                cells.append(f"{near['relative_lm_flops']:.3f}, {accuracies}")
+            own = " | ".join(accuracy_cell(_family(v, f)) for f in names)
+            lines.append(f"| {v['budget']} | {v['relative_lm_flops']:.3f} | {own} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Accuracy: exact match after normalisation (%), with its 95% Wilson interval. "
@@ -386,8 +397,9 @@ def pareto_plot(results: list[dict], path: Path) -> None:
     import matplotlib.ticker  # noqa: F401
 
     min_x = min(r["relative_lm_flops"] for r in results)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
-    for ax, family in zip(axes, ("hard", "easy")):
+    names = families(results)
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.2), sharex=True, squeeze=False)
+    for ax, family in zip(axes[0], names):
         for method in sorted({r["method"] for r in results}):
             points = sorted(
                 (r["relative_lm_flops"], _family(r, family))
@@ -396,9 +408,11 @@ def pareto_plot(results: list[dict], path: Path) -> None:
             )
             if points:
                 xs, ys, errors = _with_intervals(points)
-                style = "o" if method == "base" else "o-"
+                faint = "no ft" in method  # the baselines on the base without VISOR's extra training
+                style = "o" if method.startswith("base") else ("o--" if faint else "o-")
                 name = display_name(method)
-                ax.errorbar(xs, ys, errors, fmt=style, capsize=2, label=name, lw=2 if method == "visor" else 1.2)
+                lw = 2 if method == "visor" else 1.2
+                ax.errorbar(xs, ys, errors, fmt=style, capsize=2, label=name, lw=lw, alpha=0.45 if faint else 1)
         for r in results:
             if r["budget"] == "auto" and _family(r, family) is not None:
                 xs, ys, errors = _with_intervals([(r["relative_lm_flops"], _family(r, family))])
@@ -407,11 +421,11 @@ def pareto_plot(results: list[dict], path: Path) -> None:
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks([x for x in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0) if x >= min_x / 1.5])
-        ax.set_title(f"{family} tasks")
+        ax.set_title("all tasks" if family == "all" else f"{family} tasks")
         ax.set_xlabel("language-model prefill FLOPs (relative to base)")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)

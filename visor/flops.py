@@ -134,11 +134,13 @@ def count_flops(
     n_crops: int | None = None,
     reduction=None,
     grids: list[tuple[int, int, int]] | None = None,
+    router: dict | None = None,
 ) -> FlopReport:
     """FLOPs of one sample with n_visual image tokens entering the language model (after
     VisionZip, if used) and n_text text tokens at this budget; ``reduction``: a visor.reduce.Reduction.
     A dynamic-resolution tower (Qwen-VL) is counted on the images' patch ``grids`` (default: one image
-    of n_visual tokens, as square as possible)."""
+    of n_visual tokens, as square as possible). ``router``: the config of the policy that chose the
+    budget ("auto"); its probe (``probe_layers`` layers at budget 0) and MLP are counted too."""
     checks.count("visual tokens", n_visual)
     checks.count("text tokens", n_text, 1)
     if n_crops is not None:
@@ -180,7 +182,14 @@ def count_flops(
         "lm_layers": 0,
         "cross_attention": 0,
         "lm_head": lm.lm_head(),
+        "router": 0,
     }
+    if router is not None:
+        for role in schedule.plan(0)[: router["probe_layers"]]:
+            ca = lm.cross(n_text, n_visual, with_kv=True) if role == "ca" else 0
+            pre["router"] += lm.layer(n_text, n_text) + ca
+        width = router["width"]
+        pre["router"] += _linear(1, 2 * cfg.hidden, width) + _linear(1, width, router["n_budgets"])
     dec = {"lm_layers": 0, "cross_attention": 0, "lm_head": lm.lm_head()}
     if zip_ and kept_per_crop < tokens_per_crop:  # scoring in the feature layer + contextual similarity
         n = tokens_per_crop + (vision.model_type.startswith("clip"))

@@ -272,7 +272,8 @@ def write_tasks(
     data: str | Path, out: str | Path, split: str = "test", max_new_tokens: int = 16, overwrite=False
 ) -> list[str]:
     """lmms-eval tasks over a split of the built-in benchmark (``visor data make``): ``visor_hard``,
-    ``visor_easy`` and ``visor_all``, each a YAML over a JSONL of its records, with the images copied
+    ``visor_reasoning``, ``visor_easy`` (those whose family the split holds) and ``visor_all``, each a YAML
+    over a JSONL of its records, with the images copied
     beside them (the directory is self-contained). Returns the task names."""
     import shutil
 
@@ -285,7 +286,7 @@ def write_tasks(
     if not source.is_file():
         raise ConfigError(f"{source} not found: point --data at a directory made by `visor data make`")
     rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
-    families = {"visor_hard": "hard", "visor_easy": "easy", "visor_all": None}
+    families = {"visor_hard": "hard", "visor_reasoning": "reasoning", "visor_easy": "easy", "visor_all": None}
     names = [n for n, f in families.items() if f is None or any(r.get("family") == f for r in rows)]
 
     def build(tmp: Path) -> None:

@@ -316,8 +316,8 @@ class VisorLM(nn.Module):
 
     # ---- the layer loop -------------------------------------------------------------------
     def run(self, tok: Tokens, budgets: list, cache: KVCache | None = None, drops: dict | None = None) -> Forward:
-        """All layers over a batch; each sample has its own budget ("auto": the policy picks it
-        from the states entering the first SA candidate). ``cache``: filled with each layer's K/V.
+        """All layers over a batch; each sample has its own budget ("auto": the policy picks it, see
+        ``probe``). ``cache``: filled with each layer's K/V.
 
         ``drops`` {layer: ``visor.reduce.Drop``}: after that layer, keep some of each sample's visual
         tokens, those the last text token attends to most (FastV, PyramidDrop)."""
@@ -330,13 +330,11 @@ class VisorLM(nn.Module):
         if tok.deepstack is not None and any(i < tok.deepstack.shape[0] - 1 for i in drops):
             last = tok.deepstack.shape[0] - 1
             raise ConfigError(f"DeepStack adds visual features up to layer {last}: drop tokens after it, not before")
-        route_at = self.schedule.sa_candidates[0] if "auto" in budgets else -1
+        if "auto" in budgets:
+            budgets = self.route(v, t, ctx, tok, budgets)
         active, kept = self.active_layers(budgets), {}
         n_original, shift = tok.visual_valid.sum(1), None  # shift: positions renumbered away (B,)
         for i in range(self.cfg.n_layers):
-            if i == route_at:
-                budgets = self.route(v, t, tok, budgets)
-                active = self.active_layers(budgets)
             if cache is not None:
                 cache.open_layer(i, v.shape[1] if any(active[i]) else 0, shift)
             own_scores = i in drops and not drops[i].next_layer
@@ -374,26 +372,36 @@ class VisorLM(nn.Module):
             )
         return v, t, Context.build(tok, self.rotary, dtype, with_rope=self.pos_conv is None)
 
-    def policy_features(self, tok: Tokens) -> torch.Tensor:
-        """What the policy reads: the states entering the first SA candidate (the same for every
-        budget but "full"), pooled. (B, 2D)"""
+    @property
+    def probe_depth(self) -> int:
+        """How many layers the policy's probe runs: the trained policy's own, else the schedule's
+        (up to and including the first CA layer)."""
+        return self.policy.config["probe_layers"] if self.policy is not None else self.schedule.probe_layers
+
+    def probe(self, v, t, ctx: Context, tok: Tokens, depth: int | None = None) -> torch.Tensor:
+        """What the policy reads: the first ``depth`` layers run at budget 0 (text-only; at a CA layer
+        the text reads the visual tokens), then visual and text states pooled. (B, 2D)"""
         from .policy import Policy
 
-        batch = tok.text_ids.shape[0]
-        v, t, ctx = self.inputs(tok, [0] * batch)
-        for i in range(self.schedule.sa_candidates[0]):
-            v, t, _ = self.layer(i, v, t, ctx, None, [False] * batch)
+        depth = self.probe_depth if depth is None else depth
+        for i in range(depth):
+            v, t, _ = self.layer(i, v, t, ctx, None, [False] * t.shape[0])
         return Policy.features(v, t, tok.visual_valid, tok.text_valid)
+
+    def policy_features(self, tok: Tokens, depth: int | None = None) -> torch.Tensor:
+        """The probe's features of a batch (what ``visor train-policy`` fits the router on). (B, 2D)"""
+        v, t, ctx = self.inputs(tok, [0] * tok.text_ids.shape[0])
+        return self.probe(v, t, ctx, tok, depth)
 
     def active_layers(self, budgets: list) -> list[list[bool]]:
         """active[i][b]: layer i runs full self-attention for sample b."""
         sets = [self.schedule.active_sa(b) if b != "auto" else frozenset() for b in budgets]
         return [[i in s for s in sets] for i in range(self.cfg.n_layers)]
 
-    def route(self, v, t, tok: Tokens, budgets: list) -> list:
+    def route(self, v, t, ctx: Context, tok: Tokens, budgets: list) -> list:
         if self.policy is None:
             raise ConfigError("budget 'auto' needs a trained policy: run `visor train-policy` first")
-        chosen = self.policy.choose(self.policy.features(v, t, tok.visual_valid, tok.text_valid))
+        chosen = self.policy.choose(self.probe(v, t, ctx, tok))
         return [int(c) if b == "auto" else b for b, c in zip(budgets, chosen.tolist())]
 
     def layer(self, i: int, v, t, ctx: Context, cache: KVCache | None, sa: list[bool], score: bool = False):

@@ -1,8 +1,10 @@
 """The budget policy: a small MLP that picks, per sample, how many SA layers to run.
 
-It reads the states entering the first SA candidate (mean-pooled visual and text states, the
-same for every budget) and scores the budgets 0..n. ``budget="auto"`` runs it inside the one
-prefill: layers before the first candidate are shared, the rest follow the chosen budget.
+It reads a cheap probe: the layers up to and including the first CA layer run at budget 0 (on the
+text tokens only, which read the visual tokens through cross-attention there), then the visual and
+the text states are mean-pooled; so the router sees the question after it has looked at the image,
+not only the raw embeddings. It scores the budgets 0..n; ``budget="auto"`` runs the probe, then the
+prefill at the chosen budget. The probe's FLOPs are counted in the sample's prefill ("router").
 
 Labels (``visor train-policy``): every budget is scored on every sample, then the label is the
 cheapest budget whose score reaches 99% of the score at the largest budget n (all candidates).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +33,9 @@ TARGET_FRACTION = 0.99
 
 
 class Policy(nn.Module):
-    def __init__(self, hidden: int, n_budgets: int, width: int = 256, cost_weight: float = 0.0):
+    def __init__(self, hidden: int, n_budgets: int, width: int = 256, cost_weight: float = 0.0, probe_layers: int = 0):
         super().__init__()
-        self.config = {"width": width, "n_budgets": n_budgets, "cost_weight": cost_weight}
+        self.config = {"width": width, "n_budgets": n_budgets, "cost_weight": cost_weight, "probe_layers": probe_layers}
         self.register_buffer("mean", torch.zeros(2 * hidden))  # feature standardisation, set by fit_policy
         self.register_buffer("std", torch.ones(2 * hidden))
         self.net = nn.Sequential(nn.Linear(2 * hidden, width), nn.GELU(), nn.Linear(width, n_budgets))
@@ -92,10 +95,13 @@ class PolicyTrainConfig:
         checks.count("seed", self.seed)
 
 
-def fit_policy(features: torch.Tensor, labels: torch.Tensor, n_budgets: int, cfg: PolicyTrainConfig) -> Policy:
-    """Full-batch cross-entropy on (features, labels), features standardised."""
+def fit_policy(
+    features: torch.Tensor, labels: torch.Tensor, n_budgets: int, cfg: PolicyTrainConfig, probe_layers: int = 0
+) -> Policy:
+    """Full-batch cross-entropy on (features, labels: the probe's after ``probe_layers`` layers),
+    features standardised."""
     torch.manual_seed(cfg.seed)
-    policy = Policy(features.shape[1] // 2, n_budgets, cfg.width, cfg.cost_weight)
+    policy = Policy(features.shape[1] // 2, n_budgets, cfg.width, cfg.cost_weight, probe_layers)
     policy.mean.copy_(features.mean(0))
     policy.std.copy_(features.std(0).clamp(min=1e-6) if len(features) > 1 else torch.ones_like(features[0]))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -118,48 +124,39 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, tor
     return order[n_held:].sort().values, order[:n_held].sort().values
 
 
-def train_policy(
-    model_path,
-    data,
-    images,
-    out,
-    cfg: PolicyTrainConfig,
-    batch_size: int = 8,
-    overwrite: bool = False,
-    device: str = "auto",
-    dtype: str = "float32",
-) -> dict:
-    """Score every budget on (data, images), label, fit the router, save ``out/final`` and a report.
-    ``out``: new, empty, or (``overwrite``) an earlier train-policy output of visor. ``out/final`` is
-    an adapter holding the VISOR weights as loaded (``dtype`` float32 keeps a float32 checkpoint's exact)."""
-    import json
-    from pathlib import Path
+class Scored(NamedTuple):
+    """Every budget tried on every sample of a labelled set (what the router is fitted on)."""
 
+    scores: torch.Tensor  # (N, budgets): exact match, or the answer's likelihood for long answers
+    prefill_flops: torch.Tensor  # (N, budgets) float64
+    features: dict  # {probe depth: (N, 2D) the probe's features}
+    shapes: list  # each sample's (n_visual, n_text, n_crops, grids)
+
+
+def score_budgets(model, records: list, batch_size: int, depths: tuple[int, ...]) -> Scored:
+    """Run every budget on every record (greedy answers; likelihood for long ones) and the probe at
+    each of ``depths`` (see ``VisorLM.probe``)."""
     from tqdm.auto import tqdm
 
-    from .api import load
-    from .data import read_records, tokenize
+    from .data import tokenize
     from .generate import GenerationConfig, collate, generate
     from .train import answer_token_losses
 
-    checks.count("batch_size", batch_size, 1)
-    claim(out, "train-policy", REPORT_ENTRIES, [model_path, data, images], overwrite)
-    model = load(model_path, dtype=dtype, device=device)
-    if not model.schedule.sa_candidates:
-        raise ConfigError(f"{model_path}: the schedule has no SA candidate, so there is no budget to choose")
+    depths = tuple(dict.fromkeys(depths))  # each once
     budgets = model.schedule.sa_budgets
-    records, skipped = read_records(data, images)
     bb, lm = model.backbone, model.lm
     runner = model.runner("eager", "dynamic")  # answers of every length: shapes no compiled path would reuse
     scores = torch.zeros(len(records), len(budgets))
     prefill_flops = torch.zeros(len(records), len(budgets), dtype=torch.float64)
-    features = []
+    features, shapes = {d: [] for d in depths}, []
     with torch.no_grad(), tqdm(total=len(records) * len(budgets), desc="scoring budgets") as bar:
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
             samples = model.encode([r.turns[0][1] for r in chunk], [r.images for r in chunk])
             tok = collate(samples, bb.image_token_id, bb.device, runner.buckets)
-            features.append(lm.policy_features(tok).cpu())
+            for d in depths:
+                features[d].append(lm.policy_features(tok, d).cpu())
+            shapes += [(s.visual.shape[0], len(s.ids) - s.visual.shape[0], s.n_crops, s.grids) for s in samples]
             answers = [r.answer for r in chunk]
             longest = max(len(bb.tokenizer(a)["input_ids"]) for a in answers) + 4
             long_rows = [i for i, a in enumerate(answers) if not is_short(a)]  # scored by likelihood
@@ -181,13 +178,50 @@ def train_policy(
                     report = model.flops(n_visual, len(sample.ids) - n_visual, b, sample.n_crops, grids=sample.grids)
                     prefill_flops[start + i, b] = report.prefill
                 bar.update(len(chunk))
-    features = torch.cat(features)
+    return Scored(scores, prefill_flops, {d: torch.cat(f) for d, f in features.items()}, shapes)
+
+
+def train_policy(
+    model_path,
+    data,
+    images,
+    out,
+    cfg: PolicyTrainConfig,
+    batch_size: int = 8,
+    overwrite: bool = False,
+    device: str = "auto",
+    dtype: str = "float32",
+) -> dict:
+    """Score every budget on (data, images), label, fit the router, save ``out/final`` and a report.
+    ``out``: new, empty, or (``overwrite``) an earlier train-policy output of visor. ``out/final`` is
+    an adapter holding the VISOR weights as loaded (``dtype`` float32 keeps a float32 checkpoint's exact)."""
+    import json
+    from pathlib import Path
+
+    from .api import load
+    from .data import read_records
+
+    checks.count("batch_size", batch_size, 1)
+    claim(out, "train-policy", REPORT_ENTRIES, [model_path, data, images], overwrite)
+    model = load(model_path, dtype=dtype, device=device)
+    if not model.schedule.sa_candidates:
+        raise ConfigError(f"{model_path}: the schedule has no SA candidate, so there is no budget to choose")
+    budgets = model.schedule.sa_budgets
+    records, skipped = read_records(data, images)
+    depth = model.schedule.probe_layers
+    scores, prefill_flops, features, shapes = score_budgets(model, records, batch_size, (depth,))
+    features = features[depth]
     labels = label_budgets(scores)
     fit, held = holdout_split(len(records), cfg.holdout, cfg.seed)
-    policy = fit_policy(features[fit], labels[fit], len(budgets), cfg)
+    policy = fit_policy(features[fit], labels[fit], len(budgets), cfg, depth)
     report_on = held if len(held) else fit  # too few samples to hold any out: say so
     with torch.no_grad():
         chosen = policy.choose(features[report_on])
+    router = torch.tensor(
+        [model.flops(v, t, 0, c, grids=g, router=policy.config).breakdown["prefill"]["router"]
+         for v, t, c, g in (shapes[i] for i in report_on.tolist())],
+        dtype=torch.float64,
+    )  # fmt: skip
     scores, prefill_flops = scores[report_on], prefill_flops[report_on]
     rows = [
         {"budget": b, "score": scores[:, b].mean().item(), "prefill_flops": prefill_flops[:, b].mean().item()}
@@ -198,11 +232,11 @@ def train_policy(
         {
             "budget": "auto",
             "score": scores[pick, chosen].mean().item(),
-            "prefill_flops": prefill_flops[pick, chosen].mean().item(),
+            "prefill_flops": (prefill_flops[pick, chosen] + router).mean().item(),  # the probe's too
             "chosen": torch.bincount(chosen, minlength=len(budgets)).tolist(),
         }
     )
-    lm.policy = policy.to(bb.device)
+    model.lm.policy = policy.to(model.backbone.device)
     out = Path(out)
     final = model.save(out / "final", overwrite=True, adapter=True)  # the router is all that changed
     result = {

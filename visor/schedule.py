@@ -111,6 +111,13 @@ class Schedule:
         return [i for i, r in enumerate(self.roles) if r == "ca"]
 
     @property
+    def probe_layers(self) -> int:
+        """The layers the budget policy's probe runs (at budget 0) before it chooses: up to and
+        including the first CA layer, so that it reads the question after the text has looked at the
+        image once (0 without CA layers: it reads the inputs)."""
+        return self.ca_layers[0] + 1 if self.ca_layers else 0
+
+    @property
     def sa_budgets(self) -> list[int]:
         """The VISOR budgets, cheapest first: 0..n active SA candidates."""
         return list(range(len(self.sa_candidates) + 1))

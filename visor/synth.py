@@ -1,11 +1,13 @@
 """The built-in benchmark: generated offline, deterministic by seed, short exact-match answers.
 
-Two families of tasks on rendered images (DejaVu fonts from matplotlib, handwritten digits from
+Three families of tasks on rendered images (DejaVu fonts from matplotlib, handwritten digits from
 scikit-learn's ``load_digits``):
 
 - hard (fine-grained; the answer lives in a small region): the value in a named row of a table,
-  the digit in cell (r, c) of a grid of handwritten digits, the digit inside the red box (8 x 8 grid), the
-  value printed on a named bar of a chart, the k-th word of line l of a text page;
+  the digit in cell (r, c) of a grid of handwritten digits, the digit inside the red box (8 x 8 grid;
+  size // 16 cells a side under 128 pixels), the value printed on a named bar of a chart, the k-th
+  word of line l of a page;
+- reasoning (the answer's region is found through another one): the digit left of the red box;
 - easy (global; the gist is enough): the dominant colour, the number of large shapes, chart or
   table, the quadrant holding the only object.
 
@@ -150,11 +152,22 @@ def grid_digit(rng: random.Random, size: int) -> Item:
     )
 
 
+def marked_grid(size: int) -> int:
+    """Cells per side of the red-box grids: 8, or fewer on images under 128 pixels (cells of 16)."""
+    return min(8, size // 16)
+
+
 def marked_digit(rng: random.Random, size: int) -> Item:
-    """One cell of an 8 x 8 grid of handwritten digits has a red box: 64 candidates, one read."""
-    im, labels, indices = _digit_grid(rng, size, n=8)
-    r, c = rng.randrange(8), rng.randrange(8)
-    cell = size // 8
+    """One cell of an 8 x 8 grid of handwritten digits has a red box: 64 candidates, one read (fewer
+    on small images, see ``marked_grid``)."""
+    n = marked_grid(size)
+    im, labels, indices = _digit_grid(rng, size, n)
+    return _boxed(im, labels, indices, rng.randrange(n), rng.randrange(n), size)
+
+
+def _boxed(im: Image.Image, labels, indices, r: int, c: int, size: int) -> Item:
+    """A red box drawn around cell (r, c) of a digit grid."""
+    cell = size // len(labels)
     ImageDraw.Draw(im).rectangle(
         [c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1], outline=COLOURS["red"], width=max(1, size // 96)
     )
@@ -164,6 +177,16 @@ def marked_digit(rng: random.Random, size: int) -> Item:
         str(labels[r][c]),
         {"labels": labels, "indices": indices, "row": r, "col": c},
     )
+
+
+def left_of_mark(rng: random.Random, size: int) -> Item:
+    """The red-box grid, asking for the box's left-hand neighbour: the answer's cell carries no mark of
+    its own, so it is found through the relation between two cells (reasoning)."""
+    n = marked_grid(size)
+    im, labels, indices = _digit_grid(rng, size, n)
+    r, c = rng.randrange(n), 1 + rng.randrange(n - 1)  # the box is never in the first column
+    item = _boxed(im, labels, indices, r, c, size)
+    return Item(item.image, "Which digit is left of the red box?", str(labels[r][c - 1]), item.meta)
 
 
 def bar_value(rng: random.Random, size: int) -> Item:
@@ -255,6 +278,7 @@ TASKS = {
     "marked_digit": ("hard", marked_digit),
     "bar_value": ("hard", bar_value),
     "word_at": ("hard", word_at),
+    "left_of_mark": ("reasoning", left_of_mark),
     "dominant_colour": ("easy", dominant_colour),
     "count_shapes": ("easy", count_shapes),
     "chart_or_table": ("easy", chart_or_table),
@@ -284,7 +308,7 @@ def _write(job) -> dict:
     }
 
 
-MIN_IMAGE_SIZE = 64  # smaller images can't hold an 8 x 8 digit grid
+MIN_IMAGE_SIZE = 64  # smaller images can't hold a 4 x 4 grid of 16-pixel digits
 
 
 def make_dataset(

@@ -60,6 +60,10 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # cosine decay to lr * min_lr_ratio
     clip: float = 1.0  # max gradient norm; 0 = off
     freeze_vision: bool = False  # stage 2: keep the vision tower fixed
+    # train the base model under a token reduction, as its paper does (JSON of visor.reduce.Reduction's
+    # fields, e.g. {"method": "pdrop", "stages": [1, 2, 4], "ratio": 0.5}); needs --budgets full
+    reduction: str = ""
+    projector_only: bool = False  # stage 2: train only the multimodal projector (VisionZip's fine-tuning)
     activation_checkpointing: bool = False
     save_every: int = 0  # steps between checkpoints; 0 = only the final model
     resume: bool = False  # continue the run in `out` from its newest checkpoint
@@ -111,19 +115,51 @@ class TrainConfig:
             checks.number("a budget weight", w, 0)
         if self.budget_weights and sum(self.budget_weights) == 0:
             raise ConfigError("--budget-weights are all zero: no budget could ever be sampled")
+        if self.projector_only and self.stage != 2:
+            raise ConfigError("--projector-only trains the base model's projector: use --stage 2")
+        if self.reduction:
+            self.parsed_reduction()
+            if self.stage != 2 or self.budgets.strip().lower() != "full":
+                raise ConfigError("--reduction trains the base under a token reduction: use --stage 2 --budgets full")
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues the run in --out, --overwrite starts it again: choose one")
 
+    def parsed_reduction(self):
+        """``reduction`` as a visor.reduce.Reduction (None: none)."""
+        from .reduce import Reduction
+
+        if not self.reduction:
+            return None
+        example = '{"method": "pdrop", "stages": [1, 2, 4], "ratio": 0.5}'
+        try:
+            spec = json.loads(self.reduction)
+            if not isinstance(spec, dict):
+                raise TypeError(f"not an object: {spec!r}")
+            for key, value in spec.items():
+                kind = REDUCTION_FIELDS.get(key)
+                if kind is None:
+                    raise TypeError(f"unknown field {key!r}; fields: {', '.join(REDUCTION_FIELDS)}")
+                if not _has_type(value, kind):
+                    raise TypeError(f"{key} must be {kind}, not {value!r}")
+            return Reduction(**spec)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ConfigError(f"--reduction must be a JSON object of reduction fields, e.g. {example}: {e}") from None
+
+
+REDUCTION_FIELDS = {"method": "str", "layer": "int", "keep": "float", "stages": "list[int]", "ratio": "float",
+                    "dominant": "int", "contextual": "int"}  # fmt: skip
+
 
 def _has_type(value, annotation: str) -> bool:
-    """A YAML value against a TrainConfig field's annotation (str, int, float, bool, list[float])."""
+    """A YAML value against a TrainConfig field's annotation (str, int, float, bool, list[float] / [int])."""
     number = (int, float)
     if annotation == "bool":
         return isinstance(value, bool)
     if isinstance(value, bool):
         return False
-    if annotation == "list[float]":
-        return isinstance(value, list) and all(isinstance(v, number) and not isinstance(v, bool) for v in value)
+    if annotation in ("list[float]", "list[int]"):
+        kind = number if annotation == "list[float]" else int
+        return isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
     return isinstance(value, {"str": str, "int": int, "float": number}[annotation])
 
 
@@ -168,30 +204,38 @@ def epoch_order(n_records: int, seed: int, epoch: int) -> list[int]:
 class Trainee(nn.Module):
     """The whole trainable network (HF modules + VISOR's own), forward = summed answer loss."""
 
-    def __init__(self, model: VisorModel):
+    def __init__(self, model: VisorModel, reduction=None):
         super().__init__()
         self.hf, self.lm = model.backbone.hf, model.lm
         self.backbone = [model.backbone]  # in a list: not a submodule (its modules are in hf)
+        self.reduction = reduction  # a visor.reduce.Reduction the base trains under, or None
 
     def forward(self, batch: list[tuple[list[int], list[bool], list]], budget) -> tuple[torch.Tensor, list[float]]:
         """Summed answer loss, and the batch's [visual tokens, text tokens, forward FLOPs (visor.flops)]."""
         from .flops import count_flops
 
-        backbone = self.backbone[0]
-        losses, _, samples = answer_token_losses(backbone, self.lm, batch, budget)
+        backbone, reduction = self.backbone[0], self.reduction
+        losses, _, samples = answer_token_losses(backbone, self.lm, batch, budget, reduction)
         work = [0.0, 0.0, 0.0]
         for s in samples:
             n_visual = s.visual.shape[0]
             n_text = len(s.ids) - n_visual
-            report = count_flops(backbone.config, self.lm.schedule, budget, n_visual, n_text, s.n_crops, None, s.grids)
+            report = count_flops(
+                backbone.config, self.lm.schedule, budget, n_visual, n_text, s.n_crops, reduction, s.grids
+            )
             work = [work[0] + n_visual, work[1] + len(s.ids) - n_visual, work[2] + report.prefill]
         return losses.sum(), work
 
 
-def answer_token_losses(backbone, lm, batch: list[tuple[list[int], list[bool], list]], budget):
+def answer_token_losses(backbone, lm, batch: list[tuple[list[int], list[bool], list]], budget, reduction=None):
     """Cross-entropy of every answer token in a batch of (ids, answer mask, images), and the
-    index of the sample each belongs to. Gradients flow wherever parameters require them."""
-    encoded = backbone.image_features_batch([images for _, _, images in batch])  # one pass of the tower
+    index of the sample each belongs to. Gradients flow wherever parameters require them.
+    ``reduction``: a visor.reduce.Reduction applied as at inference (VisionZip to the images' tokens,
+    FastV / PyramidDrop drops between layers)."""
+    if reduction is not None and reduction.visionzip:
+        encoded = [backbone.image_features(images, reduction.visionzip) for _, _, images in batch]
+    else:
+        encoded = backbone.image_features_batch([images for _, _, images in batch])  # one pass of the tower
     samples = [backbone.expand(ids, visual, labels) for (ids, labels, _), visual in zip(batch, encoded)]
     tok = collate(samples, backbone.image_token_id, backbone.device)
     targets = torch.full_like(tok.text_ids, -100)
@@ -200,7 +244,8 @@ def answer_token_losses(backbone, lm, batch: list[tuple[list[int], list[bool], l
         n = len(text_labels)
         learn = torch.tensor(text_labels[1:], device=targets.device)
         targets[b, : n - 1] = torch.where(learn, tok.text_ids[b, 1:n], -100)
-    t = lm.run(tok, [budget] * len(samples)).text
+    drops = reduction.drops(lm.cfg.n_layers) if reduction is not None else None
+    t = lm.run(tok, [budget] * len(samples), drops=drops).text
     keep = targets != -100
     logits = lm.logits(t[keep])  # (n_targets, V): only where the loss is
     owner = torch.arange(len(samples), device=keep.device)[:, None].expand_as(keep)[keep]
@@ -213,8 +258,11 @@ def set_trainable(model: VisorModel, cfg: TrainConfig) -> list[tuple[str, nn.Par
     if cfg.freeze_vision:
         for p in model.backbone.hf.model.vision_tower.parameters():
             p.requires_grad_(False)
+    if cfg.projector_only:
+        model.backbone.hf.requires_grad_(False)
+        model.backbone.hf.model.multi_modal_projector.requires_grad_(True)
     for prefix, module in model.lm.visor_modules().items():
-        module.requires_grad_(prefix != "policy")  # the policy is trained apart, by `visor train-policy`
+        module.requires_grad_(prefix != "policy" and not cfg.projector_only)  # the policy: `visor train-policy`
     return [(n, p) for n, p in Trainee(model).named_parameters() if p.requires_grad]  # for the log
 
 
@@ -424,6 +472,12 @@ def train(cfg: TrainConfig) -> Path:
     budgets = parse_budgets(cfg.budgets, model.schedule)
     if cfg.budget_weights and len(cfg.budget_weights) != len(budgets):
         raise ConfigError(f"{len(cfg.budget_weights)} budget weights for {len(budgets)} budgets {budgets}")
+    reduction = cfg.parsed_reduction()
+    if reduction is not None:
+        reduction.check(model.config)
+        reduction.drops(model.lm.cfg.n_layers)  # prune points that fit the model, before anything is written
+    if cfg.projector_only and getattr(model.backbone.hf.model, "multi_modal_projector", None) is None:
+        raise ConfigError(f"--projector-only: {model.config.model_type} has no multi_modal_projector")
 
     data = TrainSet(RecordIndex(cfg.data), images_dir(cfg), model.backbone)
     usable, bad = data.probe()
@@ -439,7 +493,7 @@ def train(cfg: TrainConfig) -> Path:
         atomic_write(out / "config.yaml", yaml.safe_dump(asdict(cfg) | {"total_steps": total_steps, "world": world}))
 
     named = set_trainable(model, cfg)
-    trainee = Trainee(model)
+    trainee = Trainee(model, reduction)
     for p in trainee.parameters():  # trained weights (and AdamW's state) in float32, frozen ones in the training dtype
         p.data = p.data.to(device, torch.float32 if p.requires_grad else compute)
     trainee.to(device)  # the buffers too (RoPE tables), where the model was read on the host
