@@ -44,6 +44,8 @@ def test_wilson_interval():
     assert low == pytest.approx(0.7222, abs=1e-3) and high == pytest.approx(0.8744, abs=1e-3)
     assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == pytest.approx(1.0)
     assert wilson(5, 10)[0] == pytest.approx(1 - wilson(5, 10)[1])  # symmetric at one half
+    for n in (1, 7, 100, 300, 600):  # the interval holds the proportion, also at 0 and 1 (error bars >= 0)
+        assert all(wilson(k, n)[0] <= k / n <= wilson(k, n)[1] for k in range(n + 1))
 
 
 @pytest.fixture(scope="module")
