@@ -1,10 +1,10 @@
 """Where should the budget router look? (a measurement, not a test)
 
 Fits the router twice on the same labels of a validation set: once on the inputs of layer 0 (pooled
-projector outputs and token embeddings: what it read before) and once on the probe after the first
-CA layer (what it reads now, ``VisorLM.probe``), and reports each on the same held-out samples:
-how often it picks the labelled budget, its mean score and its mean prefill FLOPs (the probe's own
-FLOPs included).
+projector outputs and token embeddings: what it read before, on the default schedule) and once on
+the probe after the first CA layer (what it reads now, ``VisorLM.probe``), and reports each on the
+same held-out samples: how often it picks the labelled budget, its mean score and its mean prefill
+FLOPs (the probe's own FLOPs included).
 
     python benchmarks/router_probe.py --model runs/demo/stages/stage2-*/final \
         --data runs/demo/stages/data-*/val.jsonl --out benchmarks/results/router_probe.json
@@ -40,7 +40,8 @@ def main() -> None:
     fit, held = holdout_split(len(records), cfg.holdout, cfg.seed)
     result = {"model": args.model, "data": args.data, "n_fit": len(fit), "n_held_out": len(held), "routers": {}}
     result["labels_held_out"] = torch.bincount(labels[held], minlength=scored.scores.shape[1]).tolist()
-    for depth, name in ((0, "inputs of layer 0"), (probe, f"after the first CA layer ({probe} layers)")):
+    names = {0: "inputs of layer 0", probe: f"after the first CA layer ({probe} layers)"}  # one if no CA layer
+    for depth, name in names.items():
         features = scored.features[depth]
         policy = fit_policy(features[fit], labels[fit], scored.scores.shape[1], cfg, depth)
         with torch.no_grad():

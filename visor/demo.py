@@ -51,7 +51,7 @@ class DemoConfig:
     # with patch 16: one grid cell per tile patch; 9 tokens per crop, 51 per image (with newlines)
     hard_tasks: list[str] = field(default_factory=lambda: ["marked_digit"])
     # none by default: left_of_mark (and right_of_mark before it) stayed at chance for the base within
-    # the demo's step budget (measured: 12.7% after 800 steps, see README); list it here to try it
+    # the demo's step budget (measured: 13% after 1,600 steps, see README); list it here to try it
     reasoning_tasks: list[str] = field(default_factory=list)
     easy_tasks: list[str] = field(default_factory=lambda: ["dominant_colour", "chart_or_table"])
     train_per_task: int = 4000
