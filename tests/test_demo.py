@@ -31,7 +31,7 @@ def test_quick_demo_produces_every_artefact(tmp_path):
     again = run_demo(tmp_path, quick=True)  # every stage is cached now
     assert time.perf_counter() - began < summary["elapsed_s"]
     assert again["timings_s"] == summary["timings_s"]  # the report keeps the times the stages took
-    assert len(list((tmp_path / "stages").iterdir())) == 10
+    assert len(list((tmp_path / "stages").iterdir())) == 11
 
 
 def test_vision_pretraining_teaches_each_patch_its_place(tmp_path):
@@ -98,4 +98,4 @@ def test_default_demo_meets_every_target(tmp_path):
     """The full `make demo` run (~12 min on 2 cores): `make test-slow`."""
     run_demo(tmp_path)
     targets = json.loads((tmp_path / "results.json").read_text())["targets"]
-    assert len(targets) == 7 and all(t["met"] for t in targets), targets
+    assert len(targets) == 8 and all(t["met"] for t in targets), targets
