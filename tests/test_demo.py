@@ -31,7 +31,7 @@ def test_quick_demo_produces_every_artefact(tmp_path):
     again = run_demo(tmp_path, quick=True)  # every stage is cached now
     assert time.perf_counter() - began < summary["elapsed_s"]
     assert again["timings_s"] == summary["timings_s"]  # the report keeps the times the stages took
-    assert len(list((tmp_path / "stages").iterdir())) == 11
+    assert len(list((tmp_path / "stages").iterdir())) == 12
 
 
 def test_vision_pretraining_teaches_each_patch_its_place(tmp_path):

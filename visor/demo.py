@@ -9,13 +9,14 @@ Stages, each cached under OUT/stages/<name>-<hash of its config and inputs> (``-
 3. lm_warmup     the language model learns to repeat the previous token (random tokens): previous-token
                  heads, as a real LM's text pre-training leaves them
 4. base          trained as an ordinary LVLM (every layer full self-attention): "the pretrained base"
-5. stage1        converted to VISOR; CA modules only
-6. stage2        universal training, one sampled budget per step
-7. base_ft       equal training: the base trained on for stage 1 + stage 2's steps (FastV & co. run on it)
-8. pdrop_ft      the base trained as many steps with PyramidDrop's drops on
-9. visionzip_ft  the base's projector trained as many steps on VisionZip's tokens
-10. policy       the per-sample budget router
-11. compare      base, VISOR budgets and auto, FastV / PyramidDrop / VisionZip at FLOPs matched to
+5. convert       `visor convert` with the demo's schedule: CA modules made from the base's trained layers
+6. stage1        VISOR's CA modules only
+7. stage2        universal training, one sampled budget per step
+8. base_ft       equal training: the base trained on for stage 1 + stage 2's steps (FastV & co. run on it)
+9. pdrop_ft      the base trained as many steps with PyramidDrop's drops on
+10. visionzip_ft the base's projector trained as many steps on VisionZip's tokens
+11. policy       the per-sample budget router
+12. compare      base, VISOR budgets and auto, FastV / PyramidDrop / VisionZip at FLOPs matched to
                  VISOR's budgets (on base+ft, trained, and on the base as pre-trained), VISOR + VisionZip
 
 It ends with OUT/report.md, OUT/pareto.png and OUT/results.json, and prints the main table.
@@ -312,9 +313,22 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
     base_kw = dict(stage=2, budgets="full", steps=cfg.base_steps, lr=2e-3, warmup_steps=30, **frozen)
     key = base_key = _digest("base", base_kw, key)
     base = stages.run("base", key, trainer(warm_dir / "model", **base_kw)) / "final"
+
+    def convert_base(path):
+        """``visor convert`` of the trained base: CA modules made from its trained layers (the base's own
+        checkpoint carries the ones made from the random model's)."""
+        from .api import convert
+
+        shutil.copytree(base, path / "base")
+        for name in ("visor.json", "visor.safetensors"):  # a plain checkpoint of the base's weights
+            (path / "base" / name).unlink(missing_ok=True)
+        convert(path / "base", path / "model", cfg.schedule)
+
+    key = _digest("convert", cfg.schedule, key)
+    converted = stages.run("convert", key, convert_base) / "model"
     s1_kw = dict(stage=1, budgets="all", steps=cfg.stage1_steps, lr=3e-3, warmup_steps=10)
     key = _digest("stage1", s1_kw, key)
-    s1 = stages.run("stage1", key, trainer(base, **s1_kw)) / "final"
+    s1 = stages.run("stage1", key, trainer(converted, **s1_kw)) / "final"
     s2_kw = dict(stage=2, budgets="all", steps=cfg.stage2_steps, lr=1e-3, warmup_steps=10, **frozen)
     key = _digest("stage2", s2_kw, key)
     s2 = stages.run("stage2", key, trainer(s1, **s2_kw)) / "final"
