@@ -22,7 +22,14 @@ import torch
 def main() -> None:
     import visor
     from visor.data import read_records
-    from visor.policy import PolicyTrainConfig, fit_policy, holdout_split, label_budgets, score_budgets
+    from visor.policy import (
+        PolicyTrainConfig,
+        fit_policy,
+        holdout_split,
+        label_budgets,
+        router_flops,
+        score_budgets,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a VISOR checkpoint after stage 2")
@@ -47,11 +54,8 @@ def main() -> None:
         with torch.no_grad():
             chosen = policy.choose(features[held])
         pick = torch.arange(len(held))
-        router = [
-            model.flops(v, t, 0, c, grids=g, router=policy.config).breakdown["prefill"]["router"]
-            for v, t, c, g in (scored.shapes[i] for i in held.tolist())
-        ]
-        flops = scored.prefill_flops[held][pick, chosen] + torch.tensor(router, dtype=torch.float64)
+        router = router_flops(model, [scored.shapes[i] for i in held.tolist()], policy)
+        flops = scored.prefill_flops[held][pick, chosen] + router
         result["routers"][name] = {
             "label_accuracy": (chosen == labels[held]).float().mean().item(),
             "score": scored.scores[held][pick, chosen].mean().item(),

@@ -133,6 +133,14 @@ class Scored(NamedTuple):
     shapes: list  # each sample's (n_visual, n_text, n_crops, grids)
 
 
+def router_flops(model, shapes: list, policy: Policy) -> torch.Tensor:
+    """The router's prefill FLOPs (its probe and MLP) for samples of these ``Scored.shapes``. (N,) float64"""
+    flops = [
+        model.flops(v, t, 0, c, grids=g, router=policy.config).breakdown["prefill"]["router"] for v, t, c, g in shapes
+    ]
+    return torch.tensor(flops, dtype=torch.float64)
+
+
 def score_budgets(model, records: list, batch_size: int, depths: tuple[int, ...]) -> Scored:
     """Run every budget on every record (greedy answers; likelihood for long ones) and the probe at
     each of ``depths`` (see ``VisorLM.probe``)."""
@@ -217,11 +225,7 @@ def train_policy(
     report_on = held if len(held) else fit  # too few samples to hold any out: say so
     with torch.no_grad():
         chosen = policy.choose(features[report_on])
-    router = torch.tensor(
-        [model.flops(v, t, 0, c, grids=g, router=policy.config).breakdown["prefill"]["router"]
-         for v, t, c, g in (shapes[i] for i in report_on.tolist())],
-        dtype=torch.float64,
-    )  # fmt: skip
+    router = router_flops(model, [shapes[i] for i in report_on.tolist()], policy)
     scores, prefill_flops = scores[report_on], prefill_flops[report_on]
     rows = [
         {"budget": b, "score": scores[:, b].mean().item(), "prefill_flops": prefill_flops[:, b].mean().item()}
