@@ -124,6 +124,47 @@ def test_the_router_reads_the_text_after_the_first_ca_layer(routed, images, tmp_
     assert report.breakdown["prefill"]["router"] == pytest.approx(counter.get_total_flops(), rel=0.01)
 
 
+@pytest.mark.parametrize("roles", ["sa,ca,text,sa,ca,text", "ca,sa,ca,sa,ca,text"])
+def test_auto_costs_what_the_flop_counter_counts(checkpoints, images, roles):
+    """An auto prefill costs the chosen budget's plus the router's FLOPs, as counted (FlopCounterMode):
+    the probe and the MLP where an SA candidate comes before the first CA layer; where none does, the
+    prefill goes on from the probe's layers and the router is its MLP alone. Same answer either way."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from visor.generate import collate
+
+    model = visor.load(checkpoints["llava-onevision"], schedule=roles)
+    set_visor_weights(model)
+    lm = model.lm
+    torch.manual_seed(0)
+    lm.policy = Policy(
+        lm.cfg.hidden, len(model.schedule.sa_budgets), width=16, probe_layers=model.schedule.probe_layers
+    )
+    assert model.schedule.shares_probe(lm.probe_depth) == roles.startswith("ca")
+    samples = model.encode(["What is shown?"], [[images[0]]])
+    tok = collate(samples, model.backbone.image_token_id, "cpu")
+    lm.explicit_attention = True
+
+    def counted(budget):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            out = lm.run(tok, [budget])
+        return counter.get_total_flops(), out
+
+    try:
+        auto_flops, auto = counted("auto")
+        chosen = auto.budgets[0]
+        fixed_flops, fixed = counted(chosen)
+    finally:
+        lm.explicit_attention = False
+    torch.testing.assert_close(auto.text, fixed.text)
+    n_visual = samples[0].visual.shape[0]
+    report = model.flops(n_visual, len(samples[0].ids) - n_visual, chosen, router=lm.policy.config)
+    router = report.breakdown["prefill"]["router"]
+    mlp = 2 * (2 * lm.cfg.hidden * 16 + 16 * len(model.schedule.sa_budgets))
+    assert (router == mlp) == roles.startswith("ca")
+    assert auto_flops - fixed_flops == pytest.approx(router, rel=0.01)
+
+
 def test_policy_round_trip_and_missing_policy(routed, images, tmp_path):
     model, chosen = routed
     model.save(tmp_path / "ckpt")

@@ -243,6 +243,21 @@ def test_visionzip_token_counts(base_model, images):
     assert two.visual.shape[0] == 2 * (8 + newline)  # several images: one crop each
 
 
+@pytest.mark.parametrize("visionzip", [None, (6, 2)], ids=["plain", "visionzip"])
+def test_a_batch_is_encoded_as_each_sample_alone(base_model, images, visionzip):
+    """One pass of the vision path for a batch (AnyRes images, several images, none) gives each
+    sample the tokens it gets alone."""
+    if visionzip and refuses(base_model, Reduction("visionzip", dominant=6, contextual=2), [images[1]]):
+        return
+    bb = base_model.backbone
+    prompts, lists = [PROMPT, "Hi", PROMPT, PROMPT], [[images[0]], [], [images[1], images[2]], [images[3]]]
+    together = bb.encode_batch(prompts, lists, visionzip)
+    for prompt, pictures, got in zip(prompts, lists, together):
+        alone = bb.encode(prompt, pictures, visionzip)
+        assert got.ids == alone.ids and got.n_crops == alone.n_crops
+        torch.testing.assert_close(got.visual, alone.visual, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     "budget, reduction",
     [

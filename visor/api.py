@@ -55,7 +55,7 @@ class VisorModel:
         if reduction is not None:
             reduction.check(self.config)  # before any work: a reduction this family does not define
         visionzip = reduction.visionzip if reduction else None
-        return [self.backbone.encode(p, ims, visionzip) for p, ims in zip(prompts, images)]
+        return self.backbone.encode_batch(prompts, images, visionzip)
 
     def generate(
         self,

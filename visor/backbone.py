@@ -238,7 +238,7 @@ class Backbone:
         if visionzip is not None and images:
             from .reduce import visionzip_features
 
-            return visionzip_features(self, images, *visionzip)
+            return visionzip_features(self, [images], *visionzip)[0]
         return self.image_features_batch([images])[0]
 
     def image_features_batch(self, samples: list[list[Image.Image]]) -> list[Visual]:
@@ -304,14 +304,24 @@ class Backbone:
             deepstack = deepstack.to(visual_states)
         return Sample(expanded, visual_states, visual.n_crops, labels, positions, visual.grids, deepstack)
 
-    @torch.no_grad()
     def encode(self, prompt: str, images: list, visionzip=None) -> Sample:
         """Template + tokenise one prompt, run the vision path, expand the placeholders."""
-        if not isinstance(prompt, str) or not prompt.strip():
+        return self.encode_batch([prompt], [images], visionzip)[0]
+
+    @torch.no_grad()
+    def encode_batch(self, prompts: list[str], images: list[list], visionzip=None) -> list[Sample]:
+        """``encode`` for several prompts (one list of images each): one pass of the vision path."""
+        if any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise InputError("the prompt is empty")
-        visual = self.image_features([load_image(im) for im in images], visionzip)
-        ids = self.tokenizer(self.prompt_text(prompt, len(images)))["input_ids"]
-        return self.expand(ids, visual)
+        loaded = [[load_image(im) for im in ims] for ims in images]
+        if visionzip is not None:
+            from .reduce import visionzip_features
+
+            visual = visionzip_features(self, loaded, *visionzip)
+        else:
+            visual = self.image_features_batch(loaded)
+        ids = [self.tokenizer(self.prompt_text(p, len(ims)))["input_ids"] for p, ims in zip(prompts, loaded)]
+        return [self.expand(i, v) for i, v in zip(ids, visual)]
 
 
 # ---- each family's vision path: its image processor and tower, as its own processor and model run them ----

@@ -140,7 +140,8 @@ def count_flops(
     VisionZip, if used) and n_text text tokens at this budget; ``reduction``: a visor.reduce.Reduction.
     A dynamic-resolution tower (Qwen-VL) is counted on the images' patch ``grids`` (default: one image
     of n_visual tokens, as square as possible). ``router``: the config of the policy that chose the
-    budget ("auto"); its probe (``probe_layers`` layers at budget 0) and MLP are counted too."""
+    budget ("auto"); its MLP is counted too, and its probe (``probe_layers`` layers at budget 0) where
+    that is not the start of the prefill (``Schedule.shares_probe``)."""
     checks.count("visual tokens", n_visual)
     checks.count("text tokens", n_text, 1)
     if n_crops is not None:
@@ -185,9 +186,10 @@ def count_flops(
         "router": 0,
     }
     if router is not None:
-        for role in schedule.plan(0)[: router["probe_layers"]]:
-            ca = lm.cross(n_text, n_visual, with_kv=True) if role == "ca" else 0
-            pre["router"] += lm.layer(n_text, n_text) + ca
+        if not schedule.shares_probe(router["probe_layers"]):  # else the probe is the prefill's first layers
+            for role in schedule.plan(0)[: router["probe_layers"]]:
+                ca = lm.cross(n_text, n_visual, with_kv=True) if role == "ca" else 0
+                pre["router"] += lm.layer(n_text, n_text) + ca
         width = router["width"]
         pre["router"] += _linear(1, 2 * cfg.hidden, width) + _linear(1, width, router["n_budgets"])
     dec = {"lm_layers": 0, "cross_attention": 0, "lm_head": lm.lm_head()}

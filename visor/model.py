@@ -321,8 +321,11 @@ class VisorLM(nn.Module):
 
         ``drops`` {layer: ``visor.reduce.Drop``}: after that layer, keep some of each sample's visual
         tokens, those the last text token attends to most (FastV, PyramidDrop)."""
+        from .policy import Policy
         from .reduce import drop_visual, next_layer_scores
 
+        if "auto" in budgets and self.policy is None:
+            raise ConfigError("budget 'auto' needs a trained policy: run `visor train-policy` first")
         v, t, ctx = self.inputs(tok, budgets)
         drops = drops or {}
         if drops and ("auto" in budgets or len(set(budgets)) > 1):
@@ -330,11 +333,14 @@ class VisorLM(nn.Module):
         if tok.deepstack is not None and any(i < tok.deepstack.shape[0] - 1 for i in drops):
             last = tok.deepstack.shape[0] - 1
             raise ConfigError(f"DeepStack adds visual features up to layer {last}: drop tokens after it, not before")
-        if "auto" in budgets:
-            budgets = self.route(v, t, ctx, tok, budgets)
+        if "auto" in budgets and not self.schedule.shares_probe(self.probe_depth):  # a probe of its own first
+            budgets = self.route(self.probe(v, t, ctx, tok), budgets)
         active, kept = self.active_layers(budgets), {}
         n_original, shift = tok.visual_valid.sum(1), None  # shift: positions renumbered away (B,)
         for i in range(self.cfg.n_layers):
+            if "auto" in budgets and i == self.probe_depth:  # the probe's layers ran at budget 0: route here
+                budgets = self.route(Policy.features(v, t, tok.visual_valid, tok.text_valid), budgets)
+                active = self.active_layers(budgets)
             if cache is not None:
                 cache.open_layer(i, v.shape[1] if any(active[i]) else 0, shift)
             own_scores = i in drops and not drops[i].next_layer
@@ -398,10 +404,9 @@ class VisorLM(nn.Module):
         sets = [self.schedule.active_sa(b) if b != "auto" else frozenset() for b in budgets]
         return [[i in s for s in sets] for i in range(self.cfg.n_layers)]
 
-    def route(self, v, t, ctx: Context, tok: Tokens, budgets: list) -> list:
-        if self.policy is None:
-            raise ConfigError("budget 'auto' needs a trained policy: run `visor train-policy` first")
-        chosen = self.policy.choose(self.probe(v, t, ctx, tok))
+    def route(self, features: torch.Tensor, budgets: list) -> list:
+        """Each "auto" in ``budgets`` replaced by the policy's choice on the probe's ``features``."""
+        chosen = self.policy.choose(features)
         return [int(c) if b == "auto" else b for b, c in zip(budgets, chosen.tolist())]
 
     def layer(self, i: int, v, t, ctx: Context, cache: KVCache | None, sa: list[bool], score: bool = False):

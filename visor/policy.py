@@ -4,7 +4,10 @@ It reads a cheap probe: the layers up to and including the first CA layer run at
 text tokens only, which read the visual tokens through cross-attention there), then the visual and
 the text states are mean-pooled; so the router sees the question after it has looked at the image,
 not only the raw embeddings. It scores the budgets 0..n; ``budget="auto"`` runs the probe, then the
-prefill at the chosen budget. The probe's FLOPs are counted in the sample's prefill ("router").
+prefill at the chosen budget. Where no SA candidate comes before the first CA layer (e.g.
+``ca,sa,ca,sa,...``) the probe's layers are the first layers of every budget's prefill, which goes on
+from them: the router costs its MLP alone. Otherwise the probe is extra work, counted in the sample's
+prefill ("router") with the MLP.
 
 Labels (``visor train-policy``): every budget is scored on every sample, then the label is the
 cheapest budget whose score reaches 99% of the score at the largest budget n (all candidates).

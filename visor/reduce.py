@@ -227,9 +227,9 @@ def visionzip_select(tokens, scores, keys, dominant: int, contextual: int, n_fix
     return torch.cat([tokens[dom], tokens[targets] + sums / counts[:, None]]), dom
 
 
-def visionzip_features(backbone, images, dominant: int, contextual: int):
-    """VisionZip-reduced projector outputs per image and the number of crops encoded (a
-    ``visor.backbone.Visual``).
+def visionzip_features(backbone, samples: list[list], dominant: int, contextual: int) -> list:
+    """VisionZip-reduced projector outputs of several samples' images (one ``visor.backbone.Visual``
+    per sample: its images' tokens and the number of crops encoded); the tower runs once for all.
 
     Scores: CLIP (a CLS token) ranks patches by the CLS token's attention in the feature layer and
     keeps the CLS token among the ``dominant`` ones, as the official code does; SigLIP (no CLS, no
@@ -244,33 +244,33 @@ def visionzip_features(backbone, images, dominant: int, contextual: int):
     hf, config = backbone.hf, backbone.config
     Reduction("visionzip", dominant=dominant, contextual=contextual).check(config)
     if dominant + contextual >= (config.vision_config.image_size // config.vision_config.patch_size) ** 2:
-        return backbone.image_features(images)  # nothing to reduce: the checkpoint's own path
+        return backbone.image_features_batch(samples)  # nothing to reduce: the checkpoint's own path
     layer_index = config.vision_feature_layer
     if not isinstance(layer_index, int):
         raise ConfigError("VisionZip needs a single vision feature layer")
     dtype = hf.lm_head.weight.dtype
-    grids = [None] * len(images)  # (rows, columns) of an AnyRes image's crops after its base crop
-    if config.model_type == "llava_onevision":
-        from transformers.models.llava_onevision.modeling_llava_onevision import (
-            get_anyres_image_grid_shape,
-            image_size_to_num_patches,
-        )
+    pixels, patches, grids = [], [], []  # per image: crops, and (rows, columns) of an AnyRes image's tiles
+    for images in (images for images in samples if images):
+        if config.model_type == "llava_onevision":
+            from transformers.models.llava_onevision.modeling_llava_onevision import (
+                get_anyres_image_grid_shape,
+                image_size_to_num_patches,
+            )
 
-        inputs = backbone.image_processor([images], return_tensors="pt")
-        sizes = inputs["image_sizes"].tolist()
-        side = config.vision_config.image_size
-        patches = [
-            image_size_to_num_patches(s, config.image_grid_pinpoints, side) if len(images) == 1 else 1 for s in sizes
-        ]
-        grids = [
-            get_anyres_image_grid_shape(s, config.image_grid_pinpoints, side) if p > 1 else None
-            for s, p in zip(sizes, patches)
-        ]
-        pixels = torch.cat([pv[:p] for pv, p in zip(inputs["pixel_values"], patches)])
-    else:
-        pixels = backbone.image_processor(images, return_tensors="pt")["pixel_values"]
-        patches = [1] * len(images)
-    pixels = pixels.to(backbone.device, dtype)
+            inputs = backbone.image_processor([images], return_tensors="pt")
+            side = config.vision_config.image_size
+            for pv, size in zip(inputs["pixel_values"], inputs["image_sizes"].tolist()):  # one AnyRes image alone
+                p = image_size_to_num_patches(size, config.image_grid_pinpoints, side) if len(images) == 1 else 1
+                grids.append(get_anyres_image_grid_shape(size, config.image_grid_pinpoints, side) if p > 1 else None)
+                patches.append(p)
+                pixels.append(pv[:p])
+        else:
+            pixels.append(backbone.image_processor(images, return_tensors="pt")["pixel_values"])
+            patches += [1] * len(images)
+            grids += [None] * len(images)
+    if not pixels:
+        return [Visual([], 0) for _ in samples]
+    pixels = torch.cat(pixels).to(backbone.device, dtype)
     tower = hf.model.vision_tower
     hidden = tower(pixels, output_hidden_states=True).hidden_states  # L + 1 entries
     n_layers = len(hidden) - 1
@@ -288,25 +288,25 @@ def visionzip_features(backbone, images, dominant: int, contextual: int):
     else:
         scores = attn.mean(1).mean(1)  # attention received, averaged over queries and heads
     crops = [visionzip_select(f, s, kk, dominant, contextual, int(has_cls)) for f, s, kk in zip(feats, scores, keys)]
-    projected = [hf.model.multi_modal_projector(tokens) for tokens, _ in crops]
+    projected = hf.model.multi_modal_projector(torch.stack([tokens for tokens, _ in crops]))  # every crop: n + m
     newline = getattr(hf.model, "image_newline", None)
-    out, start = [], 0
+    per_image, start = [], 0
     for p, grid in zip(patches, grids):
         if grid is None:
             tokens = projected[start]
-            out.append(tokens if newline is None else torch.cat([tokens, newline[None].to(tokens)]))
+            per_image.append(tokens if newline is None else torch.cat([tokens, newline[None].to(tokens)]))
         else:
-            out.append(
-                _anyres_layout(
-                    projected[start : start + p],
-                    [d for _, d in crops[start : start + p]],
-                    grid,
-                    feats.shape[1] - int(has_cls),
-                    int(has_cls),
-                )
+            kept = [d for _, d in crops[start : start + p]]
+            per_image.append(
+                _anyres_layout(projected[start : start + p], kept, grid, feats.shape[1] - int(has_cls), int(has_cls))
             )
         start += p
-    return Visual(out, pixels.shape[0])
+    visual, done = [], 0
+    for images in samples:
+        n = len(images)
+        visual.append(Visual(per_image[done : done + n], sum(patches[done : done + n])))
+        done += n
+    return visual
 
 
 def _anyres_layout(projected, dominant, grid, n_patches: int, n_fixed: int) -> torch.Tensor:

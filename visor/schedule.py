@@ -117,6 +117,11 @@ class Schedule:
         image once (0 without CA layers: it reads the inputs)."""
         return self.ca_layers[0] + 1 if self.ca_layers else 0
 
+    def shares_probe(self, depth: int) -> bool:
+        """Whether a probe of ``depth`` layers at budget 0 is the start of every budget's prefill (no
+        SA candidate among its layers): then ``auto`` continues from it instead of starting again."""
+        return all(c >= depth for c in self.sa_candidates)
+
     @property
     def sa_budgets(self) -> list[int]:
         """The VISOR budgets, cheapest first: 0..n active SA candidates."""

@@ -39,6 +39,7 @@ from .data import Bad, Example, RecordIndex, TrainSet
 from .errors import ConfigError, InputError, OutputError
 from .generate import collate
 from .outputs import atomic_write, claim, drop_aside, remove_stale, set_aside, writing
+from .reduce import visionzip_features
 from .schedule import Schedule
 
 
@@ -232,10 +233,11 @@ def answer_token_losses(backbone, lm, batch: list[tuple[list[int], list[bool], l
     index of the sample each belongs to. Gradients flow wherever parameters require them.
     ``reduction``: a visor.reduce.Reduction applied as at inference (VisionZip to the images' tokens,
     FastV / PyramidDrop drops between layers)."""
+    images = [images for _, _, images in batch]
     if reduction is not None and reduction.visionzip:
-        encoded = [backbone.image_features(images, reduction.visionzip) for _, _, images in batch]
+        encoded = visionzip_features(backbone, images, *reduction.visionzip)  # one pass of the tower
     else:
-        encoded = backbone.image_features_batch([images for _, _, images in batch])  # one pass of the tower
+        encoded = backbone.image_features_batch(images)
     samples = [backbone.expand(ids, visual, labels) for (ids, labels, _), visual in zip(batch, encoded)]
     tok = collate(samples, backbone.image_token_id, backbone.device)
     targets = torch.full_like(tok.text_ids, -100)
