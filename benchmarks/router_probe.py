@@ -4,7 +4,8 @@ Fits the router twice on the same labels of a validation set: once on the inputs
 projector outputs and token embeddings: what it read before, on the default schedule) and once on
 the probe after the first CA layer (what it reads now, ``VisorLM.probe``), and reports each on the
 same held-out samples: how often it picks the labelled budget, its mean score and its mean prefill
-FLOPs (the probe's own FLOPs included).
+FLOPs (the router's own included: the MLP, and the probe's layers where they are not the start of the
+prefill, see ``Schedule.shares_probe``).
 
     python benchmarks/router_probe.py --model runs/demo/stages/stage2-*/final \
         --data runs/demo/stages/data-*/val.jsonl --out benchmarks/results/router_probe.json
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="a labelled set (JSONL), e.g. the demo's val.jsonl")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/router_probe.json"))
     parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--width", type=int, default=64, help="the router MLP's hidden width (the demo's)")
     args = parser.parse_args()
 
     model = visor.load(args.model)
@@ -43,7 +45,7 @@ def main() -> None:
     probe = model.schedule.probe_layers
     scored = score_budgets(model, records, 16, (0, probe))
     labels = label_budgets(scored.scores)
-    cfg = PolicyTrainConfig(epochs=args.epochs)
+    cfg = PolicyTrainConfig(args.width, args.epochs)
     fit, held = holdout_split(len(records), cfg.holdout, cfg.seed)
     result = {"model": args.model, "data": args.data, "n_fit": len(fit), "n_held_out": len(held), "routers": {}}
     result["labels_held_out"] = torch.bincount(labels[held], minlength=scored.scores.shape[1]).tolist()

@@ -26,6 +26,13 @@ def test_quick_demo_produces_every_artefact(tmp_path):
     assert methods >= {"base", "visor", "fastv", "pdrop", "visionzip", "pdrop (trained)", "visionzip (trained)"}
     assert {r["weights"] for r in results["results"]} == {"base", "base+ft", "visor", "pdrop+ft", "visionzip+ft"}
     assert summary["config"]["seed"] == 0
+    # each baseline at a knob whose FLOPs match each VISOR budget's (1, 2) within 10%
+    rows = results["results"]
+    for b in (1, 2):
+        visor_flops = next(r["relative_lm_flops"] for r in rows if r["method"] == "visor" and r["budget"] == b)
+        for method in ("fastv", "pdrop", "visionzip"):
+            fair = [r["relative_lm_flops"] for r in rows if r["method"] == method and r["weights"] == "base+ft"]
+            assert min(abs(f / visor_flops - 1) for f in fair) <= 0.1, (b, method, fair, visor_flops)
 
     began = time.perf_counter()
     again = run_demo(tmp_path, quick=True)  # every stage is cached now

@@ -40,6 +40,32 @@ def test_fit_policy_learns_separable_labels():
     assert (cheap == 0).all()  # a high cost weight always picks the cheapest budget
 
 
+def test_the_router_stops_before_it_learns_lucky_labels_by_heart():
+    """Two kinds of question; 15% of the second kind labelled budget 0 (a lucky guess at budget 0).
+    Stopped where the loss on samples set aside is lowest, the router routes fresh samples by their
+    kind better than one fitted for every epoch, which learns the lucky ones by heart."""
+    from visor.policy import _fit, stopping_epochs
+
+    gen = torch.Generator().manual_seed(0)
+
+    def draw(n):
+        kind = torch.arange(n) % 2
+        x = torch.randn(n, 64, generator=gen)
+        x[:, :16] += 2 * kind[:, None]
+        return x, kind
+
+    x, kind = draw(200)
+    labels = kind.clone()
+    labels[(torch.rand(200, generator=gen) < 0.15) & (kind == 1)] = 0
+    cfg = PolicyTrainConfig(width=64, epochs=300)
+    assert 1 < stopping_epochs(x, labels, 2, cfg) < 300
+    fresh, fresh_kind = draw(400)
+    with torch.no_grad():  # fitting enables gradients itself
+        stopped = (fit_policy(x, labels, 2, cfg).choose(fresh) == fresh_kind).float().mean()
+        every_epoch = (_fit(x, labels, 2, cfg, 0, 300).choose(fresh) == fresh_kind).float().mean()
+    assert stopped >= 0.98 and every_epoch < stopped
+
+
 @pytest.fixture(scope="module")
 def routed(checkpoints, images):
     """A model with random CA weights and a random policy that picks different budgets."""

@@ -425,7 +425,12 @@ def train_policy(
     out: Annotated[Path, typer.Option(help="run directory; the checkpoint with its policy goes to OUT/final")],
     images: Annotated[Path | None, typer.Option(help="image paths are relative to it (default: the data's)")] = None,
     cost_weight: Annotated[float, typer.Option(help="> 0 prefers cheaper budgets at inference")] = 0.0,
-    epochs: int = 300,
+    epochs: Annotated[
+        int,
+        typer.Option(
+            help="at most this many; stopped where the loss on a fifth of the fitting samples set aside is lowest"
+        ),
+    ] = 300,
     width: Annotated[int, typer.Option(help="hidden width of the router MLP")] = 256,
     lr: float = 3e-3,
     batch_size: int = 8,
