@@ -245,12 +245,19 @@ def test_visionzip_token_counts(base_model, images):
 
 @pytest.mark.parametrize("visionzip", [None, (6, 2)], ids=["plain", "visionzip"])
 def test_a_batch_is_encoded_as_each_sample_alone(base_model, images, visionzip):
-    """One pass of the vision path for a batch (AnyRes images, several images, none) gives each
-    sample the tokens it gets alone."""
+    """Passes of the vision path over a batch (AnyRes images, several images, none; more images than
+    one pass takes) give each sample the tokens it gets alone; a batch without images encodes too."""
+    from visor.backbone import IMAGES_PER_PASS
+
     if visionzip and refuses(base_model, Reduction("visionzip", dominant=6, contextual=2), [images[1]]):
         return
     bb = base_model.backbone
-    prompts, lists = [PROMPT, "Hi", PROMPT, PROMPT], [[images[0]], [], [images[1], images[2]], [images[3]]]
+    lists = [[images[0]], [], [images[1], images[2]], [images[3]]] + [
+        [images[i % 4], images[3 - i % 4]] for i in range(4)
+    ]
+    assert sum(map(len, lists)) > IMAGES_PER_PASS
+    prompts = [PROMPT, "Hi"] + [PROMPT] * (len(lists) - 2)
+    assert bb.encode_batch(["Hi"], [[]], visionzip)[0].ids == bb.encode("Hi", []).ids
     together = bb.encode_batch(prompts, lists, visionzip)
     for prompt, pictures, got in zip(prompts, lists, together):
         alone = bb.encode(prompt, pictures, visionzip)

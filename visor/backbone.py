@@ -35,6 +35,7 @@ ARCHITECTURES = {
 }
 TEXT_MODELS = ("qwen2", "qwen3", "llama", "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
 MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # multimodal RoPE: visual tokens at (time, row, column) positions
+IMAGES_PER_PASS = 8  # images encoded together at inference: bounds the tower's memory (an AnyRes image: <= 37 crops)
 
 
 def read_config(path: str | Path):
@@ -310,18 +311,30 @@ class Backbone:
 
     @torch.no_grad()
     def encode_batch(self, prompts: list[str], images: list[list], visionzip=None) -> list[Sample]:
-        """``encode`` for several prompts (one list of images each): one pass of the vision path."""
-        if any(not isinstance(p, str) or not p.strip() for p in prompts):
-            raise InputError("the prompt is empty")
+        """``encode`` for several prompts (one list of images each): the vision path runs on up to
+        ``IMAGES_PER_PASS`` images at once (a sample's images together)."""
+        if len(prompts) != len(images):
+            raise InputError(f"{len(prompts)} prompt(s) but {len(images)} image entries")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise InputError("the prompt is empty" + (f" (prompt {i + 1} of {len(prompts)})" if i else ""))
         loaded = [[load_image(im) for im in ims] for ims in images]
+        visual, group = [], []
+        for ims in loaded:
+            if group and sum(map(len, group)) + len(ims) > IMAGES_PER_PASS:
+                visual += self._vision_pass(group, visionzip)
+                group = []
+            group.append(ims)
+        visual += self._vision_pass(group, visionzip)
+        ids = [self.tokenizer(self.prompt_text(p, len(ims)))["input_ids"] for p, ims in zip(prompts, loaded)]
+        return [self.expand(i, v) for i, v in zip(ids, visual)]
+
+    def _vision_pass(self, samples: list[list[Image.Image]], visionzip=None) -> list[Visual]:
         if visionzip is not None:
             from .reduce import visionzip_features
 
-            visual = visionzip_features(self, loaded, *visionzip)
-        else:
-            visual = self.image_features_batch(loaded)
-        ids = [self.tokenizer(self.prompt_text(p, len(ims)))["input_ids"] for p, ims in zip(prompts, loaded)]
-        return [self.expand(i, v) for i, v in zip(ids, visual)]
+            return visionzip_features(self, samples, *visionzip)
+        return self.image_features_batch(samples)
 
 
 # ---- each family's vision path: its image processor and tower, as its own processor and model run them ----

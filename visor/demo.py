@@ -341,7 +341,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
 
     # equal training: the baselines' weights get VISOR's extra steps (stage 1 + stage 2) too
     matched = matched_reductions(load(converted), flops_records(data), cfg)
-    at_budget_1 = {r.method: r for r in matched[1]}
+    at_budget_1 = {r.method: r for r in matched[1]}  # what PyramidDrop and VisionZip train with
     ft_steps = cfg.stage1_steps + cfg.stage2_steps
     tuned = {}
     for name, extra in (
@@ -385,17 +385,24 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
 
 
 def flops_records(data: Path) -> list:
-    """The first test record of each task: FLOPs depend on the shapes alone, and these span them."""
+    """One validation record per task: FLOPs depend on the shapes alone, and these span them."""
     from .data import read_records
 
-    records, _ = read_records(data / "test.jsonl", data)
-    return list({r.task: r for r in reversed(records)}.values())
+    records, _ = read_records(data / "val.jsonl", data)
+    first = {}
+    for r in records:
+        first.setdefault(r.task, r)
+    return list(first.values())
 
 
 def lm_prefill_flops(model, records, budget, reduction=None) -> float:
-    """Mean LM prefill FLOPs of ``records`` at this budget / reduction (as evaluation counts them)."""
-    outs = model.generate([r.images for r in records], [r.question for r in records], budget, 1, reduction=reduction)
-    return sum(o.flops["lm_prefill"] for o in outs) / len(outs)
+    """Mean LM prefill FLOPs of ``records`` at this budget / reduction, counted as evaluation counts them."""
+    samples = model.encode([r.question for r in records], [r.images for r in records], reduction)
+    flops = [
+        model.flops(s.visual.shape[0], len(s.ids) - s.visual.shape[0], budget, s.n_crops, reduction, s.grids).lm_prefill
+        for s in samples
+    ]
+    return sum(flops) / len(flops)
 
 
 def matched_reductions(model, records, cfg: DemoConfig) -> dict[int, list[Reduction]]:

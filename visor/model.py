@@ -316,8 +316,9 @@ class VisorLM(nn.Module):
 
     # ---- the layer loop -------------------------------------------------------------------
     def run(self, tok: Tokens, budgets: list, cache: KVCache | None = None, drops: dict | None = None) -> Forward:
-        """All layers over a batch; each sample has its own budget ("auto": the policy picks it, see
-        ``probe``). ``cache``: filled with each layer's K/V.
+        """All layers over a batch; each sample has its own budget ("auto": the policy picks it from the
+        probe's features, see ``probe``: where ``Schedule.shares_probe``, after the probe's layers of this
+        pass, else from a probe run first). ``cache``: filled with each layer's K/V.
 
         ``drops`` {layer: ``visor.reduce.Drop``}: after that layer, keep some of each sample's visual
         tokens, those the last text token attends to most (FastV, PyramidDrop)."""

@@ -106,16 +106,13 @@ def fit_policy(
     seeded fifth of the samples kept out of a first fit (``stopping_epochs``), then on all of them. The
     labels are noisy — a lucky guess labels a sample with a budget too small for its kind — and an MLP
     left to run learns those samples by heart and routes others like them too low."""
-    epochs = stopping_epochs(features, labels, n_budgets, cfg)
-    policy = _fit(features, labels, n_budgets, cfg, probe_layers, epochs)
-    policy.epochs_fitted = epochs
-    return policy
+    return _fit(features, labels, n_budgets, cfg, probe_layers, stopping_epochs(features, labels, n_budgets, cfg))
 
 
 def stopping_epochs(features: torch.Tensor, labels: torch.Tensor, n_budgets: int, cfg: PolicyTrainConfig) -> int:
     """The epoch count (1..cfg.epochs) with the lowest loss on a seeded fifth of the samples, fitted on
-    the rest; ``cfg.epochs`` with fewer than 10 samples (too few to set any aside)."""
-    if len(features) < 10:
+    the rest; ``cfg.epochs`` with fewer than 50 samples (a fifth of them too few to judge by)."""
+    if len(features) < 50:
         return cfg.epochs
     fit, check = holdout_split(len(features), 0.2, cfg.seed + 1)
     losses = []  # after each epoch, on the samples set aside
@@ -250,7 +247,8 @@ def train_policy(
     features = features[depth]
     labels = label_budgets(scores)
     fit, held = holdout_split(len(records), cfg.holdout, cfg.seed)
-    policy = fit_policy(features[fit], labels[fit], len(budgets), cfg, depth)
+    epochs = stopping_epochs(features[fit], labels[fit], len(budgets), cfg)  # as fit_policy, for the report
+    policy = _fit(features[fit], labels[fit], len(budgets), cfg, depth, epochs)
     report_on = held if len(held) else fit  # too few samples to hold any out: say so
     with torch.no_grad():
         chosen = policy.choose(features[report_on])
@@ -278,7 +276,7 @@ def train_policy(
         "n_samples": len(records),
         "n_fit": len(fit),
         "n_held_out": len(held),
-        "epochs_fitted": policy.epochs_fitted,
+        "epochs_fitted": epochs,
         "measured_on": "held-out samples" if len(held) else "the fitted samples (too few to hold any out)",
         **model.placement,
         "skipped": skipped,
@@ -288,7 +286,7 @@ def train_policy(
     atomic_write(out / "policy_report.json", json.dumps(result, indent=2) + "\n")
     lines = [
         f"Measured on {result['measured_on']}: {len(report_on)} of {len(records)} "
-        f"(the router was fitted on {len(fit)}, for {policy.epochs_fitted} epochs: where the loss on a fifth "
+        f"(the router was fitted on {len(fit)}, for {epochs} epochs: where the loss on a fifth "
         "of them, set aside, was lowest).",
         "",
         "| budget | score | mean prefill GFLOPs |",

@@ -243,8 +243,11 @@ def visionzip_features(backbone, samples: list[list], dominant: int, contextual:
 
     hf, config = backbone.hf, backbone.config
     Reduction("visionzip", dominant=dominant, contextual=contextual).check(config)
-    if dominant + contextual >= (config.vision_config.image_size // config.vision_config.patch_size) ** 2:
-        return backbone.image_features_batch(samples)  # nothing to reduce: the checkpoint's own path
+    if (
+        not any(samples)
+        or dominant + contextual >= (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    ):
+        return backbone.image_features_batch(samples)  # no image, or nothing to reduce: the checkpoint's own path
     layer_index = config.vision_feature_layer
     if not isinstance(layer_index, int):
         raise ConfigError("VisionZip needs a single vision feature layer")
@@ -268,8 +271,6 @@ def visionzip_features(backbone, samples: list[list], dominant: int, contextual:
             pixels.append(backbone.image_processor(images, return_tensors="pt")["pixel_values"])
             patches += [1] * len(images)
             grids += [None] * len(images)
-    if not pixels:
-        return [Visual([], 0) for _ in samples]
     pixels = torch.cat(pixels).to(backbone.device, dtype)
     tower = hf.model.vision_tower
     hidden = tower(pixels, output_hidden_states=True).hidden_states  # L + 1 entries

@@ -118,8 +118,9 @@ class Schedule:
         return self.ca_layers[0] + 1 if self.ca_layers else 0
 
     def shares_probe(self, depth: int) -> bool:
-        """Whether a probe of ``depth`` layers at budget 0 is the start of every budget's prefill (no
-        SA candidate among its layers): then ``auto`` continues from it instead of starting again."""
+        """Whether a probe of ``depth`` layers at budget 0 is the start of every VISOR budget's (0..n)
+        prefill (no SA candidate among its layers): then ``auto`` continues from it instead of starting
+        again."""
         return all(c >= depth for c in self.sa_candidates)
 
     @property
