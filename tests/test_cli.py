@@ -123,9 +123,10 @@ def test_every_model_command_honours_device_and_dtype(tmp_path, checkpoints, dat
     result = json.loads((tmp_path / "e" / "result.json").read_text())
     assert (result["device"], result["dtype"]) == ("cpu", "bfloat16")
     assert result["modes"] == {"prefill": "eager", "decode": "dynamic"}  # "auto" on the CPU
-    visor_cli("train-policy", "--model", model, *data, "--epochs", 2, "--out", tmp_path / "p", *bf16)
+    printed = visor_cli("train-policy", "--model", model, *data, "--epochs", 2, "--out", tmp_path / "p", *bf16)
     report = json.loads((tmp_path / "p" / "policy_report.json").read_text())
     assert report["dtype"] == "bfloat16"
+    assert report["epochs_fitted"] == 2 and "2 of at most 2 epochs" in " ".join(printed.split())  # 13 samples: all
     visor_cli("compare", "--model", tmp_path / "p" / "final", *data, "--limit", 1, "--max-new-tokens", 2,
               "--out", tmp_path / "c", *bf16)  # fmt: skip
     assert {r["dtype"] for r in json.loads((tmp_path / "c" / "results.json").read_text())["results"]} == {"bfloat16"}

@@ -462,8 +462,8 @@ def train_policy(
         table.add_row(str(row["budget"]), f"{row['score']:.3f}", f"{row['prefill_flops'] / 1e9:.4f}")
     console.print(table)
     console.print(
-        f"auto chose budgets {result['rows'][-1]['chosen']} (counts per budget 0..n); "
-        f"checkpoint with policy: [bold]{result['final']}[/]"
+        f"auto chose budgets {result['rows'][-1]['chosen']} (counts per budget 0..n); the router fitted "
+        f"{result['epochs_fitted']} of at most {epochs} epochs; checkpoint with policy: [bold]{result['final']}[/]"
     )
 
 
