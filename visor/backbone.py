@@ -236,14 +236,14 @@ class Backbone:
         """The projector outputs of one sample's images. Gradients flow when the caller enables them
         (training). ``visionzip`` (n, m): reduce each crop to n dominant + m contextual tokens (see
         visor.reduce)."""
-        if visionzip is not None and images:
+        return self.image_features_batch([images], visionzip)[0]
+
+    def image_features_batch(self, samples: list[list[Image.Image]], visionzip=None) -> list[Visual]:
+        """``image_features`` for several samples' images in one pass of the vision tower (``visionzip``: as there)."""
+        if visionzip is not None:
             from .reduce import visionzip_features
 
-            return visionzip_features(self, [images], *visionzip)[0]
-        return self.image_features_batch([images])[0]
-
-    def image_features_batch(self, samples: list[list[Image.Image]]) -> list[Visual]:
-        """``image_features`` for several samples' images in one pass of the vision tower."""
+            return visionzip_features(self, samples, *visionzip)
         with_images = [images for images in samples if images]
         if not with_images:
             return [Visual([], 0) for _ in samples]
@@ -322,19 +322,12 @@ class Backbone:
         visual, group = [], []
         for ims in loaded:
             if group and sum(map(len, group)) + len(ims) > IMAGES_PER_PASS:
-                visual += self._vision_pass(group, visionzip)
+                visual += self.image_features_batch(group, visionzip)
                 group = []
             group.append(ims)
-        visual += self._vision_pass(group, visionzip)
+        visual += self.image_features_batch(group, visionzip)
         ids = [self.tokenizer(self.prompt_text(p, len(ims)))["input_ids"] for p, ims in zip(prompts, loaded)]
         return [self.expand(i, v) for i, v in zip(ids, visual)]
-
-    def _vision_pass(self, samples: list[list[Image.Image]], visionzip=None) -> list[Visual]:
-        if visionzip is not None:
-            from .reduce import visionzip_features
-
-            return visionzip_features(self, samples, *visionzip)
-        return self.image_features_batch(samples)
 
 
 # ---- each family's vision path: its image processor and tower, as its own processor and model run them ----

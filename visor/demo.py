@@ -395,9 +395,9 @@ def flops_records(data: Path) -> list:
     return list(first.values())
 
 
-def lm_prefill_flops(model, records, budget, reduction=None) -> float:
-    """Mean LM prefill FLOPs of ``records`` at this budget / reduction, counted as evaluation counts them."""
-    samples = model.encode([r.question for r in records], [r.images for r in records], reduction)
+def lm_prefill_flops(model, samples, budget, reduction=None) -> float:
+    """Mean LM prefill FLOPs of encoded ``samples`` at this budget / reduction, counted as evaluation
+    counts them."""
     flops = [
         model.flops(s.visual.shape[0], len(s.ids) - s.visual.shape[0], budget, s.n_crops, reduction, s.grids).lm_prefill
         for s in samples
@@ -414,10 +414,16 @@ def matched_reductions(model, records, cfg: DemoConfig) -> dict[int, list[Reduct
         "pdrop": [Reduction("pdrop", stages=cfg.pdrop_stages, ratio=k / 40) for k in range(1, 40)],
         "visionzip": [Reduction("visionzip", dominant=d, contextual=1) for d in range(1, per_crop - 1)],
     }
-    cost = {r.label(): lm_prefill_flops(model, records, "full", r) for grid in grids.values() for r in grid}
+    encode = lambda reduction=None: model.encode([r.question for r in records], [r.images for r in records], reduction)  # noqa: E731
+    plain = encode()  # only VisionZip changes what the language model is given
+    cost = {
+        r.label(): lm_prefill_flops(model, encode(r) if r.visionzip else plain, "full", r)
+        for grid in grids.values()
+        for r in grid
+    }
     matched = {}
     for b in model.schedule.sa_budgets[1:]:
-        target = lm_prefill_flops(model, records, b)
+        target = lm_prefill_flops(model, plain, b)
         matched[b] = [min(grid, key=lambda r: abs(cost[r.label()] - target)) for grid in grids.values()]
     return matched
 

@@ -39,7 +39,6 @@ from .data import Bad, Example, RecordIndex, TrainSet
 from .errors import ConfigError, InputError, OutputError
 from .generate import collate
 from .outputs import atomic_write, claim, drop_aside, remove_stale, set_aside, writing
-from .reduce import visionzip_features
 from .schedule import Schedule
 
 
@@ -233,11 +232,8 @@ def answer_token_losses(backbone, lm, batch: list[tuple[list[int], list[bool], l
     index of the sample each belongs to. Gradients flow wherever parameters require them.
     ``reduction``: a visor.reduce.Reduction applied as at inference (VisionZip to the images' tokens,
     FastV / PyramidDrop drops between layers)."""
-    images = [images for _, _, images in batch]
-    if reduction is not None and reduction.visionzip:
-        encoded = visionzip_features(backbone, images, *reduction.visionzip)  # one pass of the tower
-    else:
-        encoded = backbone.image_features_batch(images)
+    visionzip = reduction.visionzip if reduction is not None else None
+    encoded = backbone.image_features_batch([images for _, _, images in batch], visionzip)  # one pass of the tower
     samples = [backbone.expand(ids, visual, labels) for (ids, labels, _), visual in zip(batch, encoded)]
     tok = collate(samples, backbone.image_token_id, backbone.device)
     targets = torch.full_like(tok.text_ids, -100)
