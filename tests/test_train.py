@@ -488,6 +488,51 @@ def test_bfloat16_training_with_float32_master_weights(checkpoints, dataset, tmp
     assert moments and {m.properties.dtype for m in moments} == {torch.float32}
 
 
+def crops_through_the_tower(cfg: TrainConfig) -> int:
+    """Train; the number of crops the vision tower encoded (a hook on the model the run loads)."""
+    model, seen = visor.load(cfg.model), []
+    hook = model.backbone.hf.model.vision_tower.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("visor.train.load", lambda *a, **k: model)
+        train(cfg)
+    hook.remove()
+    return sum(seen)
+
+
+@pytest.mark.parametrize("arch, kw", [("llava-onevision", dict(stage=2, freeze_vision=True)),
+                                      ("llava", dict(stage=1, budgets="0-1"))])  # fmt: skip
+def test_kept_tower_outputs_train_as_the_tower_does(checkpoints, dataset, tmp_path, arch, kw):
+    """--cache-vision: each record's tower output is computed once (16 records, 12 steps of 4: every
+    record met three times) and the run trains exactly as one that runs the tower every step."""
+    runs = {}
+    for cached in (False, True):
+        out = tmp_path / f"{arch}-{cached}"
+        cfg = config(checkpoints, dataset, out, model=str(checkpoints[arch]), steps=12, cache_vision=cached, **kw)
+        runs[cached] = out, crops_through_the_tower(cfg)
+    (plain, crops), (kept, crops_kept) = runs[False], runs[True]
+    assert crops_kept == crops / 3  # each record's crops once
+    assert losses(kept) == losses(plain)
+    for name in ("model.safetensors", "visor.safetensors") if kw["stage"] == 2 else ("visor.safetensors",):
+        a, b = load_file(kept / "final" / name), load_file(plain / "final" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "kept the vision tower's output of 16 records" in (kept / "train.log").read_text()
+
+
+@pytest.mark.parametrize(
+    "arch, kw, message",
+    [
+        ("llava-onevision", dict(stage=2), "the tower must stay fixed"),
+        ("llava-onevision", dict(stage=2, freeze_vision=True, budgets="full",
+                                 reduction='{"method": "visionzip", "dominant": 2, "contextual": 1}'), "drop one"),
+        ("qwen2-vl", dict(stage=1), "cannot be kept apart from its projector"),
+    ],
+)  # fmt: skip
+def test_cache_vision_is_refused_where_it_cannot_hold(checkpoints, dataset, tmp_path, arch, kw, message):
+    with pytest.raises(visor.ConfigError, match=message):
+        train(config(checkpoints, dataset, tmp_path / "x", model=str(checkpoints[arch]), cache_vision=True, **kw))
+    assert not (tmp_path / "x").exists()
+
+
 def test_accumulation_and_activation_checkpointing_change_nothing(checkpoints, dataset, tmp_path):
     runs = {
         "plain": dict(batch_size=4),

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, ConfigError, InputError
 
 # model_type of the checkpoint -> transformers class; and the language models we can run.
 ARCHITECTURES = {
@@ -238,16 +238,23 @@ class Backbone:
         visor.reduce)."""
         return self.image_features_batch([images], visionzip)[0]
 
-    def image_features_batch(self, samples: list[list[Image.Image]], visionzip=None) -> list[Visual]:
-        """``image_features`` for several samples' images in one pass of the vision tower (``visionzip``: as there)."""
+    def image_features_batch(self, samples: list[list[Image.Image]], visionzip=None, towered=None) -> list[Visual]:
+        """``image_features`` for several samples' images in one pass of the vision tower (``visionzip``: as
+        there). ``towered``: the samples' tower outputs, kept from ``tower_batch`` (the tower does not run)."""
         if visionzip is not None:
             from .reduce import visionzip_features
 
             return visionzip_features(self, samples, *visionzip)
-        with_images = [images for images in samples if images]
-        if not with_images:
+        present = [i for i, images in enumerate(samples) if images]
+        if not present:
             return [Visual([], 0) for _ in samples]
-        encoded = VISION_PATHS[self.config.model_type](self, with_images, self.hf.lm_head.weight.dtype)
+        dtype = self.hf.lm_head.weight.dtype
+        if towered is None and self.config.model_type in TOWERED:
+            towered = self.tower_batch(samples)
+        if towered is not None:
+            encoded = _projected(self, [towered[i] for i in present], dtype)
+        else:
+            encoded = VISION_PATHS[self.config.model_type](self, [samples[i] for i in present], dtype)
         features, crops = iter(encoded.features), iter(encoded.crops)
         grids = None if encoded.grids is None else iter(encoded.grids)
         levels = [iter(level) for level in encoded.deepstack or []]
@@ -260,6 +267,18 @@ class Backbone:
             own_deepstack = [[next(level) for _ in images] for level in levels] or None
             visual.append(Visual([next(features) for _ in images], next(crops), own_grids, own_deepstack))
         return visual
+
+    def tower_batch(self, samples: list[list[Image.Image]]) -> list[Towered | None]:
+        """What the vision tower makes of each sample's images, before the projector (None: no images);
+        LLaVA and LLaVA-OneVision, whose tower and projector are separate modules."""
+        if self.config.model_type not in TOWERED:
+            raise ConfigError(
+                f"{self.config.model_type}: its vision tower and projector are one module here; "
+                f"only {', '.join(TOWERED)} can keep the tower's output"
+            )
+        with_images = [images for images in samples if images]
+        towered = iter(_tower(self, with_images, self.hf.lm_head.weight.dtype) if with_images else [])
+        return [next(towered) if images else None for images in samples]
 
     def expand(self, ids: list[int], visual: Visual, labels=None) -> Sample:
         """Expand each image placeholder in ``ids`` to its image's feature count (and, with
@@ -343,32 +362,57 @@ class Encoded:
     deepstack: list[list[torch.Tensor]] | None = None  # per DeepStack level, (n_i, D) per image (Qwen3-VL)
 
 
-def _llava(bb: Backbone, samples: list[list[Image.Image]], dtype) -> Encoded:
-    """LLaVA: one CLIP crop per image."""
-    pixels = bb.image_processor([im for images in samples for im in images], return_tensors="pt")["pixel_values"]
-    out = bb.hf.model.get_image_features(pixel_values=pixels.to(bb.device, dtype), return_dict=True)
-    return Encoded(list(out.pooler_output), [len(images) for images in samples])
+class Towered(NamedTuple):
+    """What the vision tower made of one sample's images, before the projector (LLaVA, LLaVA-OneVision):
+    the part of the vision path a training run with a fixed tower may keep per record (``cache_vision``)."""
+
+    crops: torch.Tensor  # (C, N, D) every crop's feature layer(s), as the model selects them
+    patches: list[int]  # crops per image
+    sizes: list[list[int]] | None  # (height, width) per image: LLaVA-OneVision's AnyRes layout
 
 
-def _llava_onevision(bb: Backbone, samples: list[list[Image.Image]], dtype) -> Encoded:
-    """LLaVA-OneVision: a lone image is tiled (AnyRes: base crop + tiles, newline tokens), several get
-    one crop each; the processor takes one entry per sample."""
-    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+def select_features(config, hidden_states) -> torch.Tensor:
+    """The tower's feature layer(s) and selection strategy, as the model's ``get_image_features`` picks them."""
+    layers = config.vision_feature_layer
+    feats = torch.cat([hidden_states[i] for i in (layers if isinstance(layers, list) else [layers])], -1)
+    return feats[:, 1:] if config.vision_feature_select_strategy == "default" else feats  # "default": no CLS
 
-    inputs = bb.image_processor(samples, return_tensors="pt")
-    out = bb.hf.model.get_image_features(
-        pixel_values=inputs["pixel_values"].to(bb.device, dtype),
-        image_sizes=inputs["image_sizes"].to(bb.device),
-        batch_num_images=inputs["batch_num_images"],
-        return_dict=True,
-    )
-    side, pinpoints = bb.config.vision_config.image_size, bb.config.image_grid_pinpoints
-    sizes, crops, k = inputs["image_sizes"].tolist(), [], 0
+
+def _tower(bb: Backbone, samples: list[list[Image.Image]], dtype) -> list[Towered]:
+    """LLaVA: one CLIP crop per image. LLaVA-OneVision: a lone image is tiled (AnyRes: base crop +
+    tiles), several get one crop each; its processor takes one entry per sample."""
+    if bb.config.model_type == "llava":
+        pixels = bb.image_processor([im for images in samples for im in images], return_tensors="pt")["pixel_values"]
+        patches, sizes = [1] * len(pixels), None
+    else:
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        inputs = bb.image_processor(samples, return_tensors="pt")
+        side, pinpoints = bb.config.vision_config.image_size, bb.config.image_grid_pinpoints
+        sizes = inputs["image_sizes"].tolist()
+        alone = [len(images) == 1 for images in samples for _ in images]
+        patches = [image_size_to_num_patches(s, pinpoints, side) if a else 1 for s, a in zip(sizes, alone)]
+        pixels = torch.cat([pv[:p] for pv, p in zip(inputs["pixel_values"], patches)])
+    hidden = bb.hf.model.vision_tower(pixels.to(bb.device, dtype), output_hidden_states=True).hidden_states
+    per_image = iter(zip(select_features(bb.config, hidden).split(patches), patches, sizes or [None] * len(patches)))
+    towered = []
     for images in samples:
-        alone = len(images) == 1
-        crops.append(image_size_to_num_patches(sizes[k], pinpoints, side) if alone else len(images))
-        k += len(images)
-    return Encoded(list(out.pooler_output), crops)
+        crops, own_patches, own_sizes = zip(*[next(per_image) for _ in images])
+        towered.append(Towered(torch.cat(crops), list(own_patches), None if sizes is None else list(own_sizes)))
+    return towered
+
+
+def _projected(bb: Backbone, towered: list[Towered], dtype) -> Encoded:
+    """The projector (and LLaVA-OneVision's AnyRes packing: unpadding, newline tokens) on tower outputs."""
+    projected = bb.hf.model.multi_modal_projector(torch.cat([t.crops for t in towered]).to(bb.device, dtype))
+    per_image = list(projected.split([p for t in towered for p in t.patches]))
+    if bb.config.model_type == "llava":
+        features = [f[0] for f in per_image]
+    else:
+        sizes = torch.tensor([s for t in towered for s in t.sizes], device=bb.device)
+        ratio = bb.config.vision_aspect_ratio
+        features, _ = bb.hf.model.pack_image_features(per_image, sizes, bb.hf.model.image_newline, ratio)
+    return Encoded(list(features), [sum(t.patches) for t in towered])
 
 
 def _qwen_vl(bb: Backbone, samples: list[list[Image.Image]], dtype) -> Encoded:
@@ -395,9 +439,8 @@ def _internvl(bb: Backbone, samples: list[list[Image.Image]], dtype) -> Encoded:
     return Encoded(list(features), [sum(next(per_image) for _ in images) for images in samples])
 
 
-VISION_PATHS = {
-    "llava": _llava,
-    "llava_onevision": _llava_onevision,
+TOWERED = ("llava", "llava_onevision")  # tower, then projector: ``_tower`` + ``_projected``
+VISION_PATHS = {  # the others' vision path, whole
     "qwen2_vl": _qwen_vl,
     "qwen2_5_vl": _qwen_vl,
     "qwen3_vl": _qwen_vl,

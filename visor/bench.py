@@ -154,18 +154,14 @@ def dynamic_vision_encoder(hf, grids: list, device, dtype):
 
 def vision_encoder(hf, n_crops: int, device, dtype):
     """Tower + projector on n_crops random crops, as the checkpoint's feature selection does."""
+    from .backbone import select_features
+
     vc = hf.config.vision_config
     pixels = torch.randn(n_crops, vc.num_channels, vc.image_size, vc.image_size, device=device, dtype=dtype)
-    layers = hf.config.vision_feature_layer
-    layers = layers if isinstance(layers, list) else [layers]
     tower, projector = hf.model.vision_tower, hf.model.multi_modal_projector
 
     def run():
-        states = tower(pixels, output_hidden_states=True).hidden_states
-        feats = torch.cat([states[i] for i in layers], -1)
-        if hf.config.vision_feature_select_strategy == "default":
-            feats = feats[:, 1:]
-        return projector(feats)
+        return projector(select_features(hf.config, tower(pixels, output_hidden_states=True).hidden_states))
 
     return run
 

@@ -376,6 +376,10 @@ def train(
     projector_only: Annotated[
         bool | None, typer.Option("--projector-only", help="stage 2: train only the projector (VisionZip's recipe)")
     ] = None,
+    cache_vision: Annotated[
+        bool | None,
+        typer.Option("--cache-vision", help="keep each record's tower output (fixed tower; LLaVA / LLaVA-OV)"),
+    ] = None,
     activation_checkpointing: Annotated[bool | None, typer.Option("--activation-checkpointing")] = None,
     save_every: Annotated[int | None, typer.Option(help="checkpoint every N steps (0: only final)")] = None,
     resume: Annotated[

@@ -315,7 +315,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
 
         return fn
 
-    frozen = dict(freeze_vision=cfg.freeze_vision)
+    frozen = dict(freeze_vision=cfg.freeze_vision, cache_vision=cfg.freeze_vision)  # a fixed tower: its outputs kept
     base_kw = dict(stage=2, budgets="full", steps=cfg.base_steps, lr=2e-3, warmup_steps=30, **frozen)
     key = base_key = _digest("base", base_kw, key)
     base = stages.run("base", key, trainer(warm_dir / "model", **base_kw)) / "final"
@@ -332,7 +332,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
 
     key = _digest("convert", cfg.schedule, key)
     converted = stages.run("convert", key, convert_base) / "model"
-    s1_kw = dict(stage=1, budgets="all", steps=cfg.stage1_steps, lr=3e-3, warmup_steps=10)
+    s1_kw = dict(stage=1, budgets="all", steps=cfg.stage1_steps, lr=3e-3, warmup_steps=10, cache_vision=True)
     key = _digest("stage1", s1_kw, key)
     s1 = stages.run("stage1", key, trainer(converted, **s1_kw)) / "final"
     s2_kw = dict(stage=2, budgets="all", steps=cfg.stage2_steps, lr=1e-3, warmup_steps=10, **frozen)
@@ -347,9 +347,12 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
     for name, extra in (
         ("base_ft", {}),  # the base fine-tuned as it was trained: FastV and the others run on it
         ("pdrop_ft", {"reduction": json.dumps(asdict(at_budget_1["pdrop"]))}),  # PyramidDrop trains with its drops
-        ("visionzip_ft", {"reduction": json.dumps(asdict(at_budget_1["visionzip"])), "projector_only": True}),
+        (
+            "visionzip_ft",
+            {"reduction": json.dumps(asdict(at_budget_1["visionzip"])), "projector_only": True, "cache_vision": False},
+        ),  # VisionZip reduces the tower's output: nothing to keep
     ):
-        kw = dict(stage=2, budgets="full", steps=ft_steps, lr=1e-3, warmup_steps=10, **frozen, **extra)
+        kw = dict(stage=2, budgets="full", steps=ft_steps, lr=1e-3, warmup_steps=10, **frozen) | extra
         tuned[name] = stages.run(name, _digest(name, kw, base_key), trainer(base, **kw)) / "final"
 
     key = _digest("policy", cfg.policy_epochs, cfg.policy_width, "stopped early", key)

@@ -35,6 +35,7 @@ from torch import nn
 
 from . import checks
 from .api import VisorModel, load
+from .backbone import TOWERED
 from .data import Bad, Example, RecordIndex, TrainSet
 from .errors import ConfigError, InputError, OutputError
 from .generate import collate
@@ -64,6 +65,9 @@ class TrainConfig:
     # fields, e.g. {"method": "pdrop", "stages": [1, 2, 4], "ratio": 0.5}); needs --budgets full
     reduction: str = ""
     projector_only: bool = False  # stage 2: train only the multimodal projector (VisionZip's fine-tuning)
+    # keep each record's vision-tower output after the first step that meets it (a fixed tower: stage 1,
+    # freeze_vision or projector_only; LLaVA / LLaVA-OneVision); memory grows with the records (TowerCache)
+    cache_vision: bool = False
     activation_checkpointing: bool = False
     save_every: int = 0  # steps between checkpoints; 0 = only the final model
     resume: bool = False  # continue the run in `out` from its newest checkpoint
@@ -117,8 +121,12 @@ class TrainConfig:
             raise ConfigError("--budget-weights are all zero: no budget could ever be sampled")
         if self.projector_only and self.stage != 2:
             raise ConfigError("--projector-only trains the base model's projector: use --stage 2")
+        if self.cache_vision and not (self.stage == 1 or self.freeze_vision or self.projector_only):
+            raise ConfigError("--cache-vision keeps the vision tower's outputs: the tower must stay fixed "
+                              "(stage 1, --freeze-vision or --projector-only)")  # fmt: skip
         if self.reduction:
-            self.parsed_reduction()
+            if self.parsed_reduction().visionzip is not None and self.cache_vision:
+                raise ConfigError("--cache-vision keeps the tower's plain output, which VisionZip reduces: drop one")
             if self.stage != 2 or self.budgets.strip().lower() != "full":
                 raise ConfigError("--reduction trains the base under a token reduction: use --stage 2 --budgets full")
         if self.resume and self.overwrite:
@@ -210,12 +218,13 @@ class Trainee(nn.Module):
         self.backbone = [model.backbone]  # in a list: not a submodule (its modules are in hf)
         self.reduction = reduction  # a visor.reduce.Reduction the base trains under, or None
 
-    def forward(self, batch: list[tuple[list[int], list[bool], list]], budget) -> tuple[torch.Tensor, list[float]]:
-        """Summed answer loss, and the batch's [visual tokens, text tokens, forward FLOPs (visor.flops)]."""
+    def forward(self, batch: list[tuple[list[int], list[bool], list]], budget, towered=None):
+        """Summed answer loss, and the batch's [visual tokens, text tokens, forward FLOPs (visor.flops)].
+        ``towered``: the batch's vision-tower outputs, where kept (``TowerCache``)."""
         from .flops import count_flops
 
         backbone, reduction = self.backbone[0], self.reduction
-        losses, _, samples = answer_token_losses(backbone, self.lm, batch, budget, reduction)
+        losses, _, samples = answer_token_losses(backbone, self.lm, batch, budget, reduction, towered)
         work = [0.0, 0.0, 0.0]
         for s in samples:
             n_visual = s.visual.shape[0]
@@ -227,13 +236,16 @@ class Trainee(nn.Module):
         return losses.sum(), work
 
 
-def answer_token_losses(backbone, lm, batch: list[tuple[list[int], list[bool], list]], budget, reduction=None):
+def answer_token_losses(
+    backbone, lm, batch: list[tuple[list[int], list[bool], list]], budget, reduction=None, towered=None
+):
     """Cross-entropy of every answer token in a batch of (ids, answer mask, images), and the
     index of the sample each belongs to. Gradients flow wherever parameters require them.
     ``reduction``: a visor.reduce.Reduction applied as at inference (VisionZip to the images' tokens,
-    FastV / PyramidDrop drops between layers)."""
+    FastV / PyramidDrop drops between layers). ``towered``: the images' tower outputs, where kept."""
     visionzip = reduction.visionzip if reduction is not None else None
-    encoded = backbone.image_features_batch([images for _, _, images in batch], visionzip)  # one pass of the tower
+    images = [images for _, _, images in batch]
+    encoded = backbone.image_features_batch(images, visionzip, towered)  # one pass of the tower, if it runs
     samples = [backbone.expand(ids, visual, labels) for (ids, labels, _), visual in zip(batch, encoded)]
     tok = collate(samples, backbone.image_token_id, backbone.device)
     targets = torch.full_like(tok.text_ids, -100)
@@ -248,6 +260,25 @@ def answer_token_losses(backbone, lm, batch: list[tuple[list[int], list[bool], l
     logits = lm.logits(t[keep])  # (n_targets, V): only where the loss is
     owner = torch.arange(len(samples), device=keep.device)[:, None].expand_as(keep)[keep]
     return F.cross_entropy(logits.float(), targets[keep], reduction="none"), owner, samples
+
+
+class TowerCache:
+    """Each record's vision-tower output, kept from the first step that meets the record on
+    (``--cache-vision``): the tower is fixed, so its output for a record never changes, while the
+    projector and everything after it go on training. Memory: crops x tokens x width per record."""
+
+    def __init__(self, backbone):
+        self.backbone, self.kept = backbone, {}
+
+    def __call__(self, examples: list[Example]) -> list:
+        missing = {x.source: x.images for x in examples if x.source not in self.kept}
+        if missing:
+            with torch.no_grad():
+                self.kept.update(zip(missing, self.backbone.tower_batch(list(missing.values()))))
+        return [self.kept[x.source] for x in examples]
+
+    def megabytes(self) -> float:
+        return sum(t.crops.nbytes for t in self.kept.values() if t is not None) / 2**20
 
 
 def set_trainable(model: VisorModel, cfg: TrainConfig) -> list[tuple[str, nn.Parameter]]:
@@ -476,6 +507,9 @@ def train(cfg: TrainConfig) -> Path:
         reduction.drops(model.lm.cfg.n_layers)  # prune points that fit the model, before anything is written
     if cfg.projector_only and getattr(model.backbone.hf.model, "multi_modal_projector", None) is None:
         raise ConfigError(f"--projector-only: {model.config.model_type} has no multi_modal_projector")
+    if cfg.cache_vision and model.config.model_type not in TOWERED:
+        raise ConfigError(f"--cache-vision: {model.config.model_type}'s tower output cannot be kept apart from "
+                          f"its projector here; it works for {', '.join(TOWERED)}")  # fmt: skip
 
     data = TrainSet(RecordIndex(cfg.data), images_dir(cfg), model.backbone)
     usable, bad = data.probe()
@@ -521,6 +555,7 @@ def train(cfg: TrainConfig) -> Path:
         log.truncate_metrics(start)  # what the interrupted run logged past its checkpoint
 
     trainee.train()
+    cache = TowerCache(model.backbone) if cfg.cache_vision else None
     bar = log.progress(total_steps, start)
     began, samples_done, tokens_done, totals = time.perf_counter(), 0, 0, [0.0, 0.0, 0.0]
     peak = peak_flops(device)
@@ -542,15 +577,16 @@ def train(cfg: TrainConfig) -> Path:
         loss_sum = torch.zeros((), device=device)
         work = torch.zeros(3, dtype=torch.float64, device=device)  # visual tokens, text tokens, forward FLOPs
         for m, items in enumerate(micro):
-            batch = [(x.ids, x.labels, x.images) for x in items if isinstance(x, Example)]
-            weight = 1.0 if batch else 0.0  # every rank runs every micro-batch: FSDP/DDP collectives pair up
-            batch = batch or [(stand_in.ids, stand_in.labels, stand_in.images)]
+            examples = [x for x in items if isinstance(x, Example)]
+            weight = 1.0 if examples else 0.0  # every rank runs every micro-batch: FSDP/DDP collectives pair up
+            examples = examples or [stand_in]
+            batch = [(x.ids, x.labels, x.images) for x in examples]
             sync = m == len(micro) - 1 or not isinstance(trainee, nn.parallel.DistributedDataParallel)
             with (
                 _maybe_no_sync(trainee, sync),  # FSDP casts by its policy; the rest by autocast
                 torch.autocast(device.type, compute, enabled=compute != torch.float32 and not fsdp),
             ):
-                loss, counted = trainee(batch, budget)
+                loss, counted = trainee(batch, budget, cache(examples) if cache else None)
                 if loss.requires_grad:  # False when nothing trainable runs (stage 1 at budget "full")
                     (loss * (weight * world / max(1, n_targets))).backward()
             loss_sum += weight * loss.detach()
@@ -590,6 +626,8 @@ def train(cfg: TrainConfig) -> Path:
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
             save_checkpoint(out, step + 1, model, trainee, optimizer, scheduler, fsdp, rank, cfg.stage == 1)
     bar.close()
+    if cache:
+        log.line(f"kept the vision tower's output of {len(cache.kept)} records ({cache.megabytes():.0f} MB)")
     final = out / "final"
     model_state = final_state(trainee, optimizer, fsdp, compute, rank)
     if rank == 0:
