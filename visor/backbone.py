@@ -244,7 +244,7 @@ class Backbone:
         if visionzip is not None:
             from .reduce import visionzip_features
 
-            return visionzip_features(self, samples, *visionzip)
+            return visionzip_features(self, samples, *visionzip, towered=towered)
         present = [i for i, images in enumerate(samples) if images]
         if not present:
             return [Visual([], 0) for _ in samples]
@@ -268,16 +268,24 @@ class Backbone:
             visual.append(Visual([next(features) for _ in images], next(crops), own_grids, own_deepstack))
         return visual
 
-    def tower_batch(self, samples: list[list[Image.Image]]) -> list[Towered | None]:
-        """What the vision tower makes of each sample's images, before the projector (None: no images);
-        LLaVA and LLaVA-OneVision, whose tower and projector are separate modules."""
+    def tower_batch(self, samples: list[list[Image.Image]], visionzip=None) -> list[Towered | None]:
+        """What the vision tower makes of each sample's images, before the projector (None: no images),
+        for ``image_features_batch`` with the same ``visionzip``; LLaVA and LLaVA-OneVision, whose tower
+        and projector are separate modules."""
         if self.config.model_type not in TOWERED:
             raise ConfigError(
                 f"{self.config.model_type}: its vision tower and projector are one module here; "
                 f"only {', '.join(TOWERED)} can keep the tower's output"
             )
+        from .reduce import reduces, visionzip_tower
+
         with_images = [images for images in samples if images]
-        towered = iter(_tower(self, with_images, self.hf.lm_head.weight.dtype) if with_images else [])
+        if not with_images:
+            return [None] * len(samples)
+        if visionzip is not None and reduces(self.config, *visionzip):
+            towered = iter(visionzip_tower(self, with_images))
+        else:
+            towered = iter(_tower(self, with_images, self.hf.lm_head.weight.dtype))
         return [next(towered) if images else None for images in samples]
 
     def expand(self, ids: list[int], visual: Visual, labels=None) -> Sample:
@@ -366,9 +374,11 @@ class Towered(NamedTuple):
     """What the vision tower made of one sample's images, before the projector (LLaVA, LLaVA-OneVision):
     the part of the vision path a training run with a fixed tower may keep per record (``cache_vision``)."""
 
-    crops: torch.Tensor  # (C, N, D) every crop's feature layer(s), as the model selects them
+    crops: torch.Tensor  # (C, N, D) every crop's feature layer(s), as the model selects them (VisionZip: its layer)
     patches: list[int]  # crops per image
     sizes: list[list[int]] | None  # (height, width) per image: LLaVA-OneVision's AnyRes layout
+    scores: torch.Tensor | None = None  # VisionZip: (C, N) each token's score in the feature layer
+    keys: torch.Tensor | None = None  # VisionZip: (C, N, head dim) head-averaged keys there
 
 
 def select_features(config, hidden_states) -> torch.Tensor:
@@ -378,28 +388,39 @@ def select_features(config, hidden_states) -> torch.Tensor:
     return feats[:, 1:] if config.vision_feature_select_strategy == "default" else feats  # "default": no CLS
 
 
-def _tower(bb: Backbone, samples: list[list[Image.Image]], dtype) -> list[Towered]:
-    """LLaVA: one CLIP crop per image. LLaVA-OneVision: a lone image is tiled (AnyRes: base crop +
-    tiles), several get one crop each; its processor takes one entry per sample."""
+def crop_pixels(bb: Backbone, samples: list[list[Image.Image]]) -> tuple[torch.Tensor, list[int], list | None]:
+    """Every crop the tower encodes (C, 3, H, W), the crops per image and the image sizes (LLaVA-OneVision).
+    LLaVA: one CLIP crop per image. LLaVA-OneVision: a lone image is tiled (AnyRes: base crop + tiles),
+    several get one crop each; its processor takes one entry per sample."""
     if bb.config.model_type == "llava":
         pixels = bb.image_processor([im for images in samples for im in images], return_tensors="pt")["pixel_values"]
-        patches, sizes = [1] * len(pixels), None
-    else:
-        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+        return pixels, [1] * len(pixels), None
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-        inputs = bb.image_processor(samples, return_tensors="pt")
-        side, pinpoints = bb.config.vision_config.image_size, bb.config.image_grid_pinpoints
-        sizes = inputs["image_sizes"].tolist()
-        alone = [len(images) == 1 for images in samples for _ in images]
-        patches = [image_size_to_num_patches(s, pinpoints, side) if a else 1 for s, a in zip(sizes, alone)]
-        pixels = torch.cat([pv[:p] for pv, p in zip(inputs["pixel_values"], patches)])
-    hidden = bb.hf.model.vision_tower(pixels.to(bb.device, dtype), output_hidden_states=True).hidden_states
-    per_image = iter(zip(select_features(bb.config, hidden).split(patches), patches, sizes or [None] * len(patches)))
+    inputs = bb.image_processor(samples, return_tensors="pt")
+    side, pinpoints = bb.config.vision_config.image_size, bb.config.image_grid_pinpoints
+    sizes = inputs["image_sizes"].tolist()
+    alone = [len(images) == 1 for images in samples for _ in images]
+    patches = [image_size_to_num_patches(s, pinpoints, side) if a else 1 for s, a in zip(sizes, alone)]
+    return torch.cat([pv[:p] for pv, p in zip(inputs["pixel_values"], patches)]), patches, sizes
+
+
+def per_sample(samples: list[list], patches: list[int], sizes: list | None, *per_crop: torch.Tensor) -> list[Towered]:
+    """Towered per sample from tensors over all crops (crops, then VisionZip's scores and keys)."""
+    split = zip(*(t.split(patches) for t in per_crop))
+    images = iter(zip(split, patches, sizes or [None] * len(patches)))
     towered = []
-    for images in samples:
-        crops, own_patches, own_sizes = zip(*[next(per_image) for _ in images])
-        towered.append(Towered(torch.cat(crops), list(own_patches), None if sizes is None else list(own_sizes)))
+    for own in samples:
+        tensors, own_patches, own_sizes = zip(*[next(images) for _ in own])
+        joined = [torch.cat(parts) for parts in zip(*tensors)]
+        towered.append(Towered(joined[0], list(own_patches), None if sizes is None else list(own_sizes), *joined[1:]))
     return towered
+
+
+def _tower(bb: Backbone, samples: list[list[Image.Image]], dtype) -> list[Towered]:
+    pixels, patches, sizes = crop_pixels(bb, samples)
+    hidden = bb.hf.model.vision_tower(pixels.to(bb.device, dtype), output_hidden_states=True).hidden_states
+    return per_sample(samples, patches, sizes, select_features(bb.config, hidden))
 
 
 def _projected(bb: Backbone, towered: list[Towered], dtype) -> Encoded:

@@ -298,6 +298,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
     key = _digest("lm_warmup", cfg.lm_warmup_steps, cfg.batch_size, "repeat the previous token", key)
     warm_dir = stages.run("lm_warmup", key, lm_warmup)
 
+    kept_towers = {}
+
     def trainer(model_dir, **kw):
         def fn(path):
             final = train(
@@ -308,7 +310,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
                     batch_size=cfg.batch_size,
                     seed=cfg.seed,
                     **kw,
-                )
+                ),
+                kept_towers,  # the tower is fixed from the vision stage on: its outputs serve every stage
             )
             rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
             return {"final": str(final), "last_loss": round(sum(r["loss"] for r in rows[-10:]) / len(rows[-10:]), 4)}
@@ -347,12 +350,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
     for name, extra in (
         ("base_ft", {}),  # the base fine-tuned as it was trained: FastV and the others run on it
         ("pdrop_ft", {"reduction": json.dumps(asdict(at_budget_1["pdrop"]))}),  # PyramidDrop trains with its drops
-        (
-            "visionzip_ft",
-            {"reduction": json.dumps(asdict(at_budget_1["visionzip"])), "projector_only": True, "cache_vision": False},
-        ),  # VisionZip reduces the tower's output: nothing to keep
+        ("visionzip_ft", {"reduction": json.dumps(asdict(at_budget_1["visionzip"])), "projector_only": True}),
     ):
-        kw = dict(stage=2, budgets="full", steps=ft_steps, lr=1e-3, warmup_steps=10, **frozen) | extra
+        kw = dict(stage=2, budgets="full", steps=ft_steps, lr=1e-3, warmup_steps=10, **frozen, **extra)
         tuned[name] = stages.run(name, _digest(name, kw, base_key), trainer(base, **kw)) / "final"
 
     key = _digest("policy", cfg.policy_epochs, cfg.policy_width, "stopped early", key)

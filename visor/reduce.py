@@ -227,87 +227,83 @@ def visionzip_select(tokens, scores, keys, dominant: int, contextual: int, n_fix
     return torch.cat([tokens[dom], tokens[targets] + sums / counts[:, None]]), dom
 
 
-def visionzip_features(backbone, samples: list[list], dominant: int, contextual: int) -> list:
-    """VisionZip-reduced projector outputs of several samples' images (one ``visor.backbone.Visual``
-    per sample: its images' tokens and the number of crops encoded); the tower runs once for all.
+def reduces(config, dominant: int, contextual: int) -> bool:
+    """Whether VisionZip keeping ``dominant`` + ``contextual`` tokens reduces this model's crops."""
+    return dominant + contextual < (config.vision_config.image_size // config.vision_config.patch_size) ** 2
 
-    Scores: CLIP (a CLS token) ranks patches by the CLS token's attention in the feature layer and
-    keeps the CLS token among the ``dominant`` ones, as the official code does; SigLIP (no CLS, no
-    official adapter) by the attention a token receives, averaged over queries and heads. The
-    reduced crops are laid out as the official LLaVA-NeXT adapter lays them out (``llava_arch.py``):
-    an AnyRes image is its base crop's tokens, then the other crops' dominant tokens in raster
-    order over the stitched grid, then their contextual tokens (no unpadding, no newline tokens);
-    a one-crop image of a model with newline tokens (LLaVA-OneVision) ends with one, as the model's
-    own packing does."""
-    from .backbone import Visual
+
+def visionzip_tower(backbone, samples: list[list]) -> list:
+    """VisionZip's part in the vision tower, for samples with images (one ``visor.backbone.Towered``
+    each): every crop's tokens in the feature layer, with their scores and keys there.
+
+    Scores: CLIP (a CLS token) ranks patches by the CLS token's attention in the feature layer;
+    SigLIP (no CLS, no official adapter) by the attention a token receives, averaged over queries
+    and heads. Keys: the layer's keys, averaged over heads (what contextual tokens are grouped by)."""
+    from .backbone import crop_pixels, per_sample
 
     hf, config = backbone.hf, backbone.config
-    Reduction("visionzip", dominant=dominant, contextual=contextual).check(config)
-    if (
-        not any(samples)
-        or dominant + contextual >= (config.vision_config.image_size // config.vision_config.patch_size) ** 2
-    ):
-        return backbone.image_features_batch(samples)  # no image, or nothing to reduce: the checkpoint's own path
     layer_index = config.vision_feature_layer
     if not isinstance(layer_index, int):
         raise ConfigError("VisionZip needs a single vision feature layer")
-    dtype = hf.lm_head.weight.dtype
-    pixels, patches, grids = [], [], []  # per image: crops, and (rows, columns) of an AnyRes image's tiles
-    for images in (images for images in samples if images):
-        if config.model_type == "llava_onevision":
-            from transformers.models.llava_onevision.modeling_llava_onevision import (
-                get_anyres_image_grid_shape,
-                image_size_to_num_patches,
-            )
-
-            inputs = backbone.image_processor([images], return_tensors="pt")
-            side = config.vision_config.image_size
-            for pv, size in zip(inputs["pixel_values"], inputs["image_sizes"].tolist()):  # one AnyRes image alone
-                p = image_size_to_num_patches(size, config.image_grid_pinpoints, side) if len(images) == 1 else 1
-                grids.append(get_anyres_image_grid_shape(size, config.image_grid_pinpoints, side) if p > 1 else None)
-                patches.append(p)
-                pixels.append(pv[:p])
-        else:
-            pixels.append(backbone.image_processor(images, return_tensors="pt")["pixel_values"])
-            patches += [1] * len(images)
-            grids += [None] * len(images)
-    pixels = torch.cat(pixels).to(backbone.device, dtype)
+    pixels, patches, sizes = crop_pixels(backbone, samples)
     tower = hf.model.vision_tower
-    hidden = tower(pixels, output_hidden_states=True).hidden_states  # L + 1 entries
-    n_layers = len(hidden) - 1
-    j = layer_index % (n_layers + 1)  # hidden[j] is the output of encoder layer j - 1
+    hidden = tower(pixels.to(backbone.device, hf.lm_head.weight.dtype), output_hidden_states=True).hidden_states
+    j = layer_index % len(hidden)  # hidden[j] is the output of encoder layer j - 1
     encoder = tower.encoder if hasattr(tower, "encoder") else tower.vision_model.encoder
     layer = encoder.layers[j - 1]
     h = layer.layer_norm1(hidden[j - 1])
     heads = config.vision_config.num_attention_heads
     q, k = (p(h).unflatten(-1, (heads, -1)).transpose(1, 2) for p in (layer.self_attn.q_proj, layer.self_attn.k_proj))
     attn = ((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])).softmax(-1)  # (C, H, N, N)
-    feats, keys = hidden[j], k.mean(1)  # (C, N, dv), (C, N, hd)
-    has_cls = config.vision_config.model_type.startswith("clip")
-    if has_cls:  # CLIP: the CLS token's attention over the patches; CLS itself is kept
+    if _has_cls(config):  # the CLS token's attention over the patches; CLS itself is always kept
         scores = torch.cat([attn.new_zeros(attn.shape[0], 1), attn[:, :, 0, 1:].mean(1)], 1)
     else:
         scores = attn.mean(1).mean(1)  # attention received, averaged over queries and heads
-    crops = [visionzip_select(f, s, kk, dominant, contextual, int(has_cls)) for f, s, kk in zip(feats, scores, keys)]
+    return per_sample(samples, patches, sizes, hidden[j], scores, k.mean(1))
+
+
+def _has_cls(config) -> bool:
+    return config.vision_config.model_type.startswith("clip")
+
+
+def visionzip_features(backbone, samples: list[list], dominant: int, contextual: int, towered=None) -> list:
+    """VisionZip-reduced projector outputs of several samples' images (one ``visor.backbone.Visual``
+    per sample: its images' tokens and the number of crops encoded); the tower runs once for all
+    (``towered``: its outputs, kept from ``Backbone.tower_batch``; then it does not run).
+
+    Per crop, ``visionzip_select`` on ``visionzip_tower``'s tokens, scores and keys (CLIP keeps its
+    CLS token among the dominant ones, as the official code does). The reduced crops are laid out as
+    the official LLaVA-NeXT adapter lays them out (``llava_arch.py``): an AnyRes image is its base
+    crop's tokens, then the other crops' dominant tokens in raster order over the stitched grid, then
+    their contextual tokens (no unpadding, no newline tokens); a one-crop image of a model with
+    newline tokens (LLaVA-OneVision) ends with one, as the model's own packing does."""
+    from .backbone import Visual
+
+    hf, config = backbone.hf, backbone.config
+    Reduction("visionzip", dominant=dominant, contextual=contextual).check(config)
+    if not any(samples) or not reduces(config, dominant, contextual):
+        return backbone.image_features_batch(samples, towered=towered)  # no image, or nothing to reduce: the plain path
+    present = [images for images in samples if images]
+    towered = visionzip_tower(backbone, present) if towered is None else [t for t in towered if t is not None]
+    fixed = int(_has_cls(config))
+    feats, scores, keys = (torch.cat(parts) for parts in zip(*[(t.crops, t.scores, t.keys) for t in towered]))
+    crops = [visionzip_select(f, s, kk, dominant, contextual, fixed) for f, s, kk in zip(feats, scores, keys)]
     projected = hf.model.multi_modal_projector(torch.stack([tokens for tokens, _ in crops]))  # every crop: n + m
     newline = getattr(hf.model, "image_newline", None)
     per_image, start = [], 0
-    for p, grid in zip(patches, grids):
-        if grid is None:
+    for p, size in ((p, size) for t in towered for p, size in zip(t.patches, t.sizes or [None] * len(t.patches))):
+        if p == 1:
             tokens = projected[start]
             per_image.append(tokens if newline is None else torch.cat([tokens, newline[None].to(tokens)]))
         else:
+            from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
+
+            grid = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, config.vision_config.image_size)
             kept = [d for _, d in crops[start : start + p]]
-            per_image.append(
-                _anyres_layout(projected[start : start + p], kept, grid, feats.shape[1] - int(has_cls), int(has_cls))
-            )
+            per_image.append(_anyres_layout(projected[start : start + p], kept, grid, feats.shape[1] - fixed, fixed))
         start += p
-    visual, done = [], 0
-    for images in samples:
-        n = len(images)
-        visual.append(Visual(per_image[done : done + n], sum(patches[done : done + n])))
-        done += n
-    return visual
+    images, crop_counts = iter(per_image), iter(sum(t.patches) for t in towered)
+    return [Visual([next(images) for _ in own], next(crop_counts)) if own else Visual([], 0) for own in samples]
 
 
 def _anyres_layout(projected, dominant, grid, n_patches: int, n_fixed: int) -> torch.Tensor:

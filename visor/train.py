@@ -125,8 +125,7 @@ class TrainConfig:
             raise ConfigError("--cache-vision keeps the vision tower's outputs: the tower must stay fixed "
                               "(stage 1, --freeze-vision or --projector-only)")  # fmt: skip
         if self.reduction:
-            if self.parsed_reduction().visionzip is not None and self.cache_vision:
-                raise ConfigError("--cache-vision keeps the tower's plain output, which VisionZip reduces: drop one")
+            self.parsed_reduction()
             if self.stage != 2 or self.budgets.strip().lower() != "full":
                 raise ConfigError("--reduction trains the base under a token reduction: use --stage 2 --budgets full")
         if self.resume and self.overwrite:
@@ -265,20 +264,40 @@ def answer_token_losses(
 class TowerCache:
     """Each record's vision-tower output, kept from the first step that meets the record on
     (``--cache-vision``): the tower is fixed, so its output for a record never changes, while the
-    projector and everything after it go on training. Memory: crops x tokens x width per record."""
+    projector and everything after it go on training. Memory: crops x tokens x width per record.
 
-    def __init__(self, backbone):
-        self.backbone, self.kept = backbone, {}
+    ``shared``: a dict the caller holds across runs in one process (``train(..., kept_towers=)``);
+    the outputs are kept there under what they follow from (``tower_key``), so a later run with the
+    same tower, image processor, VisionZip setting and data files meets them kept."""
+
+    def __init__(self, backbone, data: list[Path], visionzip=None, shared: dict | None = None):
+        self.backbone, self.visionzip = backbone, visionzip
+        self.kept = {} if shared is None else shared.setdefault(tower_key(backbone, data, visionzip), {})
 
     def __call__(self, examples: list[Example]) -> list:
         missing = {x.source: x.images for x in examples if x.source not in self.kept}
         if missing:
             with torch.no_grad():
-                self.kept.update(zip(missing, self.backbone.tower_batch(list(missing.values()))))
+                self.kept.update(zip(missing, self.backbone.tower_batch(list(missing.values()), self.visionzip)))
         return [self.kept[x.source] for x in examples]
 
     def megabytes(self) -> float:
-        return sum(t.crops.nbytes for t in self.kept.values() if t is not None) / 2**20
+        kept = [x for t in self.kept.values() if t is not None for x in (t.crops, t.scores, t.keys) if x is not None]
+        return sum(x.nbytes for x in kept) / 2**20
+
+
+def tower_key(backbone, data: list[Path], visionzip) -> str:
+    """What a record's tower output follows from: the tower's weights, the image processor, the
+    VisionZip setting, and the data files (path, size and time of the last change of each)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in backbone.hf.model.vision_tower.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    files = [(os.path.abspath(f), f.stat().st_size, f.stat().st_mtime_ns) for f in data]
+    digest.update(json.dumps([backbone.image_processor.to_json_string(), visionzip, files]).encode())
+    return digest.hexdigest()
 
 
 def set_trainable(model: VisorModel, cfg: TrainConfig) -> list[tuple[str, nn.Parameter]]:
@@ -476,8 +495,9 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return world, rank, device
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run (or resume) one training stage; return the path of the final VISOR checkpoint."""
+def train(cfg: TrainConfig, kept_towers: dict | None = None) -> Path:
+    """Run (or resume) one training stage; return the path of the final VISOR checkpoint.
+    ``kept_towers``: with ``cache_vision``, where tower outputs are kept across runs (``TowerCache``)."""
     cfg.check()
     world, rank, device = setup_distributed(cfg)
     out = claim_run(cfg, world)
@@ -555,7 +575,8 @@ def train(cfg: TrainConfig) -> Path:
         log.truncate_metrics(start)  # what the interrupted run logged past its checkpoint
 
     trainee.train()
-    cache = TowerCache(model.backbone) if cfg.cache_vision else None
+    visionzip = reduction.visionzip if reduction is not None else None
+    cache = TowerCache(model.backbone, data.index.files, visionzip, kept_towers) if cfg.cache_vision else None
     bar = log.progress(total_steps, start)
     began, samples_done, tokens_done, totals = time.perf_counter(), 0, 0, [0.0, 0.0, 0.0]
     peak = peak_flops(device)
