@@ -265,6 +265,30 @@ def test_a_batch_is_encoded_as_each_sample_alone(base_model, images, visionzip):
         torch.testing.assert_close(got.visual, alone.visual, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("visionzip", [None, (6, 2)], ids=["plain", "visionzip"])
+def test_kept_tower_outputs_give_what_the_whole_vision_path_gives(base_model, images, visionzip):
+    """What training keeps of the tower (``tower_batch``, --cache-vision), each sample's kept from its
+    own step, gives in a batch, through the rest of the vision path, the features the whole path gives
+    the batch: AnyRes images, several images, none."""
+    from visor.backbone import TOWERED, load_image
+
+    bb = base_model.backbone
+    lists = [[load_image(images[i]) for i in ids] for ids in ([0], [], [1, 2], [3])]
+    if bb.config.model_type not in TOWERED:
+        with pytest.raises(visor.ConfigError, match="only llava, llava_onevision"):
+            bb.tower_batch(lists)
+        return
+    with torch.no_grad():
+        kept = [bb.tower_batch([own], visionzip)[0] for own in lists]
+        assert kept[1] is None and [sum(t.patches) for t in kept if t] == [t.tokens.shape[0] for t in kept if t]
+        assert all((t.scores is not None) == (visionzip is not None) for t in kept if t)
+        whole, through = bb.image_features_batch(lists, visionzip), bb.image_features_batch(lists, visionzip, kept)
+    for w, t in zip(whole, through):
+        assert w.n_crops == t.n_crops and len(w.features) == len(t.features)
+        for a, b in zip(w.features, t.features):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     "budget, reduction",
     [

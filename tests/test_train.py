@@ -534,6 +534,7 @@ def test_kept_tower_outputs_train_as_the_tower_does(checkpoints, dataset, tmp_pa
     [
         ("llava-onevision", dict(stage=2), "the tower must stay fixed"),
         ("qwen2-vl", dict(stage=1), "cannot be kept apart from its projector"),
+        ("llava-onevision", dict(stage=1, fsdp=True), "use it without --fsdp"),
     ],
 )  # fmt: skip
 def test_cache_vision_is_refused_where_it_cannot_hold(checkpoints, dataset, tmp_path, arch, kw, message):

@@ -374,7 +374,7 @@ class Towered(NamedTuple):
     """What the vision tower made of one sample's images, before the projector (LLaVA, LLaVA-OneVision):
     the part of the vision path a training run with a fixed tower may keep per record (``cache_vision``)."""
 
-    crops: torch.Tensor  # (C, N, D) every crop's feature layer(s), as the model selects them (VisionZip: its layer)
+    tokens: torch.Tensor  # (C, N, D) every crop's feature layer(s), as the model selects them (VisionZip: its layer)
     patches: list[int]  # crops per image
     sizes: list[list[int]] | None  # (height, width) per image: LLaVA-OneVision's AnyRes layout
     scores: torch.Tensor | None = None  # VisionZip: (C, N) each token's score in the feature layer
@@ -406,14 +406,15 @@ def crop_pixels(bb: Backbone, samples: list[list[Image.Image]]) -> tuple[torch.T
 
 
 def per_sample(samples: list[list], patches: list[int], sizes: list | None, *per_crop: torch.Tensor) -> list[Towered]:
-    """Towered per sample from tensors over all crops (crops, then VisionZip's scores and keys)."""
-    split = zip(*(t.split(patches) for t in per_crop))
-    images = iter(zip(split, patches, sizes or [None] * len(patches)))
-    towered = []
-    for own in samples:
-        tensors, own_patches, own_sizes = zip(*[next(images) for _ in own])
-        joined = [torch.cat(parts) for parts in zip(*tensors)]
-        towered.append(Towered(joined[0], list(own_patches), None if sizes is None else list(own_sizes), *joined[1:]))
+    """Towered per sample from tensors over all crops (tokens, then VisionZip's scores and keys); each
+    sample's a copy of its own part, so that keeping it does not keep the batch's."""
+    towered, first = [], 0  # the sample's first image among all
+    for images in samples:
+        own = slice(first, first + len(images))
+        start = sum(patches[:first])  # its first crop
+        parts = [t[start : start + sum(patches[own])].clone() for t in per_crop]
+        towered.append(Towered(parts[0], patches[own], None if sizes is None else sizes[own], *parts[1:]))
+        first += len(images)
     return towered
 
 
@@ -425,7 +426,7 @@ def _tower(bb: Backbone, samples: list[list[Image.Image]], dtype) -> list[Towere
 
 def _projected(bb: Backbone, towered: list[Towered], dtype) -> Encoded:
     """The projector (and LLaVA-OneVision's AnyRes packing: unpadding, newline tokens) on tower outputs."""
-    projected = bb.hf.model.multi_modal_projector(torch.cat([t.crops for t in towered]).to(bb.device, dtype))
+    projected = bb.hf.model.multi_modal_projector(torch.cat([t.tokens for t in towered]).to(bb.device, dtype))
     per_image = list(projected.split([p for t in towered for p in t.patches]))
     if bb.config.model_type == "llava":
         features = [f[0] for f in per_image]

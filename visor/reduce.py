@@ -277,6 +277,8 @@ def visionzip_features(backbone, samples: list[list], dominant: int, contextual:
     crop's tokens, then the other crops' dominant tokens in raster order over the stitched grid, then
     their contextual tokens (no unpadding, no newline tokens); a one-crop image of a model with
     newline tokens (LLaVA-OneVision) ends with one, as the model's own packing does."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape as anyres_grid
+
     from .backbone import Visual
 
     hf, config = backbone.hf, backbone.config
@@ -286,19 +288,19 @@ def visionzip_features(backbone, samples: list[list], dominant: int, contextual:
     present = [images for images in samples if images]
     towered = visionzip_tower(backbone, present) if towered is None else [t for t in towered if t is not None]
     fixed = int(_has_cls(config))
-    feats, scores, keys = (torch.cat(parts) for parts in zip(*[(t.crops, t.scores, t.keys) for t in towered]))
+    feats, scores, keys = (torch.cat(parts) for parts in zip(*[(t.tokens, t.scores, t.keys) for t in towered]))
     crops = [visionzip_select(f, s, kk, dominant, contextual, fixed) for f, s, kk in zip(feats, scores, keys)]
     projected = hf.model.multi_modal_projector(torch.stack([tokens for tokens, _ in crops]))  # every crop: n + m
     newline = getattr(hf.model, "image_newline", None)
+    patches = [p for t in towered for p in t.patches]
+    sizes = [s for t in towered for s in t.sizes or [None] * len(t.patches)]
     per_image, start = [], 0
-    for p, size in ((p, size) for t in towered for p, size in zip(t.patches, t.sizes or [None] * len(t.patches))):
+    for p, size in zip(patches, sizes):
         if p == 1:
             tokens = projected[start]
             per_image.append(tokens if newline is None else torch.cat([tokens, newline[None].to(tokens)]))
-        else:
-            from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
-
-            grid = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, config.vision_config.image_size)
+        else:  # an AnyRes image (LLaVA-OneVision)
+            grid = anyres_grid(size, config.image_grid_pinpoints, config.vision_config.image_size)
             kept = [d for _, d in crops[start : start + p]]
             per_image.append(_anyres_layout(projected[start : start + p], kept, grid, feats.shape[1] - fixed, fixed))
         start += p

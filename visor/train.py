@@ -124,6 +124,8 @@ class TrainConfig:
         if self.cache_vision and not (self.stage == 1 or self.freeze_vision or self.projector_only):
             raise ConfigError("--cache-vision keeps the vision tower's outputs: the tower must stay fixed "
                               "(stage 1, --freeze-vision or --projector-only)")  # fmt: skip
+        if self.cache_vision and self.fsdp:  # the tower is sharded with the root: it runs only inside the forward
+            raise ConfigError("--cache-vision runs the tower outside FSDP's forward: use it without --fsdp")
         if self.reduction:
             self.parsed_reduction()
             if self.stage != 2 or self.budgets.strip().lower() != "full":
@@ -268,35 +270,44 @@ class TowerCache:
 
     ``shared``: a dict the caller holds across runs in one process (``train(..., kept_towers=)``);
     the outputs are kept there under what they follow from (``tower_key``), so a later run with the
-    same tower, image processor, VisionZip setting and data files meets them kept."""
+    same tower, feature layer, image processor, VisionZip setting, data files and images meets them
+    kept. The tower runs in eval mode here (a fixed tower: no dropout mask kept for good)."""
 
-    def __init__(self, backbone, data: list[Path], visionzip=None, shared: dict | None = None):
+    def __init__(self, backbone, data: list[Path], images: Path, visionzip=None, shared: dict | None = None):
         self.backbone, self.visionzip = backbone, visionzip
-        self.kept = {} if shared is None else shared.setdefault(tower_key(backbone, data, visionzip), {})
+        key = tower_key(backbone, data, images, visionzip)
+        self.kept = {} if shared is None else shared.setdefault(key, {})
 
     def __call__(self, examples: list[Example]) -> list:
         missing = {x.source: x.images for x in examples if x.source not in self.kept}
         if missing:
+            tower = self.backbone.hf.model.vision_tower
+            mode, _ = tower.training, tower.eval()
             with torch.no_grad():
                 self.kept.update(zip(missing, self.backbone.tower_batch(list(missing.values()), self.visionzip)))
+            tower.train(mode)
         return [self.kept[x.source] for x in examples]
 
     def megabytes(self) -> float:
-        kept = [x for t in self.kept.values() if t is not None for x in (t.crops, t.scores, t.keys) if x is not None]
+        kept = [x for t in self.kept.values() if t is not None for x in (t.tokens, t.scores, t.keys) if x is not None]
         return sum(x.nbytes for x in kept) / 2**20
 
 
-def tower_key(backbone, data: list[Path], visionzip) -> str:
-    """What a record's tower output follows from: the tower's weights, the image processor, the
-    VisionZip setting, and the data files (path, size and time of the last change of each)."""
+def tower_key(backbone, data: list[Path], images: Path, visionzip) -> str:
+    """What a record's tower output follows from: the tower's weights, the feature layer, the image
+    processor, the VisionZip setting, the data files (path, size and time of the last change of each)
+    and the images directory."""
     import hashlib
 
     digest = hashlib.sha256()
     for name, tensor in backbone.hf.model.vision_tower.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     files = [(os.path.abspath(f), f.stat().st_size, f.stat().st_mtime_ns) for f in data]
-    digest.update(json.dumps([backbone.image_processor.to_json_string(), visionzip, files]).encode())
+    config = backbone.config
+    layer = [config.vision_feature_layer, config.vision_feature_select_strategy]
+    processor = backbone.image_processor.to_json_string()
+    digest.update(json.dumps([layer, processor, visionzip, files, os.path.abspath(images)]).encode())
     return digest.hexdigest()
 
 
@@ -576,7 +587,9 @@ def train(cfg: TrainConfig, kept_towers: dict | None = None) -> Path:
 
     trainee.train()
     visionzip = reduction.visionzip if reduction is not None else None
-    cache = TowerCache(model.backbone, data.index.files, visionzip, kept_towers) if cfg.cache_vision else None
+    cache = None
+    if cfg.cache_vision:
+        cache = TowerCache(model.backbone, data.index.files, images_dir(cfg), visionzip, kept_towers)
     bar = log.progress(total_steps, start)
     began, samples_done, tokens_done, totals = time.perf_counter(), 0, 0, [0.0, 0.0, 0.0]
     peak = peak_flops(device)
