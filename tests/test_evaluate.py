@@ -99,6 +99,28 @@ def test_compare_writes_a_table_and_a_plot(model, bench, tmp_path):
     assert {r["method"] for r in data["results"]} >= {"base", "visor", "fastv", "pdrop", "visionzip"}
 
 
+def test_settings_of_one_model_share_its_encoded_prompts(model, bench):
+    """``encoded``: the second setting on the same model runs no vision tower and scores as a fresh
+    evaluation does; a VisionZip setting encodes its own prompts."""
+    data, crops = bench / "test.jsonl", []
+    tower = model.backbone.hf.model.vision_tower
+    hook = tower.register_forward_pre_hook(lambda m, a: crops.append(a[0].shape[0]))
+    settings = [Setting("visor", 1), Setting("fastv", "full", Reduction("fastv", layer=1, keep=0.5)),
+                Setting("visionzip", "full", Reduction("visionzip", dominant=4, contextual=1))]  # fmt: skip
+    kept, shared = {}, []
+    try:
+        for s in settings:
+            before = len(crops)
+            shared.append((evaluate(model, data, None, s, 8, 4, encoded=kept), sum(crops[before:])))
+    finally:
+        hook.remove()
+    assert shared[0][1] > 0 and shared[1][1] == 0 and shared[2][1] > 0
+    for (result, _), s in zip(shared, settings):
+        fresh = evaluate(model, data, None, s, 8, 4)
+        assert [r["prediction"] for r in result["rows"]] == [r["prediction"] for r in fresh["rows"]]
+        assert result["summary"] == fresh["summary"]
+
+
 def test_compare_runs_base_and_baselines_on_the_base_weights(model, checkpoints, bench, tmp_path):
     """With base_model, the rows at budget "full" (base, token reduction) come from it, VISOR's from the model."""
     import torch

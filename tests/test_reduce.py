@@ -164,6 +164,20 @@ def test_visionzip_selection_on_a_hand_made_example():
     assert torch.allclose(out[4], torch.tensor([4.0, 4.0]))  # nothing joined it
 
 
+@pytest.mark.parametrize("n_fixed, contextual", [(0, 3), (1, 2), (0, 0)])
+def test_visionzip_on_a_batch_of_crops_is_each_crop_alone(n_fixed, contextual):
+    gen = torch.Generator().manual_seed(0)
+    tokens, scores, keys = torch.randn(5, 26, 3, generator=gen), torch.rand(5, 26, generator=gen), torch.randn(5, 26, 4)
+    out, dominant = visionzip_select(tokens, scores, keys, 6, contextual, n_fixed)
+    for c in range(5):
+        alone, kept = visionzip_select(tokens[c], scores[c], keys[c], 6, contextual, n_fixed)
+        assert torch.equal(dominant[c], kept) and torch.allclose(out[c], alone, atol=1e-6)
+        assert kept[:n_fixed].tolist() == list(range(n_fixed)) and kept.tolist() == sorted(kept.tolist())
+        assert torch.allclose(out[c, :6], tokens[c, kept])  # the dominant tokens: the best scored of the others
+        best = scores[c, n_fixed:].topk(6 - n_fixed).values
+        assert torch.equal(scores[c, kept[n_fixed:]].sort().values, best.sort().values)
+
+
 def official_visionzip(hidden, attn, metric, dominant, contextual):
     """A port of VisionZip's own code (dvlab-research/VisionZip, visionzip/clip_encoder.py), one CLIP
     crop: hidden (1, N, C) with CLS first, attn (1, H, N, N), metric (1, N, dk) the keys, head mean."""

@@ -76,9 +76,6 @@ class VisorModel:
         ``prefill`` / ``decode``: how the prompt and the new tokens run (``visor.generate.Prefill``,
         ``Decoder``); "auto": compiled and replayed as CUDA graphs on a GPU, prompts padded to a few
         lengths so that the graphs serve them all; eager on the CPU. The tokens are the same."""
-        cfg = GenerationConfig(max_new_tokens, temperature, top_p, seed)
-        runner = self.runner(prefill, decode)
-        budget = self.parse_budget(budget, reduction)
         single = isinstance(prompts, str)
         prompts_list, images_list = ([prompts], [images]) if single else (prompts, images)
         if not isinstance(prompts_list, (list, tuple)) or not all(isinstance(p, str) for p in prompts_list):
@@ -92,7 +89,32 @@ class VisorModel:
         if len(images_list) != len(prompts_list):
             raise InputError(f"{len(prompts_list)} prompt(s) but {len(images_list)} image entries")
         images_list = [ims if isinstance(ims, (list, tuple)) else [ims] for ims in images_list]
+        GenerationConfig(max_new_tokens, temperature, top_p, seed)  # bad options are refused before any work
+        self.runner(prefill, decode)
+        self.parse_budget(budget, reduction)
         samples = self.encode(prompts_list, images_list, reduction)
+        results = self.generate_encoded(
+            samples, budget, max_new_tokens, temperature, top_p, seed, reduction, prefill, decode
+        )
+        return results[0] if single else results
+
+    def generate_encoded(
+        self,
+        samples: list[Sample],
+        budget: Budget | str | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        reduction: Reduction | None = None,
+        prefill: str = "auto",
+        decode: str = "auto",
+    ) -> list[Generation]:
+        """``generate`` on prompts already encoded (``encode``, with the same ``reduction``): one
+        encoding serves several budgets / settings (``visor.evaluate`` keeps them across settings)."""
+        cfg = GenerationConfig(max_new_tokens, temperature, top_p, seed)
+        runner = self.runner(prefill, decode)
+        budget = self.parse_budget(budget, reduction)
         tokens = collate(samples, self.backbone.image_token_id, self.backbone.device, runner.buckets)
         drops = reduction.drops(self.lm.cfg.n_layers) if reduction else None
         out = generate(runner, tokens, budget, cfg, self.backbone.eos_token_ids, drops)
@@ -111,7 +133,7 @@ class VisorModel:
                 "total": report.prefill + decode,
             }
             results.append(Generation(text, ids, chosen, n_visual, n_text, flops, out.prefill_seconds))
-        return results[0] if single else results
+        return results
 
     def runner(self, prefill: str = "auto", decode: str = "auto") -> Runner:
         """The prefill and decode runner of these modes, made once (its compiled code and graphs stay)."""

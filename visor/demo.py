@@ -466,9 +466,10 @@ def compare_all(path: Path, data: Path, models: dict, groups: list) -> dict:
 
     results = []
     for weights, settings in groups:
-        model = load(models[weights])
+        model, encoded = load(models[weights]), {}  # each test prompt encoded once per weights (and VisionZip knob)
         for s in tqdm(settings, desc=f"compare on {weights}"):
-            r = evaluate(model, data / "test.jsonl", data, s.for_model(model), batch_size=32, max_new_tokens=4)
+            setting = s.for_model(model)
+            r = evaluate(model, data / "test.jsonl", data, setting, batch_size=32, max_new_tokens=4, encoded=encoded)
             r.pop("rows")
             note = WEIGHTS_NOTE[weights]
             r |= {"weights": weights, "setting": r["setting"] + note, "method": r["method"] + note}

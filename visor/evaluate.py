@@ -128,9 +128,11 @@ def evaluate(
     progress: bool = True,
     prefill: str = "auto",
     decode: str = "auto",
+    encoded: dict | None = None,
 ) -> dict:
     """Accuracy, ANLS, FLOPs and time of one setting on a data set (``prefill``/``decode``: the modes
-    of ``VisorModel.generate``)."""
+    of ``VisorModel.generate``). ``encoded``: a dict the caller keeps across settings of this model,
+    where each record's encoded prompt is kept (per VisionZip setting) and met again, not re-encoded."""
     from tqdm.auto import tqdm
 
     setting = setting or Setting()
@@ -144,14 +146,9 @@ def evaluate(
     budget = "full" if setting.method == "base" else setting.budget
     for start in tqdm(range(0, len(records), batch_size), desc=setting.label, disable=not progress, leave=False):
         chunk = records[start : start + batch_size]
-        outs = model.generate(
-            [r.images for r in chunk],
-            [r.question for r in chunk],
-            budget=budget,
-            max_new_tokens=max_new_tokens,
-            reduction=setting.reduction,
-            prefill=prefill,
-            decode=decode,
+        samples = _encoded(model, chunk, setting.reduction, {} if encoded is None else encoded)
+        outs = model.generate_encoded(
+            samples, budget, max_new_tokens, reduction=setting.reduction, prefill=prefill, decode=decode
         )
         prefill_seconds += outs[0].prefill_seconds
         for r, g in zip(chunk, outs):
@@ -186,6 +183,16 @@ def evaluate(
         "skipped": skipped,  # why each unusable record was left out
         "rows": rows,
     }
+
+
+def _encoded(model, records, reduction, kept: dict) -> list:
+    """The records' encoded prompts, from ``kept`` where there, else encoded now and kept."""
+    zip_ = reduction.visionzip if reduction is not None else None
+    missing = [r for r in records if (r.source, zip_) not in kept]
+    if missing:
+        samples = model.encode([r.question for r in missing], [r.images for r in missing], reduction)
+        kept.update({(r.source, zip_): s for r, s in zip(missing, samples)})
+    return [kept[r.source, zip_] for r in records]
 
 
 def markdown(result: dict) -> str:
@@ -279,20 +286,25 @@ def compare(
     inputs = [data, images, model.backbone.path, base_model.backbone.path if base_model is not None else None]
     out = claim(out, "compare", COMPARE_ENTRIES, inputs, overwrite)  # before the minutes of the sweep
     settings = settings or default_settings(model)
-    results = [
-        evaluate(
-            base_model if base_model is not None and (s.method == "base" or s.budget == "full") else model,
-            data,
-            images,
-            s,
-            batch_size,
-            max_new_tokens,
-            limit,
-            prefill=prefill,
-            decode=decode,
+    encoded = {}  # per model: each record's encoded prompt, shared by its settings
+    results = []
+    for s in tqdm(settings, desc="compare"):
+        runs_on = base_model if base_model is not None and (s.method == "base" or s.budget == "full") else model
+        kept = encoded.setdefault(id(runs_on), {})
+        results.append(
+            evaluate(
+                runs_on,
+                data,
+                images,
+                s,
+                batch_size,
+                max_new_tokens,
+                limit,
+                prefill=prefill,
+                decode=decode,
+                encoded=kept,
+            )  # fmt: skip
         )
-        for s in tqdm(settings, desc="compare")
-    ]
     base = next((r for r in results if r["method"] == "base"), results[0])
     base_flops = base["summary"]["overall"]["lm_prefill_flops"]
     for r in results:

@@ -199,32 +199,38 @@ def drop_visual(v, ctx: Context, scores, drop: Drop, n_original: torch.Tensor, t
 
 
 def visionzip_select(tokens, scores, keys, dominant: int, contextual: int, n_fixed: int = 0):
-    """One crop, VisionZip's rule (dvlab-research/VisionZip, visionzip/utils.py): tokens (N, d),
-    scores (N,), keys (N, dk) -> (dominant + contextual, d) and the dominant indices (original order).
+    """VisionZip's rule (dvlab-research/VisionZip, visionzip/utils.py) on one crop or a batch of crops:
+    tokens ([C,] N, d), scores ([C,] N), keys ([C,] N, dk) -> ([C,] dominant + contextual, d) and the
+    dominant indices ([C,] dominant, original order).
 
     Dominant: the first ``n_fixed`` tokens (CLIP's CLS) and the ``dominant - n_fixed`` others with the
     highest scores, in original order. Contextual: ``contextual`` targets strided evenly over the rest
     (``arange(0, R, R // m)[:m]``); every other remaining token joins the target whose key is most
     similar (cosine); a contextual token is its target plus the mean of the tokens that joined it."""
-    n = tokens.shape[0]
+    if tokens.dim() == 2:  # one crop
+        out, dom = visionzip_select(tokens[None], scores[None], keys[None], dominant, contextual, n_fixed)
+        return out[0], dom[0]
+    crops, n, width = tokens.shape
+    device = tokens.device
     if dominant + contextual >= n:
-        return tokens, torch.arange(n, device=tokens.device)
-    top = scores[n_fixed:].topk(dominant - n_fixed).indices + n_fixed
-    dom = torch.cat([torch.arange(n_fixed, device=tokens.device), top]).sort().values
-    rest = torch.ones(n, dtype=torch.bool, device=tokens.device)
-    rest[dom] = False
-    rest = rest.nonzero()[:, 0]  # (R,) in original order
+        return tokens, torch.arange(n, device=device).expand(crops, n)
+    top = scores[:, n_fixed:].topk(dominant - n_fixed, dim=1).indices + n_fixed
+    dom = torch.cat([torch.arange(n_fixed, device=device).expand(crops, n_fixed), top], 1).sort(1).values
+    rest = torch.ones(crops, n, dtype=torch.bool, device=device).scatter_(1, dom, False)
+    rest = rest.nonzero()[:, 1].view(crops, n - dominant)  # (C, R): row by row, in original order
+    rows = lambda x, idx: x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731 - x[c, idx[c]]
     if contextual == 0:
-        return tokens[dom], dom
-    is_target = torch.zeros(len(rest), dtype=torch.bool, device=tokens.device)
-    is_target[torch.arange(0, len(rest), max(1, len(rest) // contextual), device=tokens.device)[:contextual]] = True
-    targets, merged = rest[is_target], rest[~is_target]
+        return rows(tokens, dom), dom
+    is_target = torch.zeros(rest.shape[1], dtype=torch.bool, device=device)
+    is_target[torch.arange(0, rest.shape[1], max(1, rest.shape[1] // contextual), device=device)[:contextual]] = True
+    targets, merged = rest[:, is_target], rest[:, ~is_target]
     k = F.normalize(keys.float(), dim=-1)
-    group = (k[merged] @ k[targets].T).argmax(-1)  # (R - m,) the most similar target
-    sums = torch.zeros(len(targets), tokens.shape[1], dtype=tokens.dtype, device=tokens.device)
-    sums.index_add_(0, group, tokens[merged])
-    counts = torch.bincount(group, minlength=len(targets)).clamp(min=1).to(tokens.dtype)
-    return torch.cat([tokens[dom], tokens[targets] + sums / counts[:, None]]), dom
+    group = (rows(k, merged) @ rows(k, targets).transpose(1, 2)).argmax(-1)  # (C, R - m): the most similar target
+    sums = torch.zeros(crops, contextual, width, dtype=tokens.dtype, device=device)
+    sums.scatter_add_(1, group[..., None].expand(-1, -1, width), rows(tokens, merged))
+    counts = torch.zeros(crops, contextual, dtype=tokens.dtype, device=device)
+    counts.scatter_add_(1, group, torch.ones_like(group, dtype=tokens.dtype)).clamp_(min=1)
+    return torch.cat([rows(tokens, dom), rows(tokens, targets) + sums / counts[..., None]], 1), dom
 
 
 def reduces(config, dominant: int, contextual: int) -> bool:
@@ -289,8 +295,8 @@ def visionzip_features(backbone, samples: list[list], dominant: int, contextual:
     towered = visionzip_tower(backbone, present) if towered is None else [t for t in towered if t is not None]
     fixed = int(_has_cls(config))
     feats, scores, keys = (torch.cat(parts) for parts in zip(*[(t.tokens, t.scores, t.keys) for t in towered]))
-    crops = [visionzip_select(f, s, kk, dominant, contextual, fixed) for f, s, kk in zip(feats, scores, keys)]
-    projected = hf.model.multi_modal_projector(torch.stack([tokens for tokens, _ in crops]))  # every crop: n + m
+    reduced, kept_indices = visionzip_select(feats, scores, keys, dominant, contextual, fixed)
+    projected = hf.model.multi_modal_projector(reduced)  # every crop: n + m
     newline = getattr(hf.model, "image_newline", None)
     patches = [p for t in towered for p in t.patches]
     sizes = [s for t in towered for s in t.sizes or [None] * len(t.patches)]
@@ -301,7 +307,7 @@ def visionzip_features(backbone, samples: list[list], dominant: int, contextual:
             per_image.append(tokens if newline is None else torch.cat([tokens, newline[None].to(tokens)]))
         else:  # an AnyRes image (LLaVA-OneVision)
             grid = anyres_grid(size, config.image_grid_pinpoints, config.vision_config.image_size)
-            kept = [d for _, d in crops[start : start + p]]
+            kept = list(kept_indices[start : start + p])
             per_image.append(_anyres_layout(projected[start : start + p], kept, grid, feats.shape[1] - fixed, fixed))
         start += p
     images, crop_counts = iter(per_image), iter(sum(t.patches) for t in towered)
