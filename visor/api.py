@@ -55,7 +55,10 @@ class VisorModel:
         if reduction is not None:
             reduction.check(self.config)  # before any work: a reduction this family does not define
         visionzip = reduction.visionzip if reduction else None
-        return self.backbone.encode_batch(prompts, images, visionzip)
+        samples = self.backbone.encode_batch(prompts, images, visionzip)
+        for s in samples:
+            s.visionzip = visionzip
+        return samples
 
     def generate(
         self,
@@ -115,6 +118,14 @@ class VisorModel:
         cfg = GenerationConfig(max_new_tokens, temperature, top_p, seed)
         runner = self.runner(prefill, decode)
         budget = self.parse_budget(budget, reduction)
+        visionzip = reduction.visionzip if reduction else None
+        wrong = next((s.visionzip for s in samples if s.visionzip != visionzip), False)
+        if wrong is not False:
+            encoded = lambda zip_: "without VisionZip" if zip_ is None else f"with VisionZip({zip_[0]}+{zip_[1]})"  # noqa: E731
+            raise ConfigError(
+                f"these prompts were encoded {encoded(wrong)}; this reduction needs them encoded {encoded(visionzip)} "
+                "(model.encode with the same reduction)"
+            )
         tokens = collate(samples, self.backbone.image_token_id, self.backbone.device, runner.buckets)
         drops = reduction.drops(self.lm.cfg.n_layers) if reduction else None
         out = generate(runner, tokens, budget, cfg, self.backbone.eos_token_ids, drops)

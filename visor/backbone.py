@@ -139,6 +139,7 @@ class Sample:
     positions: torch.Tensor | None = None  # (L, 3) multimodal RoPE positions (Qwen-VL); None: 0..L-1
     grids: list[tuple[int, int, int]] | None = None  # (t, h, w) patch grid per image (dynamic resolution)
     deepstack: torch.Tensor | None = None  # (K, Nv, D) Qwen3-VL: added to the visual states after LM layer k < K
+    visionzip: tuple[int, int] | None = None  # the VisionZip setting its images were encoded with (VisorModel.encode)
 
 
 class Visual(NamedTuple):

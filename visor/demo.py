@@ -354,6 +354,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
     ):
         kw = dict(stage=2, budgets="full", steps=ft_steps, lr=1e-3, warmup_steps=10, **frozen, **extra)
         tuned[name] = stages.run(name, _digest(name, kw, base_key), trainer(base, **kw)) / "final"
+    kept_towers.clear()  # training is over
 
     key = _digest("policy", cfg.policy_epochs, cfg.policy_width, "stopped early", key)
     policy = (
