@@ -1,6 +1,6 @@
 """`visor demo`: the paper's story end to end on a laptop CPU, with real (tiny) models and data.
 
-Stages, each cached under OUT/stages/<name>-<hash of its config and inputs> (``--fresh`` redoes):
+Stages, each cached under OUT/stages/<name>-<hash of its config, inputs and visor's version> (``--fresh`` redoes):
 
 1. data          the built-in benchmark, demo-sized (96-pixel images; tasks a tiny model can learn)
 2. vision        a tiny LLaVA-OneVision (SigLIP + Qwen2 classes), its vision tower pre-trained briefly
@@ -263,7 +263,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
             counts[f"{split}_records"] = len(kept)
         return card | counts
 
-    key = _digest("data", cfg.seed, cfg.image_size, families, sizes, cfg.easy_train_per_task, per_task)
+    key = _digest("data", __version__, cfg.seed, cfg.image_size, families, sizes, cfg.easy_train_per_task, per_task)
     data = stages.run("data", key, make_data)
 
     spec = TinySpec(
