@@ -115,9 +115,11 @@ def test_settings_of_one_model_share_its_encoded_prompts(model, bench):
     finally:
         hook.remove()
     assert shared[0][1] > 0 and shared[1][1] == 0 and shared[2][1] > 0
-    plain = next(v for (_, zip_), v in kept.items() if zip_ is None)
+    plain = next(v for (_, _, zip_), v in kept.items() if zip_ is None)  # kept by (question, images, VisionZip)
     with pytest.raises(visor.ConfigError, match=r"encoded without VisionZip; .* encoded with VisionZip\(4\+1\)"):
         model.generate_encoded([plain], "full", 2, reduction=settings[2].reduction)
+    again = evaluate(model, data, None, settings[0], 8, 4, encoded=kept)  # after the others: nothing kept changed
+    assert again["summary"] == shared[0][0]["summary"]
     for (result, _), s in zip(shared, settings):
         fresh = evaluate(model, data, None, s, 8, 4)
         assert [r["prediction"] for r in result["rows"]] == [r["prediction"] for r in fresh["rows"]]

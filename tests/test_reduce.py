@@ -178,6 +178,17 @@ def test_visionzip_on_a_batch_of_crops_is_each_crop_alone(n_fixed, contextual):
         assert torch.equal(scores[c, kept[n_fixed:]].sort().values, best.sort().values)
 
 
+def test_visionzip_means_hold_in_bfloat16():
+    """598 tokens joining one target: their mean, summed and counted in float32 (bfloat16 alone stops
+    counting at 256), as in float32 up to bfloat16's rounding."""
+    gen = torch.Generator().manual_seed(0)
+    tokens, keys = torch.rand(1, 600, 4, generator=gen), torch.ones(1, 600, 2)  # one key: every token joins
+    scores = torch.rand(1, 600, generator=gen)
+    exact, _ = visionzip_select(tokens, scores, keys, 1, 1)
+    half, _ = visionzip_select(tokens.bfloat16(), scores, keys, 1, 1)
+    torch.testing.assert_close(half.float(), exact, atol=1e-2, rtol=1e-2)
+
+
 def official_visionzip(hidden, attn, metric, dominant, contextual):
     """A port of VisionZip's own code (dvlab-research/VisionZip, visionzip/clip_encoder.py), one CLIP
     crop: hidden (1, N, C) with CLS first, attn (1, H, N, N), metric (1, N, dk) the keys, head mean."""

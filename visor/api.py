@@ -54,11 +54,7 @@ class VisorModel:
     def encode(self, prompts: list[str], images: list[list], reduction: Reduction | None = None) -> list[Sample]:
         if reduction is not None:
             reduction.check(self.config)  # before any work: a reduction this family does not define
-        visionzip = reduction.visionzip if reduction else None
-        samples = self.backbone.encode_batch(prompts, images, visionzip)
-        for s in samples:
-            s.visionzip = visionzip
-        return samples
+        return self.backbone.encode_batch(prompts, images, reduction.visionzip if reduction else None)
 
     def generate(
         self,
@@ -118,13 +114,14 @@ class VisorModel:
         cfg = GenerationConfig(max_new_tokens, temperature, top_p, seed)
         runner = self.runner(prefill, decode)
         budget = self.parse_budget(budget, reduction)
+        if reduction is not None:
+            reduction.check(self.config)
         visionzip = reduction.visionzip if reduction else None
-        wrong = next((s.visionzip for s in samples if s.visionzip != visionzip), False)
-        if wrong is not False:
-            encoded = lambda zip_: "without VisionZip" if zip_ is None else f"with VisionZip({zip_[0]}+{zip_[1]})"  # noqa: E731
+        wrong = [s.visionzip for s in samples if s.visionzip != visionzip]
+        if wrong:
             raise ConfigError(
-                f"these prompts were encoded {encoded(wrong)}; this reduction needs them encoded {encoded(visionzip)} "
-                "(model.encode with the same reduction)"
+                f"these prompts were encoded {_with_visionzip(wrong[0])}; this reduction needs them encoded "
+                f"{_with_visionzip(visionzip)} (model.encode with the same reduction)"
             )
         tokens = collate(samples, self.backbone.image_token_id, self.backbone.device, runner.buckets)
         drops = reduction.drops(self.lm.cfg.n_layers) if reduction else None
@@ -294,6 +291,10 @@ def export(path: str | Path, out: str | Path, overwrite: bool = False, base: str
     claim(out, "checkpoint", inputs=[path, weights], overwrite=overwrite, mark=False)  # nor over the base
     dtype = checkpoint_dtype(weights) or torch.float32
     return load(path, dtype=dtype, device="cpu", base=base).save(out, overwrite=overwrite)
+
+
+def _with_visionzip(visionzip) -> str:
+    return "without VisionZip" if visionzip is None else f"with VisionZip({visionzip[0]}+{visionzip[1]})"
 
 
 def _each(budget, n: int) -> list:

@@ -139,7 +139,7 @@ class Sample:
     positions: torch.Tensor | None = None  # (L, 3) multimodal RoPE positions (Qwen-VL); None: 0..L-1
     grids: list[tuple[int, int, int]] | None = None  # (t, h, w) patch grid per image (dynamic resolution)
     deepstack: torch.Tensor | None = None  # (K, Nv, D) Qwen3-VL: added to the visual states after LM layer k < K
-    visionzip: tuple[int, int] | None = None  # the VisionZip setting its images were encoded with (VisorModel.encode)
+    visionzip: tuple[int, int] | None = None  # the VisionZip setting its images were encoded with (encode_batch)
 
 
 class Visual(NamedTuple):
@@ -355,7 +355,10 @@ class Backbone:
             group.append(ims)
         visual += self.image_features_batch(group, visionzip)
         ids = [self.tokenizer(self.prompt_text(p, len(ims)))["input_ids"] for p, ims in zip(prompts, loaded)]
-        return [self.expand(i, v) for i, v in zip(ids, visual)]
+        samples = [self.expand(i, v) for i, v in zip(ids, visual)]
+        for s in samples:
+            s.visionzip = visionzip
+        return samples
 
 
 # ---- each family's vision path: its image processor and tower, as its own processor and model run them ----

@@ -132,7 +132,8 @@ def evaluate(
 ) -> dict:
     """Accuracy, ANLS, FLOPs and time of one setting on a data set (``prefill``/``decode``: the modes
     of ``VisorModel.generate``). ``encoded``: a dict the caller keeps across settings of this model,
-    where each record's encoded prompt is kept (per VisionZip setting) and met again, not re-encoded."""
+    where each record's encoded prompt is kept (per VisionZip setting) and met again, not re-encoded —
+    for small sets: every kept prompt's visual tokens stay on the model's device."""
     from tqdm.auto import tqdm
 
     setting = setting or Setting()
@@ -188,11 +189,12 @@ def evaluate(
 def _encoded(model, records, reduction, kept: dict) -> list:
     """The records' encoded prompts, from ``kept`` where there, else encoded now and kept."""
     zip_ = reduction.visionzip if reduction is not None else None
-    missing = [r for r in records if (r.source, zip_) not in kept]
+    key = lambda r: (r.question, tuple(r.images), zip_)  # noqa: E731 - what the encoding follows from
+    missing = [r for r in records if key(r) not in kept]
     if missing:
         samples = model.encode([r.question for r in missing], [r.images for r in missing], reduction)
-        kept.update({(r.source, zip_): s for r, s in zip(missing, samples)})
-    return [kept[r.source, zip_] for r in records]
+        kept.update({key(r): s for r, s in zip(missing, samples)})
+    return [kept[key(r)] for r in records]
 
 
 def markdown(result: dict) -> str:
@@ -286,25 +288,20 @@ def compare(
     inputs = [data, images, model.backbone.path, base_model.backbone.path if base_model is not None else None]
     out = claim(out, "compare", COMPARE_ENTRIES, inputs, overwrite)  # before the minutes of the sweep
     settings = settings or default_settings(model)
-    encoded = {}  # per model: each record's encoded prompt, shared by its settings
-    results = []
-    for s in tqdm(settings, desc="compare"):
-        runs_on = base_model if base_model is not None and (s.method == "base" or s.budget == "full") else model
-        kept = encoded.setdefault(id(runs_on), {})
-        results.append(
-            evaluate(
-                runs_on,
-                data,
-                images,
-                s,
-                batch_size,
-                max_new_tokens,
-                limit,
-                prefill=prefill,
-                decode=decode,
-                encoded=kept,
-            )  # fmt: skip
+    results = [
+        evaluate(
+            base_model if base_model is not None and (s.method == "base" or s.budget == "full") else model,
+            data,
+            images,
+            s,
+            batch_size,
+            max_new_tokens,
+            limit,
+            prefill=prefill,
+            decode=decode,
         )
+        for s in tqdm(settings, desc="compare")
+    ]
     base = next((r for r in results if r["method"] == "base"), results[0])
     base_flops = base["summary"]["overall"]["lm_prefill_flops"]
     for r in results:

@@ -226,11 +226,13 @@ def visionzip_select(tokens, scores, keys, dominant: int, contextual: int, n_fix
     targets, merged = rest[:, is_target], rest[:, ~is_target]
     k = F.normalize(keys.float(), dim=-1)
     group = (rows(k, merged) @ rows(k, targets).transpose(1, 2)).argmax(-1)  # (C, R - m): the most similar target
-    sums = torch.zeros(crops, contextual, width, dtype=tokens.dtype, device=device)
-    sums.scatter_add_(1, group[..., None].expand(-1, -1, width), rows(tokens, merged))
-    counts = torch.zeros(crops, contextual, dtype=tokens.dtype, device=device)
-    counts.scatter_add_(1, group, torch.ones_like(group, dtype=tokens.dtype)).clamp_(min=1)
-    return torch.cat([rows(tokens, dom), rows(tokens, targets) + sums / counts[..., None]], 1), dom
+    # summed and counted in float32, as the official matrix product and sum do: bfloat16 stops counting at 256
+    sums = torch.zeros(crops, contextual, width, device=device)
+    sums.scatter_add_(1, group[..., None].expand(-1, -1, width), rows(tokens, merged).float())
+    counts = torch.zeros(crops, contextual, device=device)
+    counts.scatter_add_(1, group, torch.ones_like(group, dtype=counts.dtype))
+    means = (sums / counts.clamp(min=1)[..., None]).to(tokens.dtype)
+    return torch.cat([rows(tokens, dom), rows(tokens, targets) + means], 1), dom
 
 
 def reduces(config, dominant: int, contextual: int) -> bool:
