@@ -345,11 +345,11 @@ def test_resume_after_sigkill_is_exact(checkpoints, dataset, tmp_path):
     assert run_cli(cli_args(checkpoints, dataset, straight, 2 * n, 4)).wait() == 0
     killed = tmp_path / "killed"
     reading = ["--save-every", n, "--grad-accum", 2, "--workers", 2]  # records read ahead by 2 processes
-    proc = run_cli(cli_args(checkpoints, dataset, killed, 2 * n, 4, reading))
+    proc = run_cli(cli_args(checkpoints, dataset, killed, 2 * n, 4, reading), start_new_session=True)
     while not (killed / "checkpoints" / f"step-{n:07d}").exists():
         assert proc.poll() is None, proc.stderr.read().decode()
         time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its reading processes, as a job's end kills them all
     proc.wait()
     assert not (killed / "final").exists()
     resumed = run_cli(cli_args(checkpoints, dataset, killed, 2 * n, 4, [*reading, "--resume"]))
