@@ -282,7 +282,8 @@ class TowerCache:
         missing = {x.source: x.images for x in examples if x.source not in self.kept}
         if missing:
             tower = self.backbone.hf.model.vision_tower
-            mode, _ = tower.training, tower.eval()
+            mode = tower.training
+            tower.eval()
             with torch.no_grad():
                 self.kept.update(zip(missing, self.backbone.tower_batch(list(missing.values()), self.visionzip)))
             tower.train(mode)
@@ -586,9 +587,9 @@ def train(cfg: TrainConfig, kept_towers: dict | None = None) -> Path:
         log.truncate_metrics(start)  # what the interrupted run logged past its checkpoint
 
     trainee.train()
-    visionzip = reduction.visionzip if reduction is not None else None
     cache = None
     if cfg.cache_vision:
+        visionzip = reduction.visionzip if reduction is not None else None
         cache = TowerCache(model.backbone, data.index.files, images_dir(cfg), visionzip, kept_towers)
     bar = log.progress(total_steps, start)
     began, samples_done, tokens_done, totals = time.perf_counter(), 0, 0, [0.0, 0.0, 0.0]
