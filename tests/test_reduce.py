@@ -247,7 +247,7 @@ def test_visionzip_anyres_layout_is_the_official_one():
         block = torch.full((side * side,), float("nan"))
         block[patches] = values  # the crop's 3 x 3 patches, then pasted into its place on the canvas
         canvas[r * side : (r + 1) * side, col * side : (col + 1) * side] = block.view(side, side)
-    out = _anyres_layout(crops, dominant, grid, side * side, n_fixed)[:, 0]
+    out = _anyres_layout(torch.stack(crops), dominant, grid, side * side, n_fixed)[:, 0]  # (crops, tokens, width)
     raster = canvas.flatten()[~canvas.flatten().isnan()]
     expected = torch.cat(
         [crops[0][:, 0], raster, torch.tensor([-2.0, -3, -4, -5]), torch.tensor([1000.0, 1001, 1002, 1003])]

@@ -327,6 +327,33 @@ def test_llava_json_and_jsonl_tokenize_alike(checkpoints, dataset):
     assert learned.startswith(a.answer) and "<|im_end|>" in learned  # the answer and the end of turn
 
 
+def test_a_training_set_tokenizes_each_conversation_once(checkpoints, dataset, monkeypatch):
+    """Templated data repeats its conversations: TrainSet remembers the last MEMO distinct ones' tokens
+    (what tokenize gives, handed out as copies), and reads no image of a record whose tower output is kept."""
+    from visor.data import RecordIndex, TrainSet
+
+    model = visor.load(checkpoints["llava-onevision"])
+    data = TrainSet(RecordIndex(dataset / "train.jsonl"), dataset / "img", model.backbone)
+    records = read_records(dataset / "train.jsonl", dataset / "img")[0]
+    calls = []
+    monkeypatch.setattr(visor.data, "tokenize", lambda *a: calls.append(1) or tokenize(*a))
+    distinct = len({(tuple(r.turns), len(r.images)) for r in records})
+    assert 1 < distinct < len(records)  # the test data repeats some conversations
+    for _ in range(2):
+        for i, record in enumerate(records):
+            x = data.read(i)
+            assert (x.ids, x.labels) == tokenize(model.backbone, record) and all(hasattr(im, "size") for im in x.images)
+    assert len(calls) == distinct
+    x.ids.append(-1)  # a copy: the remembered tokens are unchanged
+    assert data.read(len(records) - 1).ids[-1] != -1
+    data.MEMO, data.memo = 2, {}
+    for i in range(len(records)):
+        data.read(i)
+    assert len(data.memo) == 2
+    data.kept_towers = {data.read(0).source}
+    assert data.read(0).images == records[0].images and hasattr(data.read(1).images[0], "size")  # paths; pictures
+
+
 def run_cli(args, env=None, **kw):
     cmd = [str(Path(sys.executable).with_name("visor")), "train", *map(str, args)]
     return subprocess.Popen(
@@ -488,12 +515,18 @@ def test_bfloat16_training_with_float32_master_weights(checkpoints, dataset, tmp
     assert moments and {m.properties.dtype for m in moments} == {torch.float32}
 
 
-def crops_through_the_tower(cfg: TrainConfig, kept_towers=None) -> int:
-    """Train; the number of crops the vision tower encoded (a hook on the model the run loads)."""
-    model, seen = visor.load(cfg.model), []
+def crops_through_the_tower(cfg: TrainConfig, kept_towers=None, reads: list | None = None) -> int:
+    """Train; the number of crops the vision tower encoded (a hook on the model the run loads).
+    ``reads``: each record whose images the run read is appended to it."""
+    from visor.data import Record
+
+    model, seen, load_images = visor.load(cfg.model), [], Record.load_images
     hook = model.backbone.hf.model.vision_tower.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("visor.train.load", lambda *a, **k: model)
+        mp.setattr(
+            Record, "load_images", lambda self: (reads if reads is not None else []).append(self) or load_images(self)
+        )
         train(cfg, kept_towers)
     hook.remove()
     return sum(seen)
@@ -510,14 +543,16 @@ def test_kept_tower_outputs_train_as_the_tower_does(checkpoints, dataset, tmp_pa
     """--cache-vision: each record's tower output (VisionZip: with its scores and keys) is computed once
     (16 records, 12 steps of 4: every record met three times) and the run trains exactly as one that
     runs the tower every step; a later run in the process, given the same dict, meets them kept."""
-    runs, shared = {}, {}
+    runs, shared, reads = {}, {}, {False: [], True: [], "again": []}
     for cached in (False, True):
         out = tmp_path / f"{arch}-{cached}"
         cfg = config(checkpoints, dataset, out, model=str(checkpoints[arch]), steps=12, cache_vision=cached, **kw)
-        runs[cached] = out, crops_through_the_tower(cfg, shared)
+        runs[cached] = out, crops_through_the_tower(cfg, shared, reads[cached])
     later = lambda name: config(checkpoints, dataset, tmp_path / name, model=str(checkpoints[arch]), steps=4,  # noqa: E731
                                 cache_vision=True, **kw)  # fmt: skip
-    assert crops_through_the_tower(later("again"), shared) == 0  # a later run in this process meets them kept
+    assert crops_through_the_tower(later("again"), shared, reads["again"]) == 0  # a later run meets them kept
+    # images read: every record met (48) or each record once (16); and the stand-in batch's record, at the start
+    assert [len(reads[k]) for k in reads] == [48 + 1, 16 + 1, 1]
     os.utime(dataset / "train.jsonl")  # the data file changed (its time): encoded anew
     assert crops_through_the_tower(later("changed"), shared) > 0
     (plain, crops), (kept, crops_kept) = runs[False], runs[True]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,7 +293,8 @@ def _element_offsets(file: Path, chunk: int = 1 << 24) -> tuple[np.ndarray, np.n
 
 @dataclass
 class Example:
-    """One training record, tokenized, with its images loaded."""
+    """One training record, tokenized, with its images loaded (their paths instead where the vision
+    tower's output for the record is kept: ``TrainSet.kept_towers``)."""
 
     ids: list[int]
     labels: list[bool]
@@ -312,8 +314,12 @@ class TrainSet(torch.utils.data.Dataset):
     """``RecordIndex`` records parsed, tokenized and their images loaded when asked for (in
     ``DataLoader`` workers): ``Example`` or, for an unusable record, ``Bad``."""
 
+    MEMO = 1024  # conversations whose tokens are remembered (templated data asks the same questions)
+
     def __init__(self, index: RecordIndex, images_dir: str | Path, backbone: Backbone):
         self.index, self.images_dir, self.backbone = index, Path(images_dir), backbone
+        self.kept_towers: Container[str] = ()  # records (sources) whose tower output is kept: images not read
+        self.memo: dict[tuple, tuple[list[int], list[bool]]] = {}
 
     def __len__(self) -> int:
         return len(self.index)
@@ -336,12 +342,24 @@ class TrainSet(torch.utils.data.Dataset):
         if isinstance(record, str):
             return Bad(where, record)
         try:
-            ids, labels = tokenize(self.backbone, record)
-            return Example(ids, labels, record.load_images() if load_images else [], where)
+            ids, labels = self.tokens(record)
+            if not load_images:
+                return Example(ids, labels, [], where)
+            return Example(ids, labels, record.images if where in self.kept_towers else record.load_images(), where)
         except InputError as e:
             return Bad(where, str(e))
         except Exception as e:  # noqa: BLE001 - a chat template or image decoder refusing a record: skip it
             return Bad(where, f"{e.__class__.__name__}: {e}")
+
+    def tokens(self, record: Record) -> tuple[list[int], list[bool]]:
+        """``tokenize``, remembered for the last ``MEMO`` distinct conversations."""
+        key = (tuple(record.turns), len(record.images))
+        if key not in self.memo:
+            if len(self.memo) >= self.MEMO:
+                del self.memo[next(iter(self.memo))]  # the oldest
+            self.memo[key] = tokenize(self.backbone, record)
+        ids, labels = self.memo[key]
+        return list(ids), list(labels)
 
     def first_usable(self) -> Example:
         """The first record that loads: what a micro-batch of unusable records runs instead (weight 0)."""

@@ -321,14 +321,13 @@ def _anyres_layout(projected, dominant, grid, n_patches: int, n_fixed: int) -> t
     crops' dominant patches in raster order over the stitched (rows x side, columns x side) grid; their
     fixed (CLS) tokens; their contextual tokens, crop by crop."""
     side, (_, columns) = math.isqrt(n_patches), grid
-    patches, places, fixed, merged = [], [], [], []
-    for c, (tokens, dom) in enumerate(zip(projected[1:], dominant[1:])):
-        n_dom = len(dom)
-        patch = dom[n_fixed:] - n_fixed  # index among the crop's patches
-        row, col = (c // columns) * side + patch // side, (c % columns) * side + patch % side
-        patches.append(tokens[n_fixed:n_dom])
-        places.append(row * columns * side + col)
-        fixed.append(tokens[:n_fixed])
-        merged.append(tokens[n_dom:])
-    order = torch.cat(places).argsort()
-    return torch.cat([projected[0], torch.cat(patches)[order], *fixed, *merged])
+    tokens, dom = projected[1:], torch.stack(list(dominant[1:]))  # (crops, kept, d), (crops, n_fixed + dominant)
+    n_dom, width = dom.shape[1], tokens.shape[-1]
+    patch = dom[:, n_fixed:] - n_fixed  # index among the crop's patches
+    c = torch.arange(len(dom), device=dom.device)[:, None]
+    row, col = (c // columns) * side + patch // side, (c % columns) * side + patch % side
+    order = (row * columns * side + col).flatten().argsort()
+    patches = tokens[:, n_fixed:n_dom].reshape(-1, width)[order]
+    return torch.cat(
+        [projected[0], patches, tokens[:, :n_fixed].reshape(-1, width), tokens[:, n_dom:].reshape(-1, width)]
+    )

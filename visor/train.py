@@ -218,23 +218,31 @@ class Trainee(nn.Module):
         self.hf, self.lm = model.backbone.hf, model.lm
         self.backbone = [model.backbone]  # in a list: not a submodule (its modules are in hf)
         self.reduction = reduction  # a visor.reduce.Reduction the base trains under, or None
+        self.flops: dict[tuple, int] = {}  # prefill FLOPs by sample shape (for the log; shapes repeat)
 
     def forward(self, batch: list[tuple[list[int], list[bool], list]], budget, towered=None):
         """Summed answer loss, and the batch's [visual tokens, text tokens, forward FLOPs (visor.flops)].
         ``towered``: the batch's vision-tower outputs, where kept (``TowerCache``)."""
-        from .flops import count_flops
-
         backbone, reduction = self.backbone[0], self.reduction
         losses, _, samples = answer_token_losses(backbone, self.lm, batch, budget, reduction, towered)
         work = [0.0, 0.0, 0.0]
         for s in samples:
             n_visual = s.visual.shape[0]
             n_text = len(s.ids) - n_visual
-            report = count_flops(
-                backbone.config, self.lm.schedule, budget, n_visual, n_text, s.n_crops, reduction, s.grids
-            )
-            work = [work[0] + n_visual, work[1] + len(s.ids) - n_visual, work[2] + report.prefill]
+            work = [work[0] + n_visual, work[1] + n_text, work[2] + self.prefill_flops(budget, n_visual, n_text, s)]
         return losses.sum(), work
+
+    def prefill_flops(self, budget, n_visual: int, n_text: int, sample) -> int:
+        from .flops import count_flops
+
+        shape = (budget, n_visual, n_text, sample.n_crops, str(sample.grids))
+        if shape not in self.flops:
+            config, schedule = self.backbone[0].config, self.lm.schedule
+            report = count_flops(
+                config, schedule, budget, n_visual, n_text, sample.n_crops, self.reduction, sample.grids
+            )
+            self.flops[shape] = report.prefill
+        return self.flops[shape]
 
 
 def answer_token_losses(
@@ -591,6 +599,7 @@ def train(cfg: TrainConfig, kept_towers: dict | None = None) -> Path:
     if cfg.cache_vision:
         visionzip = reduction.visionzip if reduction is not None else None
         cache = TowerCache(model.backbone, data.index.files, images_dir(cfg), visionzip, kept_towers)
+        data.kept_towers = cache.kept  # their images are not read (workers fork: they see those kept by then)
     bar = log.progress(total_steps, start)
     began, samples_done, tokens_done, totals = time.perf_counter(), 0, 0, [0.0, 0.0, 0.0]
     peak = peak_flops(device)
