@@ -126,6 +126,41 @@ def test_settings_of_one_model_share_its_encoded_prompts(model, bench):
         assert result["summary"] == fresh["summary"]
 
 
+def test_models_with_one_tower_share_its_outputs(model, checkpoints, bench):
+    """``towers``: a model with the same tower (its projector and LM changed, as fine-tuning with the tower
+    frozen changes them) runs no tower, for a VisionZip setting with another knob neither, and scores as a
+    fresh evaluation does; a model whose tower differs runs its own."""
+    import torch
+
+    data, gen = bench / "test.jsonl", torch.Generator().manual_seed(0)
+    tuned, other = visor.load(checkpoints["llava-onevision"]), visor.load(checkpoints["llava-onevision"])
+    hf = tuned.backbone.hf.model
+    with torch.no_grad():
+        for p in [*hf.multi_modal_projector.parameters(), *hf.language_model.parameters(),
+                  *other.backbone.hf.model.vision_tower.parameters()]:  # fmt: skip
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    crops = {id(m): [] for m in (model, tuned, other)}
+    towered = lambda m: lambda _, a: crops[id(m)].append(a[0].shape[0])  # noqa: E731 - counts m's tower's crops
+    hooks = [m.backbone.hf.model.vision_tower.register_forward_pre_hook(towered(m)) for m in (model, tuned, other)]
+    zipped = lambda n: Setting("visionzip", "full", Reduction("visionzip", dominant=n, contextual=1))  # noqa: E731
+    towers, runs = {}, {}
+    try:
+        for m, settings in ((model, [Setting("visor", 1), zipped(4)]), (tuned, [Setting("visor", 1), zipped(2)]),
+                            (other, [Setting("visor", 1)])):  # fmt: skip
+            runs[id(m)] = [evaluate(m, data, None, s, 8, 4, progress=False, towers=towers) for s in settings]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert crops[id(model)] and not crops[id(tuned)] and crops[id(other)]
+    assert len(towers) == 3  # the tower plain and for VisionZip; the other tower plain
+    for result, s in zip(runs[id(tuned)], [Setting("visor", 1), zipped(2)]):
+        fresh = evaluate(tuned, data, None, s, 8, 4, progress=False)
+        assert [r["prediction"] for r in result["rows"]] == [r["prediction"] for r in fresh["rows"]]
+        assert result["summary"] == fresh["summary"]
+    before = [r["prediction"] for r in runs[id(model)][0]["rows"]]
+    assert before != [r["prediction"] for r in runs[id(tuned)][0]["rows"]]  # its own projector and LM ran
+
+
 def test_compare_runs_base_and_baselines_on_the_base_weights(model, checkpoints, bench, tmp_path):
     """With base_model, the rows at budget "full" (base, token reduction) come from it, VISOR's from the model."""
     import torch

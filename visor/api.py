@@ -51,10 +51,13 @@ class VisorModel:
         return {"device": str(self.backbone.device), "dtype": checks.dtype_name(self.lm.lm_head.weight.dtype)}
 
     # ---- inference ----------------------------------------------------------------------
-    def encode(self, prompts: list[str], images: list[list], reduction: Reduction | None = None) -> list[Sample]:
+    def encode(
+        self, prompts: list[str], images: list[list], reduction: Reduction | None = None, towered=None
+    ) -> list[Sample]:
+        """Prompts with their images, encoded for ``generate_encoded`` (``towered``: see ``Backbone.encode_batch``)."""
         if reduction is not None:
             reduction.check(self.config)  # before any work: a reduction this family does not define
-        return self.backbone.encode_batch(prompts, images, reduction.visionzip if reduction else None)
+        return self.backbone.encode_batch(prompts, images, reduction.visionzip if reduction else None, towered)
 
     def generate(
         self,

@@ -289,6 +289,19 @@ class Backbone:
             towered = iter(_tower(self, with_images, self.hf.lm_head.weight.dtype))
         return [next(towered) if images else None for images in samples]
 
+    def tower_digest(self, *more) -> str:
+        """A digest of what the vision tower's output follows from: its weights, the feature layer and
+        selection strategy, the image processor (and ``more``, JSON-serialisable)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, tensor in self.hf.model.vision_tower.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        layer = [self.config.vision_feature_layer, self.config.vision_feature_select_strategy]
+        digest.update(json.dumps([layer, self.image_processor.to_json_string(), *more]).encode())
+        return digest.hexdigest()
+
     def expand(self, ids: list[int], visual: Visual, labels=None) -> Sample:
         """Expand each image placeholder in ``ids`` to its image's feature count (and, with
         multimodal RoPE, give every token its position as the model's ``get_rope_index`` does)."""
@@ -338,9 +351,10 @@ class Backbone:
         return self.encode_batch([prompt], [images], visionzip)[0]
 
     @torch.no_grad()
-    def encode_batch(self, prompts: list[str], images: list[list], visionzip=None) -> list[Sample]:
+    def encode_batch(self, prompts: list[str], images: list[list], visionzip=None, towered=None) -> list[Sample]:
         """``encode`` for several prompts (one list of images each): the vision path runs on up to
-        ``IMAGES_PER_PASS`` images at once (a sample's images together)."""
+        ``IMAGES_PER_PASS`` images at once (a sample's images together). ``towered``: each prompt's
+        tower output, kept from ``tower_batch`` with the same ``visionzip`` (the tower does not run)."""
         if len(prompts) != len(images):
             raise InputError(f"{len(prompts)} prompt(s) but {len(images)} image entries")
         for i, p in enumerate(prompts):
@@ -348,12 +362,17 @@ class Backbone:
                 raise InputError("the prompt is empty" + (f" (prompt {i + 1} of {len(prompts)})" if i else ""))
         loaded = [[load_image(im) for im in ims] for ims in images]
         visual, group = [], []
-        for ims in loaded:
-            if group and sum(map(len, group)) + len(ims) > IMAGES_PER_PASS:
-                visual += self.image_features_batch(group, visionzip)
+
+        def run(members: list[int]) -> list[Visual]:  # one pass of the vision path
+            kept = None if towered is None else [towered[i] for i in members]
+            return self.image_features_batch([loaded[i] for i in members], visionzip, kept)
+
+        for i, ims in enumerate(loaded):
+            if group and sum(len(loaded[j]) for j in group) + len(ims) > IMAGES_PER_PASS:
+                visual += run(group)
                 group = []
-            group.append(ims)
-        visual += self.image_features_batch(group, visionzip)
+            group.append(i)
+        visual += run(group)
         ids = [self.tokenizer(self.prompt_text(p, len(ims)))["input_ids"] for p, ims in zip(prompts, loaded)]
         samples = [self.expand(i, v) for i, v in zip(ids, visual)]
         for s in samples:

@@ -21,12 +21,15 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from . import checks
+from .backbone import TOWERED, load_image
 from .data import read_records
 from .errors import ConfigError
 from .outputs import atomic_write, claim
 from .policy import normalise
-from .reduce import Reduction
+from .reduce import Reduction, reduces
 
 METHODS = ("visor", "base", "fastv", "pdrop", "visionzip")
 
@@ -129,11 +132,15 @@ def evaluate(
     prefill: str = "auto",
     decode: str = "auto",
     encoded: dict | None = None,
+    towers: dict | None = None,
 ) -> dict:
     """Accuracy, ANLS, FLOPs and time of one setting on a data set (``prefill``/``decode``: the modes
     of ``VisorModel.generate``). ``encoded``: a dict the caller keeps across settings of this model,
     where each record's encoded prompt is kept (per VisionZip setting) and met again, not re-encoded —
-    for small sets: every kept prompt's visual tokens stay on the model's device."""
+    for small sets: every kept prompt's visual tokens stay on the model's device. ``towers``: a dict
+    kept across models too, where each record's vision-tower output is kept under what it follows from
+    (``Backbone.tower_digest``, VisionZip or not): models with the same fixed tower, fine-tuned from one
+    base with it frozen, run it once (LLaVA, LLaVA-OneVision; ignored for the other families)."""
     from tqdm.auto import tqdm
 
     setting = setting or Setting()
@@ -145,9 +152,14 @@ def evaluate(
     runner = model.runner(prefill, decode)
     rows, prefill_seconds, began = [], 0.0, time.perf_counter()
     budget = "full" if setting.method == "base" else setting.budget
+    tower = None  # this model's kept tower outputs (VisionZip's, for a VisionZip setting), where shared
+    if towers is not None and model.config.model_type in TOWERED:
+        zipped = setting.reduction is not None and setting.reduction.visionzip is not None
+        zipped = zipped and reduces(model.config, *setting.reduction.visionzip)  # the tower part: whatever the knob
+        tower = towers.setdefault(model.backbone.tower_digest(zipped), {})
     for start in tqdm(range(0, len(records), batch_size), desc=setting.label, disable=not progress, leave=False):
         chunk = records[start : start + batch_size]
-        samples = _encoded(model, chunk, setting.reduction, {} if encoded is None else encoded)
+        samples = _encoded(model, chunk, setting.reduction, {} if encoded is None else encoded, tower)
         outs = model.generate_encoded(
             samples, budget, max_new_tokens, reduction=setting.reduction, prefill=prefill, decode=decode
         )
@@ -186,13 +198,22 @@ def evaluate(
     }
 
 
-def _encoded(model, records, reduction, kept: dict) -> list:
-    """The records' encoded prompts, from ``kept`` where there, else encoded now and kept."""
+def _encoded(model, records, reduction, kept: dict, tower: dict | None = None) -> list:
+    """The records' encoded prompts, from ``kept`` where there, else encoded now and kept (``tower``: the
+    model's tower outputs, kept by image paths: where there the tower does not run, else kept too)."""
     zip_ = reduction.visionzip if reduction is not None else None
     key = lambda r: (r.question, tuple(r.images), zip_)  # noqa: E731 - what the encoding follows from
     missing = [r for r in records if key(r) not in kept]
     if missing:
-        samples = model.encode([r.question for r in missing], [r.images for r in missing], reduction)
+        towered = None
+        if tower is not None:
+            new = list({tuple(r.images): r.images for r in missing if tuple(r.images) not in tower}.values())
+            if new:
+                with torch.no_grad():
+                    loaded = [[load_image(p) for p in images] for images in new]
+                    tower.update(zip(map(tuple, new), model.backbone.tower_batch(loaded, zip_)))
+            towered = [tower[tuple(r.images)] for r in missing]
+        samples = model.encode([r.question for r in missing], [r.images for r in missing], reduction, towered)
         kept.update({key(r): s for r, s in zip(missing, samples)})
     return [kept[key(r)] for r in records]
 

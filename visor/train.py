@@ -303,21 +303,10 @@ class TowerCache:
 
 
 def tower_key(backbone, data: list[Path], images: Path, visionzip) -> str:
-    """What a record's tower output follows from: the tower's weights, the feature layer, the image
-    processor, the VisionZip setting, the data files (path, size and time of the last change of each)
-    and the images directory."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in backbone.hf.model.vision_tower.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    """What a record's tower output follows from: the tower (``Backbone.tower_digest``), the VisionZip
+    setting, the data files (path, size and time of the last change of each) and the images directory."""
     files = [(os.path.abspath(f), f.stat().st_size, f.stat().st_mtime_ns) for f in data]
-    config = backbone.config
-    layer = [config.vision_feature_layer, config.vision_feature_select_strategy]
-    processor = backbone.image_processor.to_json_string()
-    digest.update(json.dumps([layer, processor, visionzip, files, os.path.abspath(images)]).encode())
-    return digest.hexdigest()
+    return backbone.tower_digest(visionzip, files, os.path.abspath(images))
 
 
 def set_trainable(model: VisorModel, cfg: TrainConfig) -> list[tuple[str, nn.Parameter]]:
