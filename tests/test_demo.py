@@ -121,7 +121,7 @@ def test_targets_are_read_off_the_numbers():
 
 @pytest.mark.slow
 def test_default_demo_meets_every_target(tmp_path):
-    """The full `make demo` run (~14 min on 2 cores): `make test-slow`."""
+    """The full `make demo` run (~10 min on 2 cores): `make test-slow`."""
     run_demo(tmp_path)
     targets = json.loads((tmp_path / "results.json").read_text())["targets"]
     assert len(targets) == 8 and all(t["met"] for t in targets), targets

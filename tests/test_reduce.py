@@ -229,29 +229,30 @@ def test_visionzip_is_the_official_rule(dominant, contextual):
     assert torch.allclose(got, expected, atol=1e-6)
 
 
-def test_visionzip_anyres_layout_is_the_official_one():
+@pytest.mark.parametrize("n_fixed", [1, 0])  # CLIP (a CLS token kept), SigLIP (none)
+def test_visionzip_anyres_layout_is_the_official_one(n_fixed):
     """An AnyRes image: base crop, then the other crops' dominant patches in raster order over the
     stitched grid (as the official adapter's canvas puts them), their CLS tokens, their contextual ones."""
     from visor.reduce import _anyres_layout
 
-    side, grid, n_fixed = 3, (2, 2), 1
+    side, grid = 3, (2, 2)
     gen = torch.Generator().manual_seed(0)
-    crops, dominant = [torch.full((5, 1), -1.0)], [torch.arange(4)]  # the base crop, kept as it is
+    crops, dominant = [torch.full((4 + n_fixed, 1), -1.0)], [torch.arange(3 + n_fixed)]  # the base crop, as it is
     canvas = torch.full((grid[0] * side, grid[1] * side), float("nan"))
     for c in range(4):
         patches = torch.randperm(side * side, generator=gen)[:3].sort().values
-        dominant.append(torch.cat([torch.zeros(1, dtype=torch.long), patches + 1]))
+        dominant.append(torch.cat([torch.zeros(n_fixed, dtype=torch.long), patches + n_fixed]))
         values = 100 * (c + 1) + patches.float()  # a patch's value names it
-        crops.append(torch.cat([torch.tensor([[-(c + 2.0)]]), values[:, None], torch.tensor([[1000.0 + c]])]))
+        cls = torch.tensor([[-(c + 2.0)]])[:n_fixed]
+        crops.append(torch.cat([cls, values[:, None], torch.tensor([[1000.0 + c]])]))
         r, col = c // grid[1], c % grid[1]
         block = torch.full((side * side,), float("nan"))
         block[patches] = values  # the crop's 3 x 3 patches, then pasted into its place on the canvas
         canvas[r * side : (r + 1) * side, col * side : (col + 1) * side] = block.view(side, side)
     out = _anyres_layout(torch.stack(crops), dominant, grid, side * side, n_fixed)[:, 0]  # (crops, tokens, width)
     raster = canvas.flatten()[~canvas.flatten().isnan()]
-    expected = torch.cat(
-        [crops[0][:, 0], raster, torch.tensor([-2.0, -3, -4, -5]), torch.tensor([1000.0, 1001, 1002, 1003])]
-    )
+    fixed = torch.tensor([-2.0, -3, -4, -5])[: 4 * n_fixed]
+    expected = torch.cat([crops[0][:, 0], raster, fixed, torch.tensor([1000.0, 1001, 1002, 1003])])
     assert torch.equal(out, expected)
 
 

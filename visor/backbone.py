@@ -291,15 +291,19 @@ class Backbone:
 
     def tower_digest(self, *more) -> str:
         """A digest of what the vision tower's output follows from: its weights, the feature layer and
-        selection strategy, the image processor (and ``more``, JSON-serialisable)."""
+        selection strategy, the crops (family, AnyRes grids, tower input size), the image processor, the
+        device and dtype (and ``more``, JSON-serialisable)."""
         import hashlib
 
         digest = hashlib.sha256()
         for name, tensor in self.hf.model.vision_tower.state_dict().items():
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-        layer = [self.config.vision_feature_layer, self.config.vision_feature_select_strategy]
-        digest.update(json.dumps([layer, self.image_processor.to_json_string(), *more]).encode())
+        config = self.config
+        layer = [config.vision_feature_layer, config.vision_feature_select_strategy]
+        crops = [config.model_type, getattr(config, "image_grid_pinpoints", None), config.vision_config.image_size]
+        where = [str(self.device), str(self.hf.lm_head.weight.dtype)]
+        digest.update(json.dumps([layer, crops, where, self.image_processor.to_json_string(), *more]).encode())
         return digest.hexdigest()
 
     def expand(self, ids: list[int], visual: Visual, labels=None) -> Sample:
@@ -354,30 +358,38 @@ class Backbone:
     def encode_batch(self, prompts: list[str], images: list[list], visionzip=None, towered=None) -> list[Sample]:
         """``encode`` for several prompts (one list of images each): the vision path runs on up to
         ``IMAGES_PER_PASS`` images at once (a sample's images together). ``towered``: each prompt's
-        tower output, kept from ``tower_batch`` with the same ``visionzip`` (the tower does not run)."""
+        tower output, kept from ``tower_batch`` with the same ``visionzip`` (the tower does not run and
+        the images are not read)."""
         if len(prompts) != len(images):
             raise InputError(f"{len(prompts)} prompt(s) but {len(images)} image entries")
+        if towered is not None and len(towered) != len(prompts):
+            raise InputError(f"{len(prompts)} prompt(s) but {len(towered)} kept tower outputs")
         for i, p in enumerate(prompts):
             if not isinstance(p, str) or not p.strip():
                 raise InputError("the prompt is empty" + (f" (prompt {i + 1} of {len(prompts)})" if i else ""))
-        loaded = [[load_image(im) for im in ims] for ims in images]
-        visual, group = [], []
-
-        def run(members: list[int]) -> list[Visual]:  # one pass of the vision path
+        loaded = images if towered is not None else [[load_image(im) for im in ims] for ims in images]
+        visual = []
+        for members in passes(loaded):
             kept = None if towered is None else [towered[i] for i in members]
-            return self.image_features_batch([loaded[i] for i in members], visionzip, kept)
-
-        for i, ims in enumerate(loaded):
-            if group and sum(len(loaded[j]) for j in group) + len(ims) > IMAGES_PER_PASS:
-                visual += run(group)
-                group = []
-            group.append(i)
-        visual += run(group)
+            visual += self.image_features_batch([loaded[i] for i in members], visionzip, kept)
         ids = [self.tokenizer(self.prompt_text(p, len(ims)))["input_ids"] for p, ims in zip(prompts, loaded)]
         samples = [self.expand(i, v) for i, v in zip(ids, visual)]
         for s in samples:
             s.visionzip = visionzip
         return samples
+
+
+def passes(images: list[list]) -> list[list[int]]:
+    """The entries (indices) each pass of the vision path takes: up to ``IMAGES_PER_PASS`` images, an
+    entry's images together."""
+    groups, count = [], 0
+    for i, ims in enumerate(images):
+        if not groups or count + len(ims) > IMAGES_PER_PASS:
+            groups.append([])
+            count = 0
+        groups[-1].append(i)
+        count += len(ims)
+    return groups
 
 
 # ---- each family's vision path: its image processor and tower, as its own processor and model run them ----

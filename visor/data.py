@@ -314,7 +314,7 @@ class TrainSet(torch.utils.data.Dataset):
     """``RecordIndex`` records parsed, tokenized and their images loaded when asked for (in
     ``DataLoader`` workers): ``Example`` or, for an unusable record, ``Bad``."""
 
-    MEMO = 1024  # conversations whose tokens are remembered (templated data asks the same questions)
+    MEMO = 1024  # the last distinct conversations whose tokens are kept (small or templated sets repeat them)
 
     def __init__(self, index: RecordIndex, images_dir: str | Path, backbone: Backbone):
         self.index, self.images_dir, self.backbone = index, Path(images_dir), backbone

@@ -465,13 +465,12 @@ def compare_all(path: Path, data: Path, models: dict, groups: list) -> dict:
     from .api import load
     from .evaluate import evaluate, pareto_plot
 
-    results, towers = [], {}  # every weights' tower is the base's (frozen): each test image through it once
+    results, towers = [], {}  # every weights' tower is the base's (frozen): each image through it once (+ VisionZip's)
     for weights, settings in groups:
         model, encoded = load(models[weights]), {}  # each test prompt encoded once per weights (and VisionZip knob)
         for s in tqdm(settings, desc=f"compare on {weights}"):
             setting = s.for_model(model)
-            kept = dict(encoded=encoded, towers=towers)
-            r = evaluate(model, data / "test.jsonl", data, setting, batch_size=32, max_new_tokens=4, **kept)
+            r = evaluate(model, data / "test.jsonl", data, setting, 32, 4, encoded=encoded, towers=towers)
             r.pop("rows")
             note = WEIGHTS_NOTE[weights]
             r |= {"weights": weights, "setting": r["setting"] + note, "method": r["method"] + note}

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import checks
-from .backbone import TOWERED, load_image
+from .backbone import TOWERED, load_image, passes
 from .data import read_records
 from .errors import ConfigError
 from .outputs import atomic_write, claim
@@ -208,10 +208,10 @@ def _encoded(model, records, reduction, kept: dict, tower: dict | None = None) -
         towered = None
         if tower is not None:
             new = list({tuple(r.images): r.images for r in missing if tuple(r.images) not in tower}.values())
-            if new:
+            for members in passes(new):  # as many images a pass as encoding takes
+                loaded = [[load_image(p) for p in new[i]] for i in members]
                 with torch.no_grad():
-                    loaded = [[load_image(p) for p in images] for images in new]
-                    tower.update(zip(map(tuple, new), model.backbone.tower_batch(loaded, zip_)))
+                    tower.update(zip((tuple(new[i]) for i in members), model.backbone.tower_batch(loaded, zip_)))
             towered = [tower[tuple(r.images)] for r in missing]
         samples = model.encode([r.question for r in missing], [r.images for r in missing], reduction, towered)
         kept.update({key(r): s for r, s in zip(missing, samples)})

@@ -233,6 +233,7 @@ class Trainee(nn.Module):
         return losses.sum(), work
 
     def prefill_flops(self, budget, n_visual: int, n_text: int, sample) -> int:
+        """One sample's forward FLOPs (visor.flops), counted once per sample shape."""
         from .flops import count_flops
 
         shape = (budget, n_visual, n_text, sample.n_crops, str(sample.grids))
@@ -588,7 +589,7 @@ def train(cfg: TrainConfig, kept_towers: dict | None = None) -> Path:
     if cfg.cache_vision:
         visionzip = reduction.visionzip if reduction is not None else None
         cache = TowerCache(model.backbone, data.index.files, images_dir(cfg), visionzip, kept_towers)
-        data.kept_towers = cache.kept  # their images are not read (workers fork: they see those kept by then)
+        data.kept_towers = cache.kept  # their images are not read (--workers: those kept when the workers fork)
     bar = log.progress(total_steps, start)
     began, samples_done, tokens_done, totals = time.perf_counter(), 0, 0, [0.0, 0.0, 0.0]
     peak = peak_flops(device)
