@@ -16,7 +16,7 @@ from .generate import GenerationConfig, Runner, collate, generate
 from .model import VisorLM
 from .outputs import claim
 from .policy import Policy
-from .reduce import Reduction
+from .reduce import Reduction, visionzip_of
 from .schedule import Budget, Schedule
 
 
@@ -57,7 +57,7 @@ class VisorModel:
         """Prompts with their images, encoded for ``generate_encoded`` (``towered``: see ``Backbone.encode_batch``)."""
         if reduction is not None:
             reduction.check(self.config)  # before any work: a reduction this family does not define
-        return self.backbone.encode_batch(prompts, images, reduction.visionzip if reduction else None, towered)
+        return self.backbone.encode_batch(prompts, images, visionzip_of(reduction), towered)
 
     def generate(
         self,
@@ -119,7 +119,7 @@ class VisorModel:
         budget = self.parse_budget(budget, reduction)
         if reduction is not None:
             reduction.check(self.config)
-        visionzip = reduction.visionzip if reduction else None
+        visionzip = visionzip_of(reduction)
         wrong = [s.visionzip for s in samples if s.visionzip != visionzip]
         if wrong:
             raise ConfigError(

@@ -29,7 +29,7 @@ from .data import read_records
 from .errors import ConfigError
 from .outputs import atomic_write, claim
 from .policy import normalise
-from .reduce import Reduction, reduces
+from .reduce import Reduction, reduces, visionzip_of
 
 METHODS = ("visor", "base", "fastv", "pdrop", "visionzip")
 
@@ -154,8 +154,8 @@ def evaluate(
     budget = "full" if setting.method == "base" else setting.budget
     tower = None  # this model's kept tower outputs (VisionZip's, for a VisionZip setting), where shared
     if towers is not None and model.config.model_type in TOWERED:
-        zipped = setting.reduction is not None and setting.reduction.visionzip is not None
-        zipped = zipped and reduces(model.config, *setting.reduction.visionzip)  # the tower part: whatever the knob
+        zip_ = visionzip_of(setting.reduction)
+        zipped = zip_ is not None and reduces(model.config, *zip_)  # the tower part: whatever the knob
         tower = towers.setdefault(model.backbone.tower_digest(zipped), {})
     for start in tqdm(range(0, len(records), batch_size), desc=setting.label, disable=not progress, leave=False):
         chunk = records[start : start + batch_size]
@@ -201,7 +201,7 @@ def evaluate(
 def _encoded(model, records, reduction, kept: dict, tower: dict | None = None) -> list:
     """The records' encoded prompts, from ``kept`` where there, else encoded now and kept (``tower``: the
     model's tower outputs, kept by image paths: where there the tower does not run, else kept too)."""
-    zip_ = reduction.visionzip if reduction is not None else None
+    zip_ = visionzip_of(reduction)
     key = lambda r: (r.question, tuple(r.images), zip_)  # noqa: E731 - what the encoding follows from
     missing = [r for r in records if key(r) not in kept]
     if missing:

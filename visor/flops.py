@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from . import checks
 from .model import LMConfig
+from .reduce import visionzip_of
 from .schedule import Budget, Schedule
 
 
@@ -151,7 +152,7 @@ def count_flops(
     budget = schedule.parse_budget(budget)
     lm = LMCost(cfg)
     vision = hf_config.vision_config
-    zip_ = reduction.visionzip if reduction is not None else None
+    zip_ = visionzip_of(reduction)
     if reduction is not None:
         reduction.check(hf_config)  # a reduction the family does not define is refused, not counted
     if vision.model_type in DYNAMIC:

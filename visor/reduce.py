@@ -127,6 +127,11 @@ class Reduction:
         return "none"
 
 
+def visionzip_of(reduction: Reduction | None) -> tuple[int, int] | None:
+    """A reduction's VisionZip setting (dominant, contextual): None without one, or for another method."""
+    return reduction.visionzip if reduction is not None else None
+
+
 # ---- FastV / PyramidDrop: hooks of the language model's forward (``VisorLM.run``) -----------------
 
 

@@ -40,6 +40,7 @@ from .data import Bad, Example, RecordIndex, TrainSet
 from .errors import ConfigError, InputError, OutputError
 from .generate import collate
 from .outputs import atomic_write, claim, drop_aside, remove_stale, set_aside, writing
+from .reduce import visionzip_of
 from .schedule import Schedule
 
 
@@ -253,7 +254,7 @@ def answer_token_losses(
     index of the sample each belongs to. Gradients flow wherever parameters require them.
     ``reduction``: a visor.reduce.Reduction applied as at inference (VisionZip to the images' tokens,
     FastV / PyramidDrop drops between layers). ``towered``: the images' tower outputs, where kept."""
-    visionzip = reduction.visionzip if reduction is not None else None
+    visionzip = visionzip_of(reduction)
     images = [images for _, _, images in batch]
     encoded = backbone.image_features_batch(images, visionzip, towered)  # one pass of the tower, if it runs
     samples = [backbone.expand(ids, visual, labels) for (ids, labels, _), visual in zip(batch, encoded)]
@@ -587,7 +588,7 @@ def train(cfg: TrainConfig, kept_towers: dict | None = None) -> Path:
     trainee.train()
     cache = None
     if cfg.cache_vision:
-        visionzip = reduction.visionzip if reduction is not None else None
+        visionzip = visionzip_of(reduction)
         cache = TowerCache(model.backbone, data.index.files, images_dir(cfg), visionzip, kept_towers)
         data.kept_towers = cache.kept  # their images are not read (--workers: those kept when the workers fork)
     bar = log.progress(total_steps, start)
