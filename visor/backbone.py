@@ -283,7 +283,7 @@ class Backbone:
         with_images = [images for images in samples if images]
         if not with_images:
             return [None] * len(samples)
-        if visionzip is not None and reduces(self.config, *visionzip):
+        if reduces(self.config, visionzip):
             towered = iter(visionzip_tower(self, with_images))
         else:
             towered = iter(_tower(self, with_images, self.hf.lm_head.weight.dtype))

@@ -154,8 +154,7 @@ def evaluate(
     budget = "full" if setting.method == "base" else setting.budget
     tower = None  # this model's kept tower outputs (VisionZip's, for a VisionZip setting), where shared
     if towers is not None and model.config.model_type in TOWERED:
-        zip_ = visionzip_of(setting.reduction)
-        zipped = zip_ is not None and reduces(model.config, *zip_)  # the tower part: whatever the knob
+        zipped = reduces(model.config, visionzip_of(setting.reduction))  # VisionZip's tower part: whatever the knob
         tower = towers.setdefault(model.backbone.tower_digest(zipped), {})
     for start in tqdm(range(0, len(records), batch_size), desc=setting.label, disable=not progress, leave=False):
         chunk = records[start : start + batch_size]

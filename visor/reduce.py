@@ -240,9 +240,12 @@ def visionzip_select(tokens, scores, keys, dominant: int, contextual: int, n_fix
     return torch.cat([rows(tokens, dom), rows(tokens, targets) + means], 1), dom
 
 
-def reduces(config, dominant: int, contextual: int) -> bool:
-    """Whether VisionZip keeping ``dominant`` + ``contextual`` tokens reduces this model's crops."""
-    return dominant + contextual < (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+def reduces(config, visionzip: tuple[int, int] | None) -> bool:
+    """Whether a VisionZip setting (dominant, contextual) reduces this model's crops (None: no VisionZip);
+    where it does not, the plain vision path runs."""
+    if visionzip is None:
+        return False
+    return sum(visionzip) < (config.vision_config.image_size // config.vision_config.patch_size) ** 2
 
 
 def visionzip_tower(backbone, samples: list[list]) -> list:
@@ -296,7 +299,7 @@ def visionzip_features(backbone, samples: list[list], dominant: int, contextual:
 
     hf, config = backbone.hf, backbone.config
     Reduction("visionzip", dominant=dominant, contextual=contextual).check(config)
-    if not any(samples) or not reduces(config, dominant, contextual):
+    if not any(samples) or not reduces(config, (dominant, contextual)):
         return backbone.image_features_batch(samples, towered=towered)  # no image, or nothing to reduce: the plain path
     present = [images for images in samples if images]
     towered = visionzip_tower(backbone, present) if towered is None else [t for t in towered if t is not None]
