@@ -305,7 +305,7 @@ def test_kept_tower_outputs_give_what_the_whole_vision_path_gives(base_model, im
             bb.tower_batch(lists)
         return
     with torch.no_grad():
-        kept = [bb.tower_batch([own], visionzip)[0] for own in lists]
+        kept = [bb.tower_batch([own], visionzip is not None)[0] for own in lists]  # scored: VisionZip's part
         assert kept[1] is None and [sum(t.patches) for t in kept if t] == [t.tokens.shape[0] for t in kept if t]
         assert all((t.scores is not None) == (visionzip is not None) for t in kept if t)
         whole, through = bb.image_features_batch(lists, visionzip), bb.image_features_batch(lists, visionzip, kept)

@@ -515,9 +515,9 @@ def test_bfloat16_training_with_float32_master_weights(checkpoints, dataset, tmp
     assert moments and {m.properties.dtype for m in moments} == {torch.float32}
 
 
-def crops_through_the_tower(cfg: TrainConfig, kept_towers=None, reads: list | None = None) -> int:
-    """Train; the number of crops the vision tower encoded (a hook on the model the run loads).
-    ``reads``: each record whose images the run read is appended to it."""
+def crops_through_the_tower(cfg: TrainConfig, kept_towers=None, reads: list | None = None, **kw) -> int:
+    """Train (``kw``: to ``train``); the number of crops the vision tower encoded (a hook on the model the
+    run loads). ``reads``: each record whose images the run read is appended to it."""
     from visor.data import Record
 
     model, seen, load_images = visor.load(cfg.model), [], Record.load_images
@@ -527,7 +527,7 @@ def crops_through_the_tower(cfg: TrainConfig, kept_towers=None, reads: list | No
         mp.setattr(
             Record, "load_images", lambda self: (reads if reads is not None else []).append(self) or load_images(self)
         )
-        train(cfg, kept_towers)
+        train(cfg, kept_towers, **kw)
     hook.remove()
     return sum(seen)
 
@@ -562,6 +562,38 @@ def test_kept_tower_outputs_train_as_the_tower_does(checkpoints, dataset, tmp_pa
         a, b = load_file(kept / "final" / name), load_file(plain / "final" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "kept the vision tower's output of 16 records" in (kept / "train.log").read_text()
+
+
+@pytest.mark.parametrize("arch", ["llava-onevision", "llava"])
+def test_a_plain_run_keeps_visionzip_scores_for_a_later_visionzip_run(checkpoints, dataset, tmp_path, arch):
+    """keep_visionzip_scores (the demo's base): a plain run keeps VisionZip's scores and keys with each
+    tower output where one output serves both (LLaVA-OneVision here: its last layer, every token); a later
+    VisionZip run in the process then runs no tower, reads no image but the stand-in batch's, and trains
+    exactly as one that runs its own. Kept without them, the VisionZip run encodes every record again.
+    LLaVA's plain tokens (one layer before the last, no CLS) are not VisionZip's: its VisionZip run encodes
+    its own either way."""
+    model = str(checkpoints[arch])
+    plain = dict(model=model, steps=12, stage=2, freeze_vision=True, cache_vision=True)
+    zipped = dict(model=model, steps=12, stage=2, budgets="full", projector_only=True, reduction=ZIP, cache_vision=True)
+    run = lambda name, kw, shared=None, reads=None, **more: crops_through_the_tower(  # noqa: E731
+        config(checkpoints, dataset, tmp_path / name, **kw), shared, reads, **more
+    )
+    alone = run("alone", zipped)  # VisionZip encoding its own
+    met, reads = {}, {}
+    for keep in (True, False):
+        shared, reads[keep] = {}, []
+        assert run(f"plain-{keep}", plain, shared, keep_visionzip_scores=keep) == alone > 0
+        assert run(f"again-{keep}", plain, shared) == 0  # scored or not, they serve a later plain run
+        met[keep] = run(f"zip-{keep}", zipped, shared, reads[keep])
+    if arch == "llava":
+        assert met == {True: alone, False: alone}
+        return
+    assert met == {True: 0, False: alone}
+    assert [len(reads[k]) for k in (True, False)] == [1, 16 + 1]  # and the stand-in batch's record, at the start
+    for name in ("zip-True", "zip-False"):
+        assert losses(tmp_path / name) == losses(tmp_path / "alone")
+        a, b = (load_file(tmp_path / r / "final" / "model.safetensors") for r in (name, "alone"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize(

@@ -269,21 +269,22 @@ class Backbone:
             visual.append(Visual([next(features) for _ in images], next(crops), own_grids, own_deepstack))
         return visual
 
-    def tower_batch(self, samples: list[list[Image.Image]], visionzip=None) -> list[Towered | None]:
+    def tower_batch(self, samples: list[list[Image.Image]], scored: bool = False) -> list[Towered | None]:
         """What the vision tower makes of each sample's images, before the projector (None: no images),
-        for ``image_features_batch`` with the same ``visionzip``; LLaVA and LLaVA-OneVision, whose tower
-        and projector are separate modules."""
+        for ``image_features_batch``; ``scored``: with VisionZip's scores and keys in its layer, what that
+        reads with a VisionZip setting that reduces (``visor.reduce.visionzip_tower``). LLaVA and
+        LLaVA-OneVision, whose tower and projector are separate modules."""
         if self.config.model_type not in TOWERED:
             raise ConfigError(
                 f"{self.config.model_type}: its vision tower and projector are one module here; "
                 f"only {', '.join(TOWERED)} can keep the tower's output"
             )
-        from .reduce import reduces, visionzip_tower
+        from .reduce import visionzip_tower
 
         with_images = [images for images in samples if images]
         if not with_images:
             return [None] * len(samples)
-        if reduces(self.config, visionzip):
+        if scored:
             towered = iter(visionzip_tower(self, with_images))
         else:
             towered = iter(_tower(self, with_images, self.hf.lm_head.weight.dtype))
@@ -358,8 +359,8 @@ class Backbone:
     def encode_batch(self, prompts: list[str], images: list[list], visionzip=None, towered=None) -> list[Sample]:
         """``encode`` for several prompts (one list of images each): the vision path runs on up to
         ``IMAGES_PER_PASS`` images at once (a sample's images together). ``towered``: each prompt's
-        tower output, kept from ``tower_batch`` with the same ``visionzip`` (the tower does not run and
-        the images are not read)."""
+        tower output, kept from ``tower_batch`` (scored for a VisionZip setting that reduces; the tower
+        does not run and the images are not read)."""
         if len(prompts) != len(images):
             raise InputError(f"{len(prompts)} prompt(s) but {len(images)} image entries")
         if towered is not None and len(towered) != len(prompts):
@@ -407,7 +408,8 @@ class Encoded:
 
 class Towered(NamedTuple):
     """What the vision tower made of one sample's images, before the projector (LLaVA, LLaVA-OneVision):
-    the part of the vision path a training run with a fixed tower may keep per record (``cache_vision``)."""
+    the part of the vision path a training run with a fixed tower may keep per record (``cache_vision``).
+    Scored (VisionZip's tower part) it serves the plain path as well where ``visionzip_serves_plain``."""
 
     tokens: torch.Tensor  # (C, N, D) every crop's feature layer(s), as the model selects them (VisionZip: its layer)
     patches: list[int]  # crops per image

@@ -311,7 +311,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
                     seed=cfg.seed,
                     **kw,
                 ),
-                kept_towers,  # the tower is fixed from the vision stage on: its outputs serve every stage
+                kept_towers,  # the tower is fixed from the vision stage on: its outputs serve every stage,
+                keep_visionzip_scores=True,  # VisionZip's fine-tuning too
             )
             rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
             return {"final": str(final), "last_loss": round(sum(r["loss"] for r in rows[-10:]) / len(rows[-10:]), 4)}

@@ -207,10 +207,11 @@ def _encoded(model, records, reduction, kept: dict, tower: dict | None = None) -
         towered = None
         if tower is not None:
             new = list({tuple(r.images): r.images for r in missing if tuple(r.images) not in tower}.values())
+            scored = reduces(model.config, zip_)  # VisionZip reads its scores and keys
             for members in passes(new):  # as many images a pass as encoding takes
                 loaded = [[load_image(p) for p in new[i]] for i in members]
                 with torch.no_grad():
-                    tower.update(zip((tuple(new[i]) for i in members), model.backbone.tower_batch(loaded, zip_)))
+                    tower.update(zip((tuple(new[i]) for i in members), model.backbone.tower_batch(loaded, scored)))
             towered = [tower[tuple(r.images)] for r in missing]
         samples = model.encode([r.question for r in missing], [r.images for r in missing], reduction, towered)
         kept.update({key(r): s for r, s in zip(missing, samples)})

@@ -248,6 +248,12 @@ def reduces(config, visionzip: tuple[int, int] | None) -> bool:
     return sum(visionzip) < (config.vision_config.image_size // config.vision_config.patch_size) ** 2
 
 
+def visionzip_serves_plain(config) -> bool:
+    """Whether VisionZip's tower part (``visionzip_tower``) gives the plain path's tokens too, so that
+    one scored tower output serves both: one feature layer, every token of it selected."""
+    return isinstance(config.vision_feature_layer, int) and config.vision_feature_select_strategy == "full"
+
+
 def visionzip_tower(backbone, samples: list[list]) -> list:
     """VisionZip's part in the vision tower, for samples with images (one ``visor.backbone.Towered``
     each): every crop's tokens in the feature layer, with their scores and keys there.
@@ -285,7 +291,7 @@ def _has_cls(config) -> bool:
 def visionzip_features(backbone, samples: list[list], dominant: int, contextual: int, towered=None) -> list:
     """VisionZip-reduced projector outputs of several samples' images (one ``visor.backbone.Visual``
     per sample: its images' tokens and the number of crops encoded); the tower runs once for all
-    (``towered``: its outputs, kept from ``Backbone.tower_batch``; then it does not run).
+    (``towered``: its outputs, kept from ``Backbone.tower_batch`` scored; then it does not run).
 
     Per crop, ``visionzip_select`` on ``visionzip_tower``'s tokens, scores and keys (CLIP keeps its
     CLS token among the dominant ones, as the official code does). The reduced crops are laid out as
@@ -303,6 +309,8 @@ def visionzip_features(backbone, samples: list[list], dominant: int, contextual:
         return backbone.image_features_batch(samples, towered=towered)  # no image, or nothing to reduce: the plain path
     present = [images for images in samples if images]
     towered = visionzip_tower(backbone, present) if towered is None else [t for t in towered if t is not None]
+    if any(t.scores is None for t in towered):
+        raise ConfigError("VisionZip: the kept tower outputs lack its scores and keys (keep them scored)")
     fixed = int(_has_cls(config))
     feats, scores, keys = (torch.cat(parts) for parts in zip(*[(t.tokens, t.scores, t.keys) for t in towered]))
     reduced, kept_indices = visionzip_select(feats, scores, keys, dominant, contextual, fixed)

@@ -40,7 +40,7 @@ from .data import Bad, Example, RecordIndex, TrainSet
 from .errors import ConfigError, InputError, OutputError
 from .generate import collate
 from .outputs import atomic_write, claim, drop_aside, remove_stale, set_aside, writing
-from .reduce import visionzip_of
+from .reduce import reduces, visionzip_of, visionzip_serves_plain
 from .schedule import Schedule
 
 
@@ -280,22 +280,35 @@ class TowerCache:
 
     ``shared``: a dict the caller holds across runs in one process (``train(..., kept_towers=)``);
     the outputs are kept there under what they follow from (``tower_key``), so a later run with the
-    same tower, feature layer, image processor, VisionZip setting, data files and images meets them
-    kept. The tower runs in eval mode here (a fixed tower: no dropout mask kept for good)."""
+    same tower, feature layer, image processor, data files and images, and VisionZip or not, meets them
+    kept. Where one output serves both (``visionzip_serves_plain``), plain and VisionZip runs keep theirs
+    in one dict: a VisionZip run encodes again a record kept without its scores and keys, and a plain run
+    asked to (``scored``) keeps those too, so that a later VisionZip run meets them. ``in``: whether a
+    record's output is kept as this run reads it. The tower runs in eval mode here (a fixed tower: no
+    dropout mask kept for good)."""
 
-    def __init__(self, backbone, data: list[Path], images: Path, visionzip=None, shared: dict | None = None):
-        self.backbone, self.visionzip = backbone, visionzip
-        key = tower_key(backbone, data, images, visionzip)
+    def __init__(self, backbone, data: list[Path], images: Path, visionzip=None, shared=None, scored=False):
+        config = backbone.config
+        self.backbone = backbone
+        serves = visionzip_serves_plain(config)
+        self.scored = reduces(config, visionzip) or (scored and serves)
+        key = tower_key(backbone, data, images, "visionzip" if self.scored and not serves else "plain")
         self.kept = {} if shared is None else shared.setdefault(key, {})
 
+    def __contains__(self, source: str) -> bool:
+        """Whether the record's output is kept as this run reads it (scored, where it must be)."""
+        if source not in self.kept:
+            return False
+        return not self.scored or self.kept[source] is None or self.kept[source].scores is not None
+
     def __call__(self, examples: list[Example]) -> list:
-        missing = {x.source: x.images for x in examples if x.source not in self.kept}
+        missing = {x.source: x.images for x in examples if x.source not in self}
         if missing:
             tower = self.backbone.hf.model.vision_tower
             mode = tower.training
             tower.eval()
             with torch.no_grad():
-                self.kept.update(zip(missing, self.backbone.tower_batch(list(missing.values()), self.visionzip)))
+                self.kept.update(zip(missing, self.backbone.tower_batch(list(missing.values()), self.scored)))
             tower.train(mode)
         return [self.kept[x.source] for x in examples]
 
@@ -304,11 +317,12 @@ class TowerCache:
         return sum(x.nbytes for x in kept) / 2**20
 
 
-def tower_key(backbone, data: list[Path], images: Path, visionzip) -> str:
-    """What a record's tower output follows from: the tower (``Backbone.tower_digest``), the VisionZip
-    setting, the data files (path, size and time of the last change of each) and the images directory."""
+def tower_key(backbone, data: list[Path], images: Path, path: str) -> str:
+    """What a record's tower output follows from: the tower (``Backbone.tower_digest``), the vision path
+    that reads it ("plain", or "visionzip" where VisionZip's tokens are not the plain path's), the data
+    files (path, size and time of the last change of each) and the images directory."""
     files = [(os.path.abspath(f), f.stat().st_size, f.stat().st_mtime_ns) for f in data]
-    return backbone.tower_digest(visionzip, files, os.path.abspath(images))
+    return backbone.tower_digest(path, files, os.path.abspath(images))
 
 
 def set_trainable(model: VisorModel, cfg: TrainConfig) -> list[tuple[str, nn.Parameter]]:
@@ -506,9 +520,11 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return world, rank, device
 
 
-def train(cfg: TrainConfig, kept_towers: dict | None = None) -> Path:
+def train(cfg: TrainConfig, kept_towers: dict | None = None, keep_visionzip_scores: bool = False) -> Path:
     """Run (or resume) one training stage; return the path of the final VISOR checkpoint.
-    ``kept_towers``: with ``cache_vision``, where tower outputs are kept across runs (``TowerCache``)."""
+    ``kept_towers``: with ``cache_vision``, where tower outputs are kept across runs (``TowerCache``);
+    ``keep_visionzip_scores``: a run without VisionZip keeps its scores and keys there too, for a later
+    VisionZip run (where one output serves both: ``visor.reduce.visionzip_serves_plain``)."""
     cfg.check()
     world, rank, device = setup_distributed(cfg)
     out = claim_run(cfg, world)
@@ -588,9 +604,9 @@ def train(cfg: TrainConfig, kept_towers: dict | None = None) -> Path:
     trainee.train()
     cache = None
     if cfg.cache_vision:
-        visionzip = visionzip_of(reduction)
-        cache = TowerCache(model.backbone, data.index.files, images_dir(cfg), visionzip, kept_towers)
-        data.kept_towers = cache.kept  # their images are not read (--workers: those kept when the workers fork)
+        files, images = data.index.files, images_dir(cfg)
+        cache = TowerCache(model.backbone, files, images, visionzip_of(reduction), kept_towers, keep_visionzip_scores)
+        data.kept_towers = cache  # records kept as this run reads them: images not read (--workers: as at the fork)
     bar = log.progress(total_steps, start)
     began, samples_done, tokens_done, totals = time.perf_counter(), 0, 0, [0.0, 0.0, 0.0]
     peak = peak_flops(device)
