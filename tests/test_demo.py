@@ -107,6 +107,13 @@ def test_targets_are_read_off_the_numbers():
     #        base  gap0  budget 2  auto  FastV  PDrop  VisionZip
     assert met == [True, True, True, True, True, True, False]
     assert "budget 2" in check_targets(results)[2][0]
+    results.append(_row("pdrop", "full", 0.44, 70, 60, 90))  # equally trained (base+ft): closer to VISOR on hard
+    pdrop = check_targets(results)[5]
+    assert pdrop[1] and pdrop[2].startswith("pdrop: hard 70.0 (30.0 points behind)")
+    assert "pdrop (trained): hard 60.0 (40.0 points behind), reasoning 34.0 points behind" in pdrop[2]
+    results.append(_row("pdrop", "full", 0.43, 91, 60, 90, "pdrop+ft"))  # one within 10 points: missed
+    assert not check_targets(results)[5][1]
+    del results[-2:]
 
     results[0] = _row("base", "full", 1.0, 100, 86, 99)  # budget 0 only 6 points below on reasoning
     results[4] = _row("visor", "auto", 0.40, 99.5, 94, 99, "visor")  # 0.89x budget 2's FLOPs: not cheap enough

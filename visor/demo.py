@@ -533,12 +533,14 @@ def check_targets(results: list[dict]) -> list[tuple[str, bool, str]]:
         if not near:
             checks.append((statement, False, "no setting within ±10% FLOPs"))
             continue
-        top = max(near, key=lambda r: _acc(r, "hard"))
-        gap = _acc(best, "hard") - _acc(top, "hard")
-        numbers = f"{top['setting']}: hard {_acc(top, 'hard'):.1f} ({gap:.1f} points behind)"
-        if "reasoning" in names:
-            numbers += f"; reasoning {_acc(best, 'reasoning') - _acc(top, 'reasoning'):.1f} points behind"
-        checks.append((statement, gap >= 10, numbers))
+        near.sort(key=lambda r: -_acc(r, "hard"))  # the closest to VISOR decides; the others are listed after it
+        numbers = []
+        for r in near:
+            gap = _acc(best, "hard") - _acc(r, "hard")
+            numbers.append(f"{r['setting']}: hard {_acc(r, 'hard'):.1f} ({gap:.1f} points behind)")
+            if "reasoning" in names:
+                numbers[-1] += f", reasoning {_acc(best, 'reasoning') - _acc(r, 'reasoning'):.1f} points behind"
+        checks.append((statement, _acc(best, "hard") - _acc(near[0], "hard") >= 10, "; ".join(numbers)))
     return checks
 
 
