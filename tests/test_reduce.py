@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import set_visor_weights
 from torch.utils.flop_counter import FlopCounterMode
 
 import visor
-from visor.backbone import MROPE
+from visor.backbone import MROPE, load_image
 from visor.generate import collate
 from visor.reduce import Reduction, visionzip_select
 
@@ -267,6 +268,47 @@ def test_visionzip_token_counts(base_model, images):
     assert sample.visual.shape[0] == sample.n_crops * 8 + (newline if sample.n_crops == 1 else 0)
     two = base_model.encode([PROMPT], [[images[0], images[2]]], zip_)[0]
     assert two.visual.shape[0] == 2 * (8 + newline)  # several images: one crop each
+
+
+@pytest.mark.parametrize(
+    "reduction", [Reduction("fastv", layer=2, keep=0.25), Reduction("pdrop", stages=[2, 3, 5], ratio=0.5)]
+)
+def test_training_ranks_with_the_token_before_the_answer(eager_base, images, reduction):
+    """Training with a token drop (``answer_token_losses``) ranks the visual tokens with the attention of
+    the token before the answer, as PyramidDrop's training code does — where the prompt ends at inference,
+    not the sample's last token, which has read the answer. Taught the model's own greedy answer, its
+    losses are the cross-entropies of inference's decode steps (prefill, drops, cached decode); for
+    PyramidDrop also the port of the official rule's, run over the conversation with that query. Ranked by
+    the last token instead, the official rule keeps other tokens here: the test tells the two apart."""
+    from conftest import greedy
+
+    from visor.train import answer_token_losses
+
+    if refuses(eager_base, reduction, [images[3]]) or eager_base.backbone.config.model_type in MROPE:
+        return  # (FastV on Qwen-VL: the positions of a generated answer are the decoder's, not expand's)
+    bb, n_new = eager_base.backbone, 4
+    drops = reduction.drops(eager_base.lm.cfg.n_layers)
+    _, sample, _, _ = prefill_logits(eager_base, [images[3]], reduction=reduction)
+    with torch.no_grad():
+        tokens, steps = greedy(eager_base, [sample], n_new, "full", drops=drops)
+        answer = tokens[0].tolist()
+        ids = bb.tokenizer(bb.prompt_text(PROMPT, 1))["input_ids"] + answer  # one placeholder for the image
+        labels = [False] * (len(ids) - n_new) + [True] * n_new
+        losses, _, (trained,) = answer_token_losses(bb, eager_base.lm, [(ids, labels, [load_image(images[3])])],
+                                                    "full", reduction)  # fmt: skip
+    assert trained.ids == sample.ids + answer
+    expected = F.cross_entropy(steps[0], tokens[0], reduction="none")
+    assert (losses - expected).abs().max() <= 1e-4
+    if reduction.method != "pdrop":
+        return
+    query = len(sample.ids) - 1  # the token before the answer
+    with torch.no_grad():
+        logits, kept = official_pyramid_drop(eager_base, trained.ids, trained.visual, query, [2, 3, 5], 0.5)
+        _, kept_by_last = official_pyramid_drop(eager_base, trained.ids, trained.visual, len(trained.ids) - 1,
+                                                [2, 3, 5], 0.5)  # fmt: skip
+    official = F.cross_entropy(logits[-n_new - 1 : -1], tokens[0], reduction="none")
+    assert (losses - official).abs().max() <= 1e-4
+    assert kept_by_last != kept
 
 
 @pytest.mark.parametrize("visionzip", [None, (6, 2)], ids=["plain", "visionzip"])

@@ -31,6 +31,11 @@ class Tokens:
     visual_rope: torch.Tensor | None = None  # (B, Nv, 3)
     text_rope: torch.Tensor | None = None  # (B, Nt)
     deepstack: torch.Tensor | None = None  # (K, B, Nv, D) Qwen3-VL: added to the visual states after layer k < K
+    # the text tokens whose attention ranks the visual tokens for a token drop (FastV, PyramidDrop): (B, Q)
+    # indices into the text and whether each is one; None: each sample's last text token (the prompt's end).
+    # Training gives the token before each answer, as PyramidDrop's training does: not one that saw the answer
+    queries: torch.Tensor | None = None
+    queries_valid: torch.Tensor | None = None
 
 
 def take(x, index, dim):
@@ -55,7 +60,8 @@ class Context:
     visual_valid: torch.Tensor  # (B, Nv)
     text_pos: torch.Tensor  # (B, Nt) likewise
     visual_rope: torch.Tensor  # (B, Nv) or (B, Nv, 3): the RoPE positions (visual_pos, or multimodal)
-    last_text: torch.Tensor  # (B,) index of each sample's last text token
+    queries: torch.Tensor  # (B, Q) text tokens whose attention ranks the visual tokens (see Tokens)
+    queries_valid: torch.Tensor  # (B, Q)
     mask_tv: torch.Tensor | None  # (B, Nt, Nv) visual token k precedes text token q; None: see ``block``
     seen: torch.Tensor  # (B, Nt, 1) text token q has a visual token before it
     rope_t: tuple
@@ -114,7 +120,8 @@ class Context:
             visual_valid=visual_valid,
             text_pos=text_pos,
             visual_rope=visual_rope,
-            last_text=tok.text_valid.sum(1) - 1,
+            queries=(tok.text_valid.sum(1, keepdim=True) - 1) if tok.queries is None else tok.queries,
+            queries_valid=torch.ones_like(tok.text_valid[:, :1]) if tok.queries is None else tok.queries_valid,
             mask_tv=mask_tv,
             seen=seen,
             rope_t=rope_t,
@@ -181,7 +188,8 @@ class Context:
             "visual_valid",
             "text_pos",
             "visual_rope",
-            "last_text",
+            "queries",
+            "queries_valid",
             "mask_tv",
             "seen",
             "rope_t",

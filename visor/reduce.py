@@ -135,48 +135,60 @@ def visionzip_of(reduction: Reduction | None) -> tuple[int, int] | None:
 # ---- FastV / PyramidDrop: hooks of the language model's forward (``VisorLM.run``) -----------------
 
 
-def last_token_attention(q_last, k, valid):
-    """Attention probabilities of one query per sample: q_last (B, H, 1, hd), k (B, Hkv, S, hd),
-    valid (B, S) -> (B, H, 1, S). Explicit matmuls (they are counted as FLOPs)."""
-    n_rep = q_last.shape[1] // k.shape[1]
+def query_attention(q, k, valid):
+    """Attention probabilities of the ranking queries: q (B, H, Q, hd), k (B, Hkv, S, hd), valid (B, S)
+    or, per query, (B, Q, S) -> (B, H, Q, S). Explicit matmuls (they are counted as FLOPs)."""
+    n_rep = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(n_rep, dim=1) if n_rep > 1 else k
-    scores = (q_last @ k.transpose(-1, -2)) / math.sqrt(q_last.shape[-1])
-    return scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1, dtype=torch.float32)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    valid = valid[:, None, None, :] if valid.dim() == 2 else valid[:, None]
+    return scores.masked_fill(~valid, float("-inf")).softmax(-1, dtype=torch.float32)
+
+
+def ranking(probs, queries_valid) -> torch.Tensor:
+    """Visual tokens' scores (B, Nv) from the queries' attention over them, probs (B, H, Q, Nv): averaged
+    over heads, then over each sample's queries, as PyramidDrop's code averages them."""
+    weights = queries_valid.to(probs.dtype)
+    return (probs.mean(1) * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
+
+
+def _causal(ctx: Context, slots) -> torch.Tensor:
+    """(B, Q, S): the slots each query (at ``slots`` (B, Q)) sees."""
+    return torch.arange(ctx.seq, device=slots.device)[None, None] <= slots[..., None]
 
 
 def sa_scores(q, k, ctx: Context) -> torch.Tensor:
-    """An SA layer's attention of the last text token over the visual tokens, head-averaged:
-    q (B, H, S, hd), k (B, Hkv, S, hd) in original order -> (B, Nv)."""
-    last = ctx.t_index.gather(1, ctx.last_text[:, None])  # (B, 1) its slot
-    q_last = take(q, last, 2)  # (B, H, 1, hd)
-    probs = last_token_attention(q_last, k, torch.arange(ctx.seq, device=q.device)[None] <= last)
-    return take(probs, ctx.v_index, 3).mean(1)[:, 0]
+    """An SA layer's attention of the ranking queries (``Context.queries``: at inference the last text
+    token) over the visual tokens: q (B, H, S, hd), k (B, Hkv, S, hd) in original order -> (B, Nv)."""
+    slots = ctx.t_index.gather(1, ctx.queries)  # (B, Q) the queries' slots
+    probs = query_attention(take(q, slots, 2), k, _causal(ctx, slots))
+    return ranking(take(probs, ctx.v_index, 3), ctx.queries_valid)
 
 
 def ca_scores(ca, t, k_visual, ctx: Context) -> torch.Tensor:
-    """A CA layer's cross-attention of the last text token over the visual tokens, head-averaged:
+    """A CA layer's cross-attention of the ranking queries over the visual tokens:
     t (B, Nt, D), k_visual (B, Hkv, Nv, hd) -> (B, Nv)."""
-    t_last = take(t, ctx.last_text[:, None], 1)  # (B, 1, D)
+    t_queries = take(t, ctx.queries, 1)  # (B, Q, D)
     rope = None
-    if ctx.ca_rope_t is not None:  # the RoPE of each sample's last text token
-        index = ctx.last_text[:, None, None, None].expand(-1, 1, 1, ctx.ca_rope_t[0].shape[-1])
+    if ctx.ca_rope_t is not None:  # the RoPE of the query tokens
+        index = ctx.queries[:, None, :, None].expand(-1, 1, -1, ctx.ca_rope_t[0].shape[-1])
         rope = tuple(r.gather(2, index) for r in ctx.ca_rope_t)
-    q_last = ca.query(t_last, rope)  # as the CA layer computes it
-    return last_token_attention(q_last, k_visual, ctx.visual_valid).mean(1)[:, 0]
+    q = ca.query(t_queries, rope)  # as the CA layer computes it
+    return ranking(query_attention(q, k_visual, ctx.visual_valid), ctx.queries_valid)
 
 
 def next_layer_scores(layer, v, t, ctx: Context) -> torch.Tensor:
     """PyramidDrop's ranking: the next layer's input norm and q/k (RoPE at the current positions)
-    applied to this layer's output; the last prompt token's head-averaged attention over the
-    visual tokens (B, Nv). Keys for every token, a query for the last one only."""
+    applied to this layer's output; the ranking queries' (at inference the last prompt token's)
+    head-averaged attention over the visual tokens (B, Nv). Keys for every token, queries for those."""
     x = ctx.join(v, t)  # (B, S, D) in original order
     h = layer.input_norm(x)
-    last = ctx.t_index.gather(1, ctx.last_text[:, None])  # (B, 1) the last prompt token's slot
-    rope_last = tuple(take(r, last, 2) for r in ctx.rope_x)
-    q_last = layer.query(take(h, last, 1), rope_last)  # (B, H, 1, hd), as the layer computes it
+    slots = ctx.t_index.gather(1, ctx.queries)  # (B, Q) the queries' slots
+    rope_q = tuple(take(r, slots, 2) for r in ctx.rope_x)
+    q = layer.query(take(h, slots, 1), rope_q)  # (B, H, Q, hd), as the layer computes it
     k = layer.key(h, ctx.rope_x)  # (B, Hkv, S, hd)
-    probs = last_token_attention(q_last, k, torch.arange(ctx.seq, device=x.device)[None] <= last)
-    return take(probs, ctx.v_index, 3).mean(1)[:, 0]
+    probs = query_attention(q, k, _causal(ctx, slots))
+    return ranking(take(probs, ctx.v_index, 3), ctx.queries_valid)
 
 
 def drop_visual(v, ctx: Context, scores, drop: Drop, n_original: torch.Tensor, tok: Tokens, rotary, with_rope: bool):

@@ -253,24 +253,38 @@ def answer_token_losses(
     """Cross-entropy of every answer token in a batch of (ids, answer mask, images), and the
     index of the sample each belongs to. Gradients flow wherever parameters require them.
     ``reduction``: a visor.reduce.Reduction applied as at inference (VisionZip to the images' tokens,
-    FastV / PyramidDrop drops between layers). ``towered``: the images' tower outputs, where kept."""
+    FastV / PyramidDrop drops between layers, ranked by the attention of the token before each answer,
+    as PyramidDrop's training ranks them: where the prompt ends at inference). ``towered``: the images'
+    tower outputs, where kept."""
     visionzip = visionzip_of(reduction)
     images = [images for _, _, images in batch]
     encoded = backbone.image_features_batch(images, visionzip, towered)  # one pass of the tower, if it runs
     samples = [backbone.expand(ids, visual, labels) for (ids, labels, _), visual in zip(batch, encoded)]
     tok = collate(samples, backbone.image_token_id, backbone.device)
     targets = torch.full_like(tok.text_ids, -100)
+    queries = []  # per sample: the text token before each answer, which ranks the visual tokens for a drop
     for b, s in enumerate(samples):  # target of text token j: text token j+1, if it is an answer token
         text_labels = [lab for lab, i in zip(s.labels, s.ids) if i != backbone.image_token_id]
         n = len(text_labels)
         learn = torch.tensor(text_labels[1:], device=targets.device)
         targets[b, : n - 1] = torch.where(learn, tok.text_ids[b, 1:n], -100)
+        queries.append([j for j in range(n - 1) if text_labels[j + 1] and not text_labels[j]] or [n - 1])
     drops = reduction.drops(lm.cfg.n_layers) if reduction is not None else None
+    if drops:  # as at inference, where the prompt ends: not the sample's last token, which saw the answer
+        tok.queries, tok.queries_valid = _padded(queries, tok.text_ids.device)
     t = lm.run(tok, [budget] * len(samples), drops=drops).text
     keep = targets != -100
     logits = lm.logits(t[keep])  # (n_targets, V): only where the loss is
     owner = torch.arange(len(samples), device=keep.device)[:, None].expand_as(keep)[keep]
     return F.cross_entropy(logits.float(), targets[keep], reduction="none"), owner, samples
+
+
+def _padded(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of indices as (B, longest) with a mask of the real ones (padding: each row's first)."""
+    width = max(len(r) for r in rows)
+    index = torch.tensor([r + r[:1] * (width - len(r)) for r in rows], device=device)
+    valid = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows], device=device)
+    return index, valid
 
 
 class TowerCache:
