@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import visor
 from visor.backbone import MROPE, load_image
 from visor.generate import collate
-from visor.reduce import Reduction, visionzip_select
+from visor.reduce import Reduction, visionzip_select, visionzip_serves_plain
 
 PROMPT = "What is shown in this picture?"
 
@@ -351,6 +351,9 @@ def test_kept_tower_outputs_give_what_the_whole_vision_path_gives(base_model, im
         assert kept[1] is None and [sum(t.patches) for t in kept if t] == [t.tokens.shape[0] for t in kept if t]
         assert all((t.scores is not None) == (visionzip is not None) for t in kept if t)
         whole, through = bb.image_features_batch(lists, visionzip), bb.image_features_batch(lists, visionzip, kept)
+        if visionzip is not None and not visionzip_serves_plain(bb.config):  # LLaVA: its layer, CLS included
+            with pytest.raises(visor.ConfigError, match="not this model's plain path's"):
+                bb.image_features_batch(lists, None, kept)
     for w, t in zip(whole, through):
         assert w.n_crops == t.n_crops and len(w.features) == len(t.features)
         for a, b in zip(w.features, t.features):

@@ -579,15 +579,19 @@ def test_a_plain_run_keeps_visionzip_scores_for_a_later_visionzip_run(checkpoint
         config(checkpoints, dataset, tmp_path / name, **kw), shared, reads, **more
     )
     alone = run("alone", zipped)  # VisionZip encoding its own
-    met, reads = {}, {}
+    met, reads, scored = {}, {}, {}
     for keep in (True, False):
         shared, reads[keep] = {}, []
         assert run(f"plain-{keep}", plain, shared, keep_visionzip_scores=keep) == alone > 0
+        scored[keep] = {t.scores is not None for kept in shared.values() for t in kept.values() if t is not None}
         assert run(f"again-{keep}", plain, shared) == 0  # scored or not, they serve a later plain run
         met[keep] = run(f"zip-{keep}", zipped, shared, reads[keep])
+    for name in ("plain", "again"):  # a plain run trains alike on scored outputs
+        assert losses(tmp_path / f"{name}-True") == losses(tmp_path / f"{name}-False")
     if arch == "llava":
-        assert met == {True: alone, False: alone}
+        assert met == {True: alone, False: alone} and scored == {True: {False}, False: {False}}
         return
+    assert scored == {True: {True}, False: {False}}
     assert met == {True: 0, False: alone}
     assert [len(reads[k]) for k in (True, False)] == [1, 16 + 1]  # and the stand-in batch's record, at the start
     for name in ("zip-True", "zip-False"):

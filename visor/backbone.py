@@ -253,6 +253,12 @@ class Backbone:
         if towered is None and self.config.model_type in TOWERED:
             towered = self.tower_batch(samples)
         if towered is not None:
+            from .reduce import visionzip_serves_plain
+
+            if any(t.scores is not None for t in towered if t) and not visionzip_serves_plain(self.config):
+                raise ConfigError(
+                    "kept VisionZip tower outputs (its layer, CLS included) are not this model's plain path's"
+                )
             encoded = _projected(self, [towered[i] for i in present], dtype)
         else:
             encoded = VISION_PATHS[self.config.model_type](self, [samples[i] for i in present], dtype)
@@ -271,9 +277,10 @@ class Backbone:
 
     def tower_batch(self, samples: list[list[Image.Image]], scored: bool = False) -> list[Towered | None]:
         """What the vision tower makes of each sample's images, before the projector (None: no images),
-        for ``image_features_batch``; ``scored``: with VisionZip's scores and keys in its layer, what that
-        reads with a VisionZip setting that reduces (``visor.reduce.visionzip_tower``). LLaVA and
-        LLaVA-OneVision, whose tower and projector are separate modules."""
+        for ``image_features_batch``; ``scored``: VisionZip's part of the tower (``visor.reduce.visionzip_tower``),
+        the feature layer's tokens with their scores and keys, as a reducing VisionZip setting reads them (and
+        the plain path only where ``visor.reduce.visionzip_serves_plain``). LLaVA and LLaVA-OneVision, whose
+        tower and projector are separate modules."""
         if self.config.model_type not in TOWERED:
             raise ConfigError(
                 f"{self.config.model_type}: its vision tower and projector are one module here; "

@@ -294,7 +294,7 @@ class TowerCache:
 
     ``shared``: a dict the caller holds across runs in one process (``train(..., kept_towers=)``);
     the outputs are kept there under what they follow from (``tower_key``), so a later run with the
-    same tower, feature layer, image processor, data files and images, and VisionZip or not, meets them
+    same tower, feature layer, image processor, data files and images, and vision path, meets them
     kept. Where one output serves both (``visionzip_serves_plain``), plain and VisionZip runs keep theirs
     in one dict: a VisionZip run encodes again a record kept without its scores and keys, and a plain run
     asked to (``scored``) keeps those too, so that a later VisionZip run meets them. ``in``: whether a
