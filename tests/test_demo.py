@@ -40,6 +40,12 @@ def test_quick_demo_produces_every_artefact(tmp_path):
     assert again["timings_s"] == summary["timings_s"]  # the report keeps the times the stages took
     assert len(list((tmp_path / "stages").iterdir())) == 12
 
+    other = run_demo(tmp_path, quick=True, seed=1)  # another seed: every stage anew, beside seed 0's
+    assert other["config"]["seed"] == 1 and len(list((tmp_path / "stages").iterdir())) == 24
+    assert "`visor demo --quick --seed 1`" in (tmp_path / "report.md").read_text()
+    data = sorted((tmp_path / "stages").glob("data-*/train.jsonl"))
+    assert len(data) == 2 and data[0].read_text() != data[1].read_text()
+
 
 def test_vision_pretraining_teaches_each_patch_its_place(tmp_path):
     """The demo's tower learns where each patch lies in its crop (what lets the whole-image view

@@ -568,12 +568,13 @@ def demo(
     ),
     quick: Annotated[bool, typer.Option("--quick", help="the same stages on a tiny budget (under 2 minutes)")] = False,
     fresh: Annotated[bool, typer.Option("--fresh", help="redo every stage instead of reusing finished ones")] = False,
+    seed: Annotated[int, typer.Option(help="seeds the data, the initial weights and the training order")] = 0,
 ):
     """The paper's story end to end on this CPU: data, base model, VISOR training, policy, comparison."""
     from .demo import run_demo
 
     _quiet_transformers()
-    run_demo(out, quick, fresh)
+    run_demo(out, quick, fresh, seed)
     print((out / "report.md").read_text().split("## Reproduce")[0])
     console.print(f"report: [bold]{out / 'report.md'}[/], plot: [bold]{out / 'pareto.png'}[/]")
 

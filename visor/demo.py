@@ -31,7 +31,7 @@ import platform
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -229,7 +229,9 @@ def warm_up_lm(model, steps: int, batch_size: int, seed: int, length: int = 64) 
             "copy_accuracy": round(accuracy[-1], 3)}  # fmt: skip
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = False) -> dict:
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = False, seed: int = 0) -> dict:
+    """Run (or continue) the demo in ``out``; ``seed``: the data, the tiny models' initial weights and the
+    training order (``DemoConfig.seed``; README's numbers are seed 0's and says how others came out)."""
     from . import __version__
     from .api import load
     from .policy import PolicyTrainConfig, train_policy
@@ -238,7 +240,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
     from .train import TrainConfig, train
 
     torch.manual_seed(0)
-    cfg = DemoConfig.quick() if quick else DemoConfig()
+    cfg = replace(DemoConfig.quick() if quick else DemoConfig(), seed=seed)
     out = claim(out, "demo", DEMO_ENTRIES, resume=True)  # a demo of ours is continued: its stages are a cache
     stages = Stages(out, fresh)
     families = cfg.families()
@@ -609,7 +611,8 @@ def write_report(out: Path, results, cfg, quick, timings, elapsed, version, comp
         "",
         "## Reproduce",
         "",
-        f"`visor demo{' --quick' if quick else ''}` — {elapsed / 60:.1f} min in all "
+        f"`visor demo{' --quick' if quick else ''}{f' --seed {cfg.seed}' if cfg.seed else ''}` — "
+        f"{elapsed / 60:.1f} min in all "
         f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}).",
         "",
         f"visor {version}, torch {torch.__version__}, transformers {transformers.__version__}, "
