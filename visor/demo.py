@@ -493,6 +493,10 @@ def _acc(r, family):
     return None if f is None else 100 * f["accuracy"]
 
 
+def _behind(gap: float) -> str:
+    return f"{gap:.1f} points behind" if gap >= 0 else f"{-gap:.1f} points ahead"
+
+
 def check_targets(results: list[dict]) -> list[tuple[str, bool, str]]:
     """The demo's targets, each (statement, met, numbers). The base is the equally trained one."""
     from .evaluate import families
@@ -539,9 +543,9 @@ def check_targets(results: list[dict]) -> list[tuple[str, bool, str]]:
         numbers = []
         for r in near:
             gap = _acc(best, "hard") - _acc(r, "hard")
-            numbers.append(f"{r['setting']}: hard {_acc(r, 'hard'):.1f} ({gap:.1f} points behind)")
+            numbers.append(f"{r['setting']}: hard {_acc(r, 'hard'):.1f} ({_behind(gap)})")
             if "reasoning" in names:
-                numbers[-1] += f", reasoning {_acc(best, 'reasoning') - _acc(r, 'reasoning'):.1f} points behind"
+                numbers[-1] += f", reasoning {_behind(_acc(best, 'reasoning') - _acc(r, 'reasoning'))}"
         checks.append((statement, _acc(best, "hard") - _acc(near[0], "hard") >= 10, "; ".join(numbers)))
     return checks
 
