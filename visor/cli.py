@@ -460,7 +460,7 @@ def train_policy(
         title=f"budgets on {measured} {result['measured_on']} (of {result['n_samples']}; "
         "score: exact match / answer likelihood)"
     )
-    for column in ["budget", "score", "mean prefill GFLOPs"]:
+    for column in ["budget", "score", "mean prefill GFLOPs (vision tower + LM)"]:
         table.add_column(column, justify="right")
     for row in result["rows"]:
         table.add_row(str(row["budget"]), f"{row['score']:.3f}", f"{row['prefill_flops'] / 1e9:.4f}")

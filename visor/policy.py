@@ -289,7 +289,7 @@ def train_policy(
         f"(the router was fitted on {len(fit)}, for {epochs} epochs: where the loss on a fifth "
         "of them, set aside, was lowest).",
         "",
-        "| budget | score | mean prefill GFLOPs |",
+        "| budget | score | mean prefill GFLOPs (vision tower + LM) |",
         "|---|---|---|",
     ]
     lines += [f"| {r['budget']} | {r['score']:.3f} | {r['prefill_flops'] / 1e9:.4f} |" for r in rows]
