@@ -65,23 +65,77 @@ def test_vision_pretraining_teaches_each_patch_its_place(tmp_path):
     assert summary["last_loss"] < summary["first_loss"]
 
 
-def test_lm_warmup_teaches_the_previous_token(checkpoints):
-    """The demo's LM warm-up: after it the language model repeats the previous token of random
-    sequences (what previous-token heads do); the vision tower and projector are untouched."""
+@pytest.fixture(scope="module")
+def demo_sized(tmp_path_factory):
+    """A tiny LLaVA-OneVision at the demo's image geometry and digit grids for it (marked_digit)."""
+    import visor
+    from visor.demo import DemoConfig
+    from visor.synth import make_dataset
+    from visor.tiny import TinySpec, build_tiny
+
+    tmp = tmp_path_factory.mktemp("demo_sized")
+    cfg = DemoConfig()
+    make_dataset(tmp / "data", 0, {"train": 40, "val": 1, "test": 1}, ["marked_digit"], cfg.image_size, progress=False)
+    spec = TinySpec(vision_hidden=64, vision_heads=4, image_size=cfg.tower_size, patch_size=cfg.patch_size)
+    return build_tiny(tmp / "tiny", spec), tmp / "data", visor
+
+
+def test_grid_tokens_follow_the_models_own_anyres_packing(demo_sized):
+    """Where the warm-up reads each grid cell's visual token is where transformers' own AnyRes packing
+    (``pack_image_features``) puts the tile patch covering that cell: the crops are the whole image,
+    then the 2 x 2 tiles row by row, each a 3 x 3 patch grid."""
     import torch
 
-    import visor
+    from visor.backbone import load_image
+    from visor.demo import grid_tokens
+
+    path, data, visor = demo_sized
+    model = visor.load(path)
+    record = json.loads((data / "train.jsonl").read_text().splitlines()[0])
+    towered = model.backbone.tower_batch([[load_image(data / record["image"])]])[0]
+    crops, per_crop = towered.tokens.shape[:2]
+    assert (crops, per_crop) == (5, 9)
+    code = torch.zeros(crops, per_crop, model.config.text_config.hidden_size)
+    code[..., 0] = torch.arange(crops * per_crop, dtype=torch.float32).view(crops, per_crop)  # each patch's name
+    hf = model.backbone.hf.model
+    newline = torch.full_like(hf.image_newline, -1.0)
+    sizes = torch.tensor(towered.sizes)
+    packed = hf.pack_image_features([code], sizes, newline, model.config.vision_aspect_ratio)[0][0]
+    where = grid_tokens(towered, 6)
+    for r in range(6):
+        for c in range(6):
+            crop, patch = 1 + (r // 3) * 2 + c // 3, (r % 3) * 3 + c % 3
+            assert packed[where[r, c], 0].item() == crop * per_crop + patch, (r, c)
+    assert packed[where[:, -1] + 1, 0].eq(-1).all()  # each row ends in a newline token
+    with pytest.raises(visor.ConfigError, match="not one tile patch per cell"):
+        grid_tokens(towered, 8)
+
+
+def test_lm_warmup_teaches_the_previous_token(demo_sized):
+    """The demo's LM warm-up: the language model learns to repeat the previous token of random sequences
+    and to name the digit of the cell before each tile token (previous-token heads, on text and on images);
+    the layers it is told to keep, and the tower, are untouched; the projector learns too."""
+    import torch
+
     from visor.demo import warm_up_lm
 
-    model = visor.load(checkpoints["llava-onevision"])
+    path, data, visor = demo_sized
+    model = visor.load(path)
     before = {k: v.clone() for k, v in model.backbone.hf.state_dict().items()}
-    summary = warm_up_lm(model, steps=150, batch_size=16, seed=0, length=32)
-    # chance: 1 / vocabulary (< 0.002); the demo's LM (hidden 128) reaches 1.0 in 150 steps, this smaller one less
-    assert summary["copy_accuracy"] > 0.2 and summary["last_loss"] < summary["first_loss"] - 1, summary
+    summary = warm_up_lm(model, data, steps=100, batch_size=16, seed=0, frozen=[0], length=32, images=40)
+    # chance: 1 / vocabulary (< 0.002) for the text; the demo's LM (hidden 128) reaches 1.0 on both in 150 steps
+    assert summary["copy_accuracy"] > 0.05 and summary["last_loss"] < summary["first_loss"] - 1, summary
     after = model.backbone.hf.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all("language_model" in k or "lm_head" in k for k in changed)
+    assert any("multi_modal_projector" in k for k in changed) and any("layers.1." in k for k in changed)
+    assert all("language_model" in k or "lm_head" in k or "multi_modal_projector" in k for k in changed)
+    assert not any("language_model.layers.0." in k for k in changed)  # frozen
     assert not any(p.requires_grad for p in model.backbone.hf.parameters())
+    with pytest.raises(visor.ConfigError, match="no digit grids"):
+        empty = data.parent / "empty"
+        empty.mkdir()
+        (empty / "train.jsonl").write_text("")
+        warm_up_lm(model, empty, steps=1, batch_size=2, seed=0)
 
 
 def _row(method, budget, flops, hard, reasoning, easy, weights="base+ft"):

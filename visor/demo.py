@@ -6,8 +6,9 @@ Stages, each cached under OUT/stages/<name>-<hash of its config, inputs and viso
 2. vision        a tiny LLaVA-OneVision (SigLIP + Qwen2 classes), its vision tower pre-trained briefly
                  to tell each patch's digit, red mark and place in its crop, then kept fixed (a cheap
                  head start standing in for a real tower's pre-training)
-3. lm_warmup     the language model learns to repeat the previous token (random tokens): previous-token
-                 heads, as a real LM's text pre-training leaves them
+3. lm_warmup     the language model learns to repeat the previous token, of random text and of images (at each
+                 tile token of a digit grid: the digit of the cell before it): previous-token heads, as a real
+                 LVLM's pre-training leaves them
 4. base          trained as an ordinary LVLM (every layer full self-attention): "the pretrained base"
 5. convert       `visor convert` with the demo's schedule: CA modules made from the base's trained layers
 6. stage1        VISOR's CA modules only
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from .errors import ConfigError
 from .evaluate import accuracy_cell, display_name
 from .outputs import atomic_write, claim
 from .reduce import Reduction
@@ -76,6 +78,7 @@ class DemoConfig:
     patch_size: int = 16
     vision_steps: int = 300
     lm_warmup_steps: int = 150  # the LM learns previous-token heads first (see warm_up_lm)
+    lm_warmup_frozen: list[int] = field(default_factory=lambda: [0])  # the CA layer before the SA candidates
     freeze_vision: bool = True  # after its pre-training the tower stays fixed (base and VISOR alike)
     base_steps: int = 800
     stage1_steps: int = 100
@@ -198,35 +201,87 @@ def pretrain_vision(model, data_dir: Path, steps: int, batch_size: int, seed: in
     }
 
 
-def warm_up_lm(model, steps: int, batch_size: int, seed: int, length: int = 64) -> dict:
-    """The language model learns to repeat the previous token of random token sequences: a stand-in
-    for a real LM's text pre-training, which leaves it previous-token heads (attention to the token
-    just before). Without them the tiny base stayed at chance, within the demo's budget, on the
-    reasoning task (a relation between neighbouring cells); with them it learns it (see README)."""
+def grid_tokens(towered, cells: int) -> torch.Tensor:
+    """(cells, cells): where each cell of a digit grid lies among its image's visual tokens, read off
+    the tower's output (LLaVA-OneVision AnyRes: the whole-image view's tokens, then the full-resolution
+    tiles' patches row by row, each row ending in a newline token) where one tile patch covers one cell."""
+    crops, per_crop = towered.tokens.shape[:2]
+    tiles, side = math.isqrt(crops - 1), math.isqrt(per_crop)
+    if tiles * side != cells or tiles * tiles + 1 != crops:
+        raise ConfigError(
+            f"a {cells} x {cells} grid is not one tile patch per cell ({crops} crops of {per_crop} patches)"
+        )
+    return torch.tensor([[per_crop + r * (cells + 1) + c for c in range(cells)] for r in range(cells)])
+
+
+def warm_up_lm(model, data_dir: Path, steps: int, batch_size: int, seed: int, frozen=(0,), length: int = 64,
+               images: int = 1024) -> dict:  # fmt: skip
+    """The language model learns to repeat the previous token, of text and of images: of random token
+    sequences, and at each visual token of a digit grid's tiles (one token per cell, row by row) it names
+    the digit of the token before it, its left-hand neighbour (``images`` grids of the training split).
+    A stand-in for a real LVLM's pre-training, which leaves it previous-token heads (attention to the
+    token just before) that work on visual tokens too: with the text part alone the tiny base learned the
+    reasoning task (a relation between neighbouring cells) at one seed of three (see README). The layers
+    ``frozen`` stay as they are: the demo's layer 0 is a CA layer, where VISOR does not update visual
+    tokens, so the heads must form after it. The language model and the projector learn; the tower stays."""
     from torch import nn
 
-    hf = model.backbone.hf
+    from .backbone import Visual, load_image
+
+    bb = model.backbone
+    hf = bb.hf
     lm = hf.model.language_model
     hf.requires_grad_(False)
     lm.requires_grad_(True)
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=2e-3, weight_decay=0.0)
+    hf.model.multi_modal_projector.requires_grad_(True)
+    for i in frozen:
+        lm.layers[i].requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.0)
     vocab = hf.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(seed)
-    losses, accuracy = [], []
+    rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+    rows = [rows[i] for i in torch.randperm(len(rows), generator=gen).tolist() if rows[i]["task"] in BOXED][:images]
+    if not rows:
+        raise ConfigError(f"{data_dir / 'train.jsonl'} holds no digit grids ({', '.join(BOXED)}) to warm up on")
+    towered = []
+    for start in range(0, len(rows), 64):  # the tower is fixed: its outputs are kept
+        towered += bb.tower_batch([[load_image(data_dir / r["image"])] for r in rows[start : start + 64]])
+    labels = torch.tensor([r["meta"]["labels"] for r in rows])  # (images, cells, cells)
+    cells = grid_tokens(towered[0], labels.shape[1])
+    digit = torch.tensor([bb.tokenizer(str(d), add_special_tokens=False)["input_ids"][0] for d in range(10)])
+    n_visual = cells[-1, -1].item() + 2  # the last row's newline closes the image
+    width = hf.config.text_config.hidden_size
+    prompt = bb.expand(
+        bb.tokenizer(bb.prompt_text(rows[0]["question"], 1))["input_ids"], Visual([torch.zeros(n_visual, width)], 1)
+    )
+    image_at = torch.tensor([i for i, t in enumerate(prompt.ids) if t == bb.image_token_id])
+    prefix = torch.tensor(prompt.ids[: image_at[-1] + 1])  # the prompt up to the image's end (causal: all it sees)
+    text_losses, text_accuracy, image_losses, image_accuracy = [], [], [], []
     for _ in range(steps):
         ids = torch.randint(vocab, (batch_size, length), generator=gen)
         logits = hf.lm_head(lm(input_ids=ids).last_hidden_state[:, 1:])  # position t predicts token t - 1
-        loss = nn.functional.cross_entropy(logits.reshape(-1, vocab), ids[:, :-1].reshape(-1))
+        text = nn.functional.cross_entropy(logits.reshape(-1, vocab), ids[:, :-1].reshape(-1))
+        text_accuracy.append((logits.argmax(-1) == ids[:, :-1]).float().mean().item())
+        pick = torch.randint(len(rows), (batch_size,), generator=gen)
+        visual = bb.image_features_batch([[None]] * batch_size, towered=[towered[i] for i in pick])
+        embeds = lm.embed_tokens(prefix).repeat(batch_size, 1, 1)
+        embeds[:, image_at] = torch.stack([torch.cat(v.features) for v in visual])
+        hidden = lm(inputs_embeds=embeds).last_hidden_state[:, image_at[cells[:, 1:]]]  # (B, cells, cells - 1, D)
+        logits = hf.lm_head(hidden)
+        left = digit[labels[pick][:, :, :-1]]  # each cell's left-hand neighbour's digit
+        image = nn.functional.cross_entropy(logits.reshape(-1, vocab), left.reshape(-1))
+        image_accuracy.append((logits.argmax(-1) == left).float().mean().item())
         optimizer.zero_grad()
-        loss.backward()
+        (text + image).backward()
         optimizer.step()
-        losses.append(loss.item())
-        accuracy.append((logits.argmax(-1) == ids[:, :-1]).float().mean().item())
+        text_losses.append(text.item())
+        image_losses.append(image.item())
     hf.requires_grad_(False)
     if not steps:
         return {"steps": 0}
-    return {"steps": steps, "first_loss": round(losses[0], 3), "last_loss": round(losses[-1], 4),
-            "copy_accuracy": round(accuracy[-1], 3)}  # fmt: skip
+    return {"steps": steps, "first_loss": round(text_losses[0] + image_losses[0], 3),
+            "last_loss": round(text_losses[-1] + image_losses[-1], 4), "copy_accuracy": round(text_accuracy[-1], 3),
+            "left_digit_accuracy": round(image_accuracy[-1], 3)}  # fmt: skip
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = False, seed: int = 0) -> dict:
@@ -293,11 +348,18 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
 
     def lm_warmup(path):
         model = load(vision_dir / "model")
-        summary = warm_up_lm(model, cfg.lm_warmup_steps, cfg.batch_size, cfg.seed)
+        summary = warm_up_lm(model, data, cfg.lm_warmup_steps, cfg.batch_size, cfg.seed, cfg.lm_warmup_frozen)
         model.save(path / "model")
         return summary
 
-    key = _digest("lm_warmup", cfg.lm_warmup_steps, cfg.batch_size, "repeat the previous token", key)
+    key = _digest(
+        "lm_warmup",
+        cfg.lm_warmup_steps,
+        cfg.batch_size,
+        cfg.lm_warmup_frozen,
+        "the previous token, text and image",
+        key,
+    )
     warm_dir = stages.run("lm_warmup", key, lm_warmup)
 
     kept_towers = {}
