@@ -111,6 +111,25 @@ def test_grid_tokens_follow_the_models_own_anyres_packing(demo_sized):
         grid_tokens(towered, 8)
 
 
+def test_the_warm_up_asks_each_tile_token_for_the_digit_before_it():
+    """Each image question of the warm-up sits at a cell's token and its answer is the label of the cell
+    whose token comes just before (read back through the positions, not the grid)."""
+    import torch
+
+    from visor.demo import left_neighbours
+
+    where = torch.tensor([[9 + r * 7 + c for c in range(6)] for r in range(6)])  # the demo's layout (test above)
+    labels = torch.randint(10, (3, 6, 6))
+    asking, told = left_neighbours(where, labels)
+    cell_at = {where[r, c].item(): (r, c) for r in range(6) for c in range(6)}
+    assert asking.shape == told.shape[1:] == (6, 5)
+    for r in range(6):
+        for c in range(5):
+            before = cell_at[asking[r, c].item() - 1]  # the cell whose token precedes the asking one
+            assert torch.equal(told[:, r, c], labels[:, before[0], before[1]])
+    assert set(cell_at[p.item()][1] for p in asking.flatten()) == set(range(1, 6))  # every column but the first
+
+
 def test_lm_warmup_teaches_the_previous_token(demo_sized):
     """The demo's LM warm-up: the language model learns to repeat the previous token of random sequences
     and to name the digit of the cell before each tile token (previous-token heads, on text and on images);
@@ -131,11 +150,12 @@ def test_lm_warmup_teaches_the_previous_token(demo_sized):
     assert all("language_model" in k or "lm_head" in k or "multi_modal_projector" in k for k in changed)
     assert not any("language_model.layers.0." in k for k in changed)  # frozen
     assert not any(p.requires_grad for p in model.backbone.hf.parameters())
+    empty = data.parent / "empty"
+    empty.mkdir()
+    (empty / "train.jsonl").write_text("")
     with pytest.raises(visor.ConfigError, match="no digit grids"):
-        empty = data.parent / "empty"
-        empty.mkdir()
-        (empty / "train.jsonl").write_text("")
         warm_up_lm(model, empty, steps=1, batch_size=2, seed=0)
+    assert not any(p.requires_grad for p in model.backbone.hf.parameters())  # refused before anything changed
 
 
 def _row(method, budget, flops, hard, reasoning, easy, weights="base+ft"):

@@ -62,14 +62,15 @@ class DemoConfig:
     val_per_task: int = 100  # the router's labels: 80% fit, 20% held out for its report
     test_per_family: int = 300
     layers: int = 6
-    # VISOR's layer roles: SA candidates at layers 1 and 3, where the warmed-up LM keeps its previous-token
-    # heads (measured on the base, head-averaged: a visual token's attention to the one before it is 0.58-0.77
+    # VISOR's layer roles: SA candidates at layers 1 and 3; layer 1 holds the previous-token head the reasoning
+    # task runs on (measured on the base, head-averaged: a visual token's attention to the one before it is 0.58-0.77
     # in layer 1 at seeds 0-2, < 0.07 elsewhere); with SA at 0 and 3 (the default rule) no budget learned the
     # reasoning task (11-13%, with the text-only warm-up). Layer 0 is a CA layer (exact for the text there: the
     # visual states are still the inputs), so the router reads the question after it and every budget's
-    # prefill goes on from it; two CA layers as two SA candidates (the paper's |CA| = |SA|). Measured budget 1 (hard /
-    # reasoning, 600 stage-2 steps): ca,sa,ca,sa,text,text 98.0 / 97.7; ca,sa,text,sa,ca,text 98.7 / 97.3;
-    # ca,sa,ca,sa,ca,text 98.7 / 98.3, but its third CA layer makes budget 0 0.70x budget 1's FLOPs (0.69x here).
+    # prefill goes on from it; two CA layers as two SA candidates (the paper's |CA| = |SA|). Measured budget 1
+    # (hard / reasoning, 600 stage-2 steps, text-only warm-up): ca,sa,ca,sa,text,text 98.0 / 97.7;
+    # ca,sa,text,sa,ca,text 98.7 / 97.3; ca,sa,ca,sa,ca,text 98.7 / 98.3, but its third CA layer makes budget 0
+    # 0.70x budget 1's FLOPs (0.69x here).
     schedule: str = "ca,sa,ca,sa,text,text"
     hidden: int = 128
     intermediate: int = 256
@@ -82,7 +83,7 @@ class DemoConfig:
     freeze_vision: bool = True  # after its pre-training the tower stays fixed (base and VISOR alike)
     base_steps: int = 800
     # at 2e-3 the base's first 100 steps wiped out the warm-up's previous-token heads at seed 1 (its reasoning
-    # stayed at chance; it learned it at seeds 0 and 2); at 1e-3 they stay and the task is learned by step ~200
+    # stayed at chance; it learned it at seeds 0 and 2); at 1e-3 they stay and the task is learned by step ~200-300
     base_lr: float = 1e-3
     stage1_steps: int = 100
     stage2_steps: int = 600
@@ -217,6 +218,13 @@ def grid_tokens(towered, cells: int) -> torch.Tensor:
     return torch.tensor([[per_crop + r * (cells + 1) + c for c in range(cells)] for r in range(cells)])
 
 
+def left_neighbours(where: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The warm-up's image questions: the visual tokens of every cell but the first column's (``where``'s
+    (cells, cells - 1)) and for each the label of the cell before it, its left-hand neighbour (``labels``:
+    (..., cells, cells), each image's cell labels row by row)."""
+    return where[:, 1:], labels[..., :, :-1]
+
+
 def warm_up_lm(model, data_dir: Path, steps: int, batch_size: int, seed: int, frozen=(0,), length: int = 64,
                images: int = 1024) -> dict:  # fmt: skip
     """The language model learns to repeat the previous token, of text and of images: of random token
@@ -234,12 +242,7 @@ def warm_up_lm(model, data_dir: Path, steps: int, batch_size: int, seed: int, fr
     bb = model.backbone
     hf = bb.hf
     lm = hf.model.language_model
-    hf.requires_grad_(False)
-    lm.requires_grad_(True)
-    hf.model.multi_modal_projector.requires_grad_(True)
-    for i in frozen:
-        lm.layers[i].requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.0)
+    hf.requires_grad_(False)  # the tower is fixed: its outputs are kept, without a graph
     vocab = hf.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(seed)
     rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
@@ -247,10 +250,11 @@ def warm_up_lm(model, data_dir: Path, steps: int, batch_size: int, seed: int, fr
     if not rows:
         raise ConfigError(f"{data_dir / 'train.jsonl'} holds no digit grids ({', '.join(BOXED)}) to warm up on")
     towered = []
-    for start in range(0, len(rows), 64):  # the tower is fixed: its outputs are kept
+    for start in range(0, len(rows), 64):
         towered += bb.tower_batch([[load_image(data_dir / r["image"])] for r in rows[start : start + 64]])
     labels = torch.tensor([r["meta"]["labels"] for r in rows])  # (images, cells, cells)
     cells = grid_tokens(towered[0], labels.shape[1])
+    asking, told = left_neighbours(cells, labels)
     digit = torch.tensor([bb.tokenizer(str(d), add_special_tokens=False)["input_ids"][0] for d in range(10)])
     n_visual = cells[-1, -1].item() + 2  # the last row's newline closes the image
     width = hf.config.text_config.hidden_size
@@ -259,6 +263,11 @@ def warm_up_lm(model, data_dir: Path, steps: int, batch_size: int, seed: int, fr
     )
     image_at = torch.tensor([i for i, t in enumerate(prompt.ids) if t == bb.image_token_id])
     prefix = torch.tensor(prompt.ids[: image_at[-1] + 1])  # the prompt up to the image's end (causal: all it sees)
+    lm.requires_grad_(True)
+    hf.model.multi_modal_projector.requires_grad_(True)
+    for i in frozen:
+        lm.layers[i].requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.0)
     text_losses, text_accuracy, image_losses, image_accuracy = [], [], [], []
     for _ in range(steps):
         ids = torch.randint(vocab, (batch_size, length), generator=gen)
@@ -269,9 +278,8 @@ def warm_up_lm(model, data_dir: Path, steps: int, batch_size: int, seed: int, fr
         visual = bb.image_features_batch([[None]] * batch_size, towered=[towered[i] for i in pick])
         embeds = lm.embed_tokens(prefix).repeat(batch_size, 1, 1)
         embeds[:, image_at] = torch.stack([torch.cat(v.features) for v in visual])
-        hidden = lm(inputs_embeds=embeds).last_hidden_state[:, image_at[cells[:, 1:]]]  # (B, cells, cells - 1, D)
-        logits = hf.lm_head(hidden)
-        left = digit[labels[pick][:, :, :-1]]  # each cell's left-hand neighbour's digit
+        logits = hf.lm_head(lm(inputs_embeds=embeds).last_hidden_state[:, image_at[asking]])  # (B, cells, cells - 1, V)
+        left = digit[told[pick]]
         image = nn.functional.cross_entropy(logits.reshape(-1, vocab), left.reshape(-1))
         image_accuracy.append((logits.argmax(-1) == left).float().mean().item())
         optimizer.zero_grad()
