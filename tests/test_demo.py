@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from visor.demo import run_demo
@@ -26,6 +27,13 @@ def test_quick_demo_produces_every_artefact(tmp_path):
     assert methods >= {"base", "visor", "fastv", "pdrop", "visionzip", "pdrop (trained)", "visionzip (trained)"}
     assert {r["weights"] for r in results["results"]} == {"base", "base+ft", "visor", "pdrop+ft", "visionzip+ft"}
     assert summary["config"]["seed"] == 0
+    runs = [d for d in (tmp_path / "stages").iterdir() if (d / "config.yaml").exists()]  # the training stages
+    trained = {d.name.split("-")[0]: yaml.safe_load((d / "config.yaml").read_text()) for d in runs}
+    assert trained["stage2"]["budget_weights"] == [1.0, 2.0, 1.0]  # budget 1 drawn twice as often as 0 and 2
+    assert {trained[k]["lr"] for k in ("stage2", "base_ft", "pdrop_ft", "visionzip_ft")} == {1e-3}  # equal training
+    assert {trained[k]["steps"] for k in ("base_ft", "pdrop_ft", "visionzip_ft")} == {
+        trained["stage1"]["steps"] + trained["stage2"]["steps"]
+    }
     # each baseline at a knob whose FLOPs match each VISOR budget's (1, 2) within 10%
     rows = results["results"]
     for b in (1, 2):
