@@ -18,21 +18,7 @@ from pathlib import Path
 
 import torch
 
-
-def previous_token_attention(model, records: list[dict], data: Path) -> list[float]:
-    """Per layer, the mean attention of each visual token (but the first) to the token before it."""
-    per_sample = []
-    for r in records:
-        sample = model.encode([r["question"]], [[data / r["image"]]])[0]
-        ids = torch.tensor([sample.ids])
-        is_image = ids[0] == model.backbone.image_token_id
-        embeds = model.lm.embed_tokens(ids)
-        embeds[0, is_image] = sample.visual
-        with torch.no_grad():
-            out = model.backbone.hf.model.language_model(inputs_embeds=embeds, output_attentions=True)
-        visual = is_image.nonzero()[:, 0][1:]  # (Nv - 1,) each visual token but the first
-        per_sample.append(torch.stack([a[0][:, visual, visual - 1].mean() for a in out.attentions]))
-    return [round(x, 3) for x in torch.stack(per_sample).mean(0).tolist()]
+from visor.demo import previous_token_attention
 
 
 def main() -> None:

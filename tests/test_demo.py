@@ -27,6 +27,9 @@ def test_quick_demo_produces_every_artefact(tmp_path):
     assert methods >= {"base", "visor", "fastv", "pdrop", "visionzip", "pdrop (trained)", "visionzip (trained)"}
     assert {r["weights"] for r in results["results"]} == {"base", "base+ft", "visor", "pdrop+ft", "visionzip+ft"}
     assert summary["config"]["seed"] == 0
+    heads = results["previous_token_attention"]  # where the base keeps its previous-token head, per layer
+    assert len(heads["per_layer"]) == 6 and all(0 <= a <= 1 for a in heads["per_layer"]) and heads["sa_candidates"]
+    assert "## Where the base relates neighbouring visual tokens" in report
     runs = [d for d in (tmp_path / "stages").iterdir() if (d / "config.yaml").exists()]  # the training stages
     trained = {d.name.split("-")[0]: yaml.safe_load((d / "config.yaml").read_text()) for d in runs}
     assert trained["stage2"]["budget_weights"] == [1.0, 2.0, 1.0]  # budget 1 drawn twice as often as 0 and 2
@@ -46,10 +49,10 @@ def test_quick_demo_produces_every_artefact(tmp_path):
     again = run_demo(tmp_path, quick=True)  # every stage is cached now
     assert time.perf_counter() - began < summary["elapsed_s"]
     assert again["timings_s"] == summary["timings_s"]  # the report keeps the times the stages took
-    assert len(list((tmp_path / "stages").iterdir())) == 12
+    assert len(list((tmp_path / "stages").iterdir())) == 13
 
     other = run_demo(tmp_path, quick=True, seed=1)  # another seed: every stage anew, beside seed 0's
-    assert other["config"]["seed"] == 1 and len(list((tmp_path / "stages").iterdir())) == 24
+    assert other["config"]["seed"] == 1 and len(list((tmp_path / "stages").iterdir())) == 26
     assert "`visor demo --quick --seed 1`" in (tmp_path / "report.md").read_text()
     data = sorted((tmp_path / "stages").glob("data-*/train.jsonl"))
     assert len(data) == 2 and data[0].read_text() != data[1].read_text()
@@ -164,6 +167,52 @@ def test_lm_warmup_teaches_the_previous_token(demo_sized):
     with pytest.raises(visor.ConfigError, match="no digit grids"):
         warm_up_lm(model, empty, steps=1, batch_size=2, seed=0)
     assert not any(p.requires_grad for p in model.backbone.hf.parameters())  # refused before anything changed
+
+
+def test_previous_token_attention_matches_a_hand_computed_first_layer(demo_sized):
+    """The demo's head measurement (``previous_token_attention``), layer 0, against attention computed here
+    from the layer's own weights: RMSNorm, q/k projections, rotary positions, grouped KV heads, causal softmax.
+    And the report's verdict follows the strongest layer."""
+    import json
+
+    import torch
+
+    from visor.demo import heads_section, previous_token_attention
+
+    path, data, visor = demo_sized
+    model = visor.load(path, attn_implementation="eager")
+    records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()][:2]
+    measured = previous_token_attention(model, records, data)
+    assert len(measured) == model.lm.cfg.n_layers and all(0 < a < 1 for a in measured)
+
+    lm = model.backbone.hf.model.language_model
+    layer, cfg = lm.layers[0], model.backbone.hf.config.text_config
+    heads, kv, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    per_sample = []
+    for r in records:
+        sample = model.encode([r["question"]], [[data / r["image"]]])[0]
+        ids = torch.tensor(sample.ids)
+        is_image = ids == model.backbone.image_token_id
+        x = lm.embed_tokens(ids)
+        x[is_image] = sample.visual
+        with torch.no_grad():
+            h = layer.input_layernorm(x)  # (T, D)
+            q = layer.self_attn.q_proj(h).view(len(ids), heads, dim).transpose(0, 1)  # (H, T, d)
+            k = layer.self_attn.k_proj(h).view(len(ids), kv, dim).transpose(0, 1).repeat_interleave(heads // kv, 0)
+            theta = cfg.rope_parameters["rope_theta"] if getattr(cfg, "rope_parameters", None) else cfg.rope_theta
+            freqs = torch.arange(len(ids))[:, None] / theta ** (torch.arange(0, dim, 2) / dim)  # (T, d/2)
+            cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()
+            half = lambda t: torch.cat([-t[..., dim // 2 :], t[..., : dim // 2]], -1)  # noqa: E731
+            q, k = q * cos + half(q) * sin, k * cos + half(k) * sin
+            scores = (q @ k.transpose(1, 2)) / dim**0.5
+            scores = scores.masked_fill(torch.ones(len(ids), len(ids)).triu(1).bool(), float("-inf"))
+            attention = scores.softmax(-1)  # (H, T, T)
+        visual = is_image.nonzero()[:, 0][1:]
+        per_sample.append(attention[:, visual, visual - 1].mean())
+    assert abs(measured[0] - torch.stack(per_sample).mean().item()) < 6e-4  # measured: rounded to 3 places
+
+    assert "layer 1, an SA candidate" in "\n".join(heads_section([0.1, 0.7, 0.1, 0.1], [1, 3]))
+    assert "layer 2, **not an SA candidate**" in "\n".join(heads_section([0.1, 0.2, 0.3, 0.1], [1, 3]))
 
 
 def _row(method, budget, flops, hard, reasoning, easy, weights="base+ft"):

@@ -10,14 +10,15 @@ Stages, each cached under OUT/stages/<name>-<hash of its config, inputs and viso
                  tile token of a digit grid: the digit of the cell before it): previous-token heads, as a real
                  LVLM's pre-training leaves them
 4. base          trained as an ordinary LVLM (every layer full self-attention): "the pretrained base"
-5. convert       `visor convert` with the demo's schedule: CA modules made from the base's trained layers
-6. stage1        VISOR's CA modules only
-7. stage2        universal training, one sampled budget per step
-8. base_ft       equal training: the base trained on for stage 1 + stage 2's steps (FastV & co. run on it)
-9. pdrop_ft      the base trained as many steps with PyramidDrop's drops on
-10. visionzip_ft the base's projector trained as many steps on VisionZip's tokens
-11. policy       the per-sample budget router
-12. compare      base, VISOR budgets and auto, FastV / PyramidDrop / VisionZip at FLOPs matched to
+5. heads         where the base keeps its previous-token head (per layer; the report says if VISOR can use it)
+6. convert       `visor convert` with the demo's schedule: CA modules made from the base's trained layers
+7. stage1        VISOR's CA modules only
+8. stage2        universal training, one sampled budget per step (budget 1 drawn twice as often)
+9. base_ft       equal training: the base trained on for stage 1 + stage 2's steps (FastV & co. run on it)
+10. pdrop_ft     the base trained as many steps with PyramidDrop's drops on
+11. visionzip_ft the base's projector trained as many steps on VisionZip's tokens
+12. policy       the per-sample budget router
+13. compare      base, VISOR budgets and auto, FastV / PyramidDrop / VisionZip at FLOPs matched to
                  VISOR's budgets (on base+ft, trained, and on the base as pre-trained), VISOR + VisionZip
 
 It ends with OUT/report.md, OUT/pareto.png and OUT/results.json, and prints the main table.
@@ -230,6 +231,50 @@ def left_neighbours(where: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return where[:, 1:], labels[..., :, :-1]
 
 
+def previous_token_attention(model, records: list[dict], data: Path) -> list[float]:
+    """Per language-model layer, the attention each visual token (but the first) pays to the token just before
+    it, head-averaged over ``records``: where a model keeps the previous-token heads the reasoning family runs
+    on. Read off transformers' own forward (``output_attentions``): load the model with
+    ``attn_implementation="eager"``."""
+    per_sample = []
+    for r in records:
+        sample = model.encode([r["question"]], [[data / r["image"]]])[0]
+        ids = torch.tensor([sample.ids])
+        is_image = ids[0] == model.backbone.image_token_id
+        embeds = model.lm.embed_tokens(ids)
+        embeds[0, is_image] = sample.visual
+        with torch.no_grad():
+            out = model.backbone.hf.model.language_model(inputs_embeds=embeds, output_attentions=True)
+        visual = is_image.nonzero()[:, 0][1:]  # (Nv - 1,) each visual token but the first
+        per_sample.append(torch.stack([a[0][:, visual, visual - 1].mean() for a in out.attentions]))
+    return [round(x, 3) for x in torch.stack(per_sample).mean(0).tolist()]
+
+
+def heads_section(per_layer: list[float], candidates: list[int]) -> list[str]:
+    """The report's lines on where the base keeps its previous-token head, and whether VISOR can use it."""
+    strongest = max(range(len(per_layer)), key=per_layer.__getitem__)
+    verdict = (
+        "an SA candidate: VISOR's budgets that run it can relate neighbouring visual tokens as the base does"
+        if strongest in candidates
+        else "**not an SA candidate**: VISOR updates visual tokens in its SA layers only, so no budget runs this "
+        "head, and the reasoning family may stay near chance (README: the base's own training decides where "
+        "its circuit sits)"
+    )
+    return [
+        "## Where the base relates neighbouring visual tokens",
+        "",
+        "The attention a visual token pays to the one before it, per language-model layer (head-averaged, on "
+        "validation samples of the reasoning family, which runs on this previous-token head):",
+        "",
+        "| layer | " + " | ".join(str(i) for i in range(len(per_layer))) + " |",
+        "|---" * (len(per_layer) + 1) + "|",
+        "| attention to the previous token | " + " | ".join(f"{a:.2f}" for a in per_layer) + " |",
+        "",
+        f"Strongest in layer {strongest}, {verdict}. SA candidates: layers {', '.join(str(c) for c in candidates)}.",
+        "",
+    ]
+
+
 def warm_up_lm(model, data_dir: Path, steps: int, batch_size: int, seed: int, frozen=(0,), length: int = 64,
                images: int = 1024) -> dict:  # fmt: skip
     """The language model learns to repeat the previous token, of text and of images: of random token
@@ -404,6 +449,13 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
     key = base_key = _digest("base", base_kw, key)
     base = stages.run("base", key, trainer(warm_dir / "model", **base_kw)) / "final"
 
+    def heads(path):
+        lines = (data / "val.jsonl").read_text().splitlines()
+        records = [r for r in map(json.loads, lines) if r["task"] in cfg.reasoning_tasks][:16]
+        return {"per_layer": previous_token_attention(load(base, attn_implementation="eager"), records, data)}
+
+    per_layer = json.loads((stages.run("heads", _digest("heads", 16, base_key), heads) / "DONE").read_text())
+
     def convert_base(path):
         """``visor convert`` of the trained base: CA modules made from its trained layers (the base's own
         checkpoint carries the ones made from the random model's)."""
@@ -466,7 +518,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
         / "final"
     )
 
-    groups = demo_settings(cfg, load(policy).schedule, matched)
+    schedule = load(policy).schedule
+    groups = demo_settings(cfg, schedule, matched)
     models = {"visor": policy, "base+ft": tuned["base_ft"], "base": base,
               "pdrop+ft": tuned["pdrop_ft"], "visionzip+ft": tuned["visionzip_ft"]}  # fmt: skip
     key = _digest("compare", [(w, [s.label for s in ss]) for w, ss in groups], [str(m) for m in models.values()], key)
@@ -474,7 +527,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
     results = json.loads((compared / "results.json").read_text())["results"]
     elapsed = sum(stages.timings.values())  # the pipeline's compute time, cached stages included
     router = (policy.parent / "policy_report.md").read_text()
-    return write_report(out, results, cfg, quick, stages.timings, elapsed, __version__, compared, router)
+    heads = {"per_layer": per_layer["per_layer"], "sa_candidates": schedule.sa_candidates}
+    return write_report(out, results, cfg, quick, stages.timings, elapsed, __version__, compared, router, heads)
 
 
 def flops_records(data: Path) -> list:
@@ -636,7 +690,7 @@ def check_targets(results: list[dict]) -> list[tuple[str, bool, str]]:
     return checks
 
 
-def write_report(out: Path, results, cfg, quick, timings, elapsed, version, compared, router: str) -> dict:
+def write_report(out: Path, results, cfg, quick, timings, elapsed, version, compared, router: str, heads: dict) -> dict:
     import transformers
 
     atomic_write(out / "pareto.png", (compared / "pareto.png").read_bytes())
@@ -692,6 +746,7 @@ def write_report(out: Path, results, cfg, quick, timings, elapsed, version, comp
         "",
         "![accuracy vs. FLOPs](pareto.png)",
         "",
+        *heads_section(heads["per_layer"], heads["sa_candidates"]),
         "## The router (`auto`)",
         "",
         "It reads the question after the first cross-attention layer (see README); its own report, on "
@@ -720,6 +775,7 @@ def write_report(out: Path, results, cfg, quick, timings, elapsed, version, comp
         "elapsed_s": elapsed,
         "timings_s": timings,
         "targets": [{"target": t, "met": ok, "numbers": nums} for t, ok, nums in checks],
+        "previous_token_attention": heads,
         "results": [{k: v for k, v in r.items() if k != "rows"} for r in results],
     }
     atomic_write(out / "results.json", json.dumps(summary, indent=2, default=str) + "\n")
