@@ -3,16 +3,20 @@
 
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-from visor.demo import run_demo
+from visor.demo import DemoConfig, run_demo
 
 
-def test_quick_demo_produces_every_artefact(tmp_path):
+def test_quick_demo_produces_every_artefact(tmp_path, monkeypatch):
+    quick = DemoConfig.quick()  # with a fine-tuning rate and budget weights of its own: where do they go?
+    tuned = replace(quick, finetune_lr=2e-3, stage2_budget_weights=[1.0, 3.0, 1.0])
+    monkeypatch.setattr(DemoConfig, "quick", classmethod(lambda cls: tuned))
     summary = run_demo(tmp_path, quick=True)
     report = (tmp_path / "report.md").read_text()
     assert "| base |" in report and "visor:0" in report and "## Targets" in report and "## Reproduce" in report
@@ -28,12 +32,13 @@ def test_quick_demo_produces_every_artefact(tmp_path):
     assert {r["weights"] for r in results["results"]} == {"base", "base+ft", "visor", "pdrop+ft", "visionzip+ft"}
     assert summary["config"]["seed"] == 0
     heads = results["previous_token_attention"]  # where the base keeps its previous-token head, per layer
-    assert len(heads["per_layer"]) == 6 and all(0 <= a <= 1 for a in heads["per_layer"]) and heads["sa_candidates"]
-    assert "## Where the base relates neighbouring visual tokens" in report
+    assert len(heads["per_layer"]) == quick.layers and heads["sa_candidates"] == [1, 3]
+    assert heads["strongest"] == max(range(quick.layers), key=heads["per_layer"].__getitem__)
+    assert f"Strongest in layer {heads['strongest']}," in report
     runs = [d for d in (tmp_path / "stages").iterdir() if (d / "config.yaml").exists()]  # the training stages
     trained = {d.name.split("-")[0]: yaml.safe_load((d / "config.yaml").read_text()) for d in runs}
-    assert trained["stage2"]["budget_weights"] == [1.0, 2.0, 1.0]  # budget 1 drawn twice as often as 0 and 2
-    assert {trained[k]["lr"] for k in ("stage2", "base_ft", "pdrop_ft", "visionzip_ft")} == {1e-3}  # equal training
+    assert trained["stage2"]["budget_weights"] == [1.0, 3.0, 1.0]
+    assert {trained[k]["lr"] for k in ("stage2", "base_ft", "pdrop_ft", "visionzip_ft")} == {2e-3}  # equal training
     assert {trained[k]["steps"] for k in ("base_ft", "pdrop_ft", "visionzip_ft")} == {
         trained["stage1"]["steps"] + trained["stage2"]["steps"]
     }
@@ -177,7 +182,8 @@ def test_previous_token_attention_matches_a_hand_computed_first_layer(demo_sized
 
     import torch
 
-    from visor.demo import heads_section, previous_token_attention
+    from visor.demo import heads_section, previous_token_attention, where_heads_run
+    from visor.schedule import Schedule
 
     path, data, visor = demo_sized
     model = visor.load(path, attn_implementation="eager")
@@ -207,12 +213,17 @@ def test_previous_token_attention_matches_a_hand_computed_first_layer(demo_sized
             scores = (q @ k.transpose(1, 2)) / dim**0.5
             scores = scores.masked_fill(torch.ones(len(ids), len(ids)).triu(1).bool(), float("-inf"))
             attention = scores.softmax(-1)  # (H, T, T)
-        visual = is_image.nonzero()[:, 0][1:]
-        per_sample.append(attention[:, visual, visual - 1].mean())
+        pairs = [attention[:, t, t - 1] for t in range(1, len(ids)) if is_image[t] and is_image[t - 1]]
+        per_sample.append(torch.stack(pairs).mean())  # each visual token's attention to the visual token before it
     assert abs(measured[0] - torch.stack(per_sample).mean().item()) < 6e-4  # measured: rounded to 3 places
 
-    assert "layer 1, an SA candidate" in "\n".join(heads_section([0.1, 0.7, 0.1, 0.1], [1, 3]))
-    assert "layer 2, **not an SA candidate**" in "\n".join(heads_section([0.1, 0.2, 0.3, 0.1], [1, 3]))
+    schedule = Schedule.from_spec("ca,sa,ca,sa,text,text", 6)  # budget 1 runs layer 1, budget 2 layers 1 and 3
+    for per_layer, strongest, budgets in (([0.1, 0.7, 0, 0.2, 0, 0], 1, [1, 2]), ([0, 0.2, 0, 0.5, 0, 0], 3, [2]),
+                                          ([0, 0.1, 0, 0.1, 0.3, 0], 4, [])):  # fmt: skip
+        heads = where_heads_run(per_layer, schedule)
+        assert (heads["strongest"], heads["run_by_budgets"]) == (strongest, budgets)
+        verdict = "\n".join(heads_section(heads))
+        assert f"layer {strongest}," in verdict and ("no VISOR budget" in verdict) == (not budgets)
 
 
 def _row(method, budget, flops, hard, reasoning, easy, weights="base+ft"):

@@ -121,6 +121,9 @@ class DemoConfig:
         )
 
 
+HEAD_SAMPLES = 16  # validation samples the heads stage reads
+
+
 def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -250,27 +253,43 @@ def previous_token_attention(model, records: list[dict], data: Path) -> list[flo
     return [round(x, 3) for x in torch.stack(per_sample).mean(0).tolist()]
 
 
-def heads_section(per_layer: list[float], candidates: list[int]) -> list[str]:
-    """The report's lines on where the base keeps its previous-token head, and whether VISOR can use it."""
+def where_heads_run(per_layer: list[float], schedule) -> dict:
+    """The base's previous-token attention per layer, its strongest layer and the VISOR budgets that run
+    that layer as self-attention (none where it is not an SA candidate: there visual tokens stay as they are)."""
     strongest = max(range(len(per_layer)), key=per_layer.__getitem__)
-    verdict = (
-        "an SA candidate: VISOR's budgets that run it can relate neighbouring visual tokens as the base does"
-        if strongest in candidates
-        else "**not an SA candidate**: VISOR updates visual tokens in its SA layers only, so no budget runs this "
-        "head, and the reasoning family may stay near chance (README: the base's own training decides where "
-        "its circuit sits)"
-    )
+    budgets = [b for b in schedule.sa_budgets if strongest in schedule.active_sa(b)]
+    return {"per_layer": per_layer, "strongest": strongest, "run_by_budgets": budgets,
+            "sa_candidates": schedule.sa_candidates}  # fmt: skip
+
+
+def heads_section(heads: dict) -> list[str]:
+    """The report's lines on where the base keeps its previous-token head (``where_heads_run``)."""
+    per_layer, strongest, budgets = heads["per_layer"], heads["strongest"], heads["run_by_budgets"]
+    if budgets:
+        verdict = (
+            f"which budget{'s' if len(budgets) > 1 else ''} {', '.join(map(str, budgets))} run as self-attention: "
+            "VISOR needs that to relate neighbouring visual tokens as the base does, though it is not enough by "
+            "itself (README)"
+        )
+    else:
+        verdict = (
+            "**which no VISOR budget runs as self-attention**: VISOR updates visual tokens in its SA layers only, "
+            "so the reasoning family may stay near chance (README: the base's own training decides where its "
+            "circuit sits)"
+        )
     return [
         "## Where the base relates neighbouring visual tokens",
         "",
         "The attention a visual token pays to the one before it, per language-model layer (head-averaged, on "
-        "validation samples of the reasoning family, which runs on this previous-token head):",
+        f"{HEAD_SAMPLES} validation samples of the reasoning family, which runs on this previous-token head; "
+        "`benchmarks/previous_token_heads.py` measures it on test samples):",
         "",
         "| layer | " + " | ".join(str(i) for i in range(len(per_layer))) + " |",
         "|---" * (len(per_layer) + 1) + "|",
         "| attention to the previous token | " + " | ".join(f"{a:.2f}" for a in per_layer) + " |",
         "",
-        f"Strongest in layer {strongest}, {verdict}. SA candidates: layers {', '.join(str(c) for c in candidates)}.",
+        f"Strongest in layer {strongest}, {verdict}. SA candidates: layers "
+        f"{', '.join(map(str, heads['sa_candidates']))}.",
         "",
     ]
 
@@ -449,12 +468,13 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
     key = base_key = _digest("base", base_kw, key)
     base = stages.run("base", key, trainer(warm_dir / "model", **base_kw)) / "final"
 
-    def heads(path):
+    def measure_heads(path):
         lines = (data / "val.jsonl").read_text().splitlines()
-        records = [r for r in map(json.loads, lines) if r["task"] in cfg.reasoning_tasks][:16]
+        records = [r for r in map(json.loads, lines) if r["task"] in cfg.reasoning_tasks][:HEAD_SAMPLES]
         return {"per_layer": previous_token_attention(load(base, attn_implementation="eager"), records, data)}
 
-    per_layer = json.loads((stages.run("heads", _digest("heads", 16, base_key), heads) / "DONE").read_text())
+    heads_key = _digest("heads", HEAD_SAMPLES, "attention to the previous visual token", base_key)
+    measured = json.loads((stages.run("heads", heads_key, measure_heads) / "DONE").read_text())["per_layer"]
 
     def convert_base(path):
         """``visor convert`` of the trained base: CA modules made from its trained layers (the base's own
@@ -527,7 +547,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
     results = json.loads((compared / "results.json").read_text())["results"]
     elapsed = sum(stages.timings.values())  # the pipeline's compute time, cached stages included
     router = (policy.parent / "policy_report.md").read_text()
-    heads = {"per_layer": per_layer["per_layer"], "sa_candidates": schedule.sa_candidates}
+    heads = where_heads_run(measured, schedule)
     return write_report(out, results, cfg, quick, stages.timings, elapsed, __version__, compared, router, heads)
 
 
@@ -746,7 +766,7 @@ def write_report(out: Path, results, cfg, quick, timings, elapsed, version, comp
         "",
         "![accuracy vs. FLOPs](pareto.png)",
         "",
-        *heads_section(heads["per_layer"], heads["sa_candidates"]),
+        *heads_section(heads),
         "## The router (`auto`)",
         "",
         "It reads the question after the first cross-attention layer (see README); its own report, on "
