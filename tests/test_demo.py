@@ -35,6 +35,7 @@ def test_quick_demo_produces_every_artefact(tmp_path, monkeypatch):
     assert len(heads["per_layer"]) == quick.layers and heads["sa_candidates"] == [1, 3]
     assert heads["strongest"] == max(range(quick.layers), key=heads["per_layer"].__getitem__)
     assert f"Strongest in layer {heads['strongest']}," in report
+    assert heads["samples"] == quick.val_per_task and f"on {quick.val_per_task} validation samples" in report
     runs = [d for d in (tmp_path / "stages").iterdir() if (d / "config.yaml").exists()]  # the training stages
     trained = {d.name.split("-")[0]: yaml.safe_load((d / "config.yaml").read_text()) for d in runs}
     assert trained["stage2"]["budget_weights"] == [1.0, 3.0, 1.0]
@@ -222,7 +223,7 @@ def test_previous_token_attention_matches_a_hand_computed_first_layer(demo_sized
                                           ([0, 0.1, 0, 0.1, 0.3, 0], 4, [])):  # fmt: skip
         heads = where_heads_run(per_layer, schedule)
         assert (heads["strongest"], heads["run_by_budgets"]) == (strongest, budgets)
-        verdict = "\n".join(heads_section(heads))
+        verdict = "\n".join(heads_section(heads | {"samples": 16}))
         assert f"layer {strongest}," in verdict and ("no VISOR budget" in verdict) == (not budgets)
 
 

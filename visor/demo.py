@@ -121,7 +121,7 @@ class DemoConfig:
         )
 
 
-HEAD_SAMPLES = 16  # validation samples the heads stage reads
+HEAD_SAMPLES = 16  # validation samples the heads stage reads (at most: the split may hold fewer)
 
 
 def _digest(*parts) -> str:
@@ -263,7 +263,8 @@ def where_heads_run(per_layer: list[float], schedule) -> dict:
 
 
 def heads_section(heads: dict) -> list[str]:
-    """The report's lines on where the base keeps its previous-token head (``where_heads_run``)."""
+    """The report's lines on where the base keeps its previous-token head (``where_heads_run``, with the
+    number of ``samples`` it was measured on)."""
     per_layer, strongest, budgets = heads["per_layer"], heads["strongest"], heads["run_by_budgets"]
     if budgets:
         verdict = (
@@ -281,7 +282,7 @@ def heads_section(heads: dict) -> list[str]:
         "## Where the base relates neighbouring visual tokens",
         "",
         "The attention a visual token pays to the one before it, per language-model layer (head-averaged, on "
-        f"{HEAD_SAMPLES} validation samples of the reasoning family, which runs on this previous-token head; "
+        f"{heads['samples']} validation samples of the reasoning family, which runs on this previous-token head; "
         "`benchmarks/previous_token_heads.py` measures it on test samples):",
         "",
         "| layer | " + " | ".join(str(i) for i in range(len(per_layer))) + " |",
@@ -471,10 +472,11 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
     def measure_heads(path):
         lines = (data / "val.jsonl").read_text().splitlines()
         records = [r for r in map(json.loads, lines) if r["task"] in cfg.reasoning_tasks][:HEAD_SAMPLES]
-        return {"per_layer": previous_token_attention(load(base, attn_implementation="eager"), records, data)}
+        model = load(base, attn_implementation="eager")
+        return {"per_layer": previous_token_attention(model, records, data), "samples": len(records)}
 
-    heads_key = _digest("heads", HEAD_SAMPLES, "attention to the previous visual token", base_key)
-    measured = json.loads((stages.run("heads", heads_key, measure_heads) / "DONE").read_text())["per_layer"]
+    heads_key = _digest("heads", HEAD_SAMPLES, "attention to the previous visual token, samples counted", base_key)
+    measured = json.loads((stages.run("heads", heads_key, measure_heads) / "DONE").read_text())
 
     def convert_base(path):
         """``visor convert`` of the trained base: CA modules made from its trained layers (the base's own
@@ -547,7 +549,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, fresh: bool = F
     results = json.loads((compared / "results.json").read_text())["results"]
     elapsed = sum(stages.timings.values())  # the pipeline's compute time, cached stages included
     router = (policy.parent / "policy_report.md").read_text()
-    heads = where_heads_run(measured, schedule)
+    heads = where_heads_run(measured["per_layer"], schedule) | {"samples": measured["samples"]}
     return write_report(out, results, cfg, quick, stages.timings, elapsed, __version__, compared, router, heads)
 
 
