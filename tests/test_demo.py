@@ -275,8 +275,8 @@ def test_targets_are_read_off_the_numbers():
     assert not statements[-1][1] and "within 2 points" in statements[-1][0] and "2: 3.0 at 0.45x" in statements[-1][2]
 
 
-# The target the default demo misses at every seed measured (README, "What is open"): PyramidDrop's ranking keeps the
-# boxed cell's token, so on the hard family it stays within a point of VISOR's budget 1.
+# The target the default demo misses at every seed where it was evaluated (README, "What is open"): PyramidDrop's
+# ranking keeps the boxed cell's token, so on the hard family it matches or beats VISOR's budget 1.
 KNOWN_MISS = "PyramidDrop (equal training) at the same FLOPs (±10%) >= 10 points below VISOR on hard"
 
 
@@ -288,6 +288,7 @@ def test_default_demo_meets_its_targets(tmp_path):
     targets = json.loads((tmp_path / "results.json").read_text())["targets"]
     assert len(targets) == 8, targets
     missed = [t for t in targets if not t["met"]]
-    assert all(t["target"] == KNOWN_MISS for t in missed), missed
+    assert all(t["target"] == KNOWN_MISS and "hard" in t["numbers"] for t in missed), missed  # measured, not absent
     report = (tmp_path / "report.md").read_text()
-    assert all(f"| {t['target']} | **no** | {t['numbers']} |" in report for t in missed)
+    rows = [f"| {t['target']} | {'yes' if t['met'] else '**no**'} | {t['numbers']} |" for t in targets]
+    assert all(row in report for row in rows), rows
